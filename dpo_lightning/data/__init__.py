@@ -1,0 +1,17 @@
+"""Data: loading, tokenization, collation and the LightningDataModules."""
+
+from .collator import PairCollator
+from .datamodule import PreferenceDataModule
+from .loading import load_rows
+from .report import DROP_REASONS, DataReport
+from .tokenization import PairTokenizer, TokenizationSettings
+
+__all__ = [
+    "DROP_REASONS",
+    "DataReport",
+    "PairCollator",
+    "PairTokenizer",
+    "PreferenceDataModule",
+    "TokenizationSettings",
+    "load_rows",
+]

@@ -1,0 +1,209 @@
+"""``PreferenceDataModule``: load, validate, tokenize once, collate preference pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .collator import PairCollator
+from .loading import load_rows
+from .report import DataReport
+from .tokenization import PAIR_FIELDS, PairTokenizer, TokenizationSettings, TruncationMode
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs (``prompt``, ``chosen``, ``rejected`` strings) for pairwise losses.
+
+    The tokenizer and the columns the loss needs are taken from the LightningModule it is
+    trained with (its ``tokenizer`` and ``loss.score_columns``), so a recipe names the
+    tokenizer once. Pass ``tokenizer`` here only to use the data module on its own.
+
+    Args:
+        train_data: hub dataset name, local folder, or local .json/.jsonl/.parquet/.csv file(s).
+        val_data: same kinds; ``None`` with ``val_fraction`` splits it off ``train_data``.
+        dataset_config: hub dataset configuration name.
+        train_split / val_split: splits to read from a hub name or folder.
+        val_fraction: fraction of ``train_data`` held out for validation (seeded by ``split_seed``).
+        max_rows: read at most this many rows per split (quick runs).
+        tokenizer: tokenizer id or folder, only for standalone use.
+        max_length / max_prompt_length / truncation_mode: see :mod:`.tokenization`.
+        batch_size: pairs per training batch (the model sees ``2 * batch_size`` sequences).
+        eval_batch_size: pairs per validation batch; defaults to ``batch_size``.
+        num_workers: DataLoader workers.
+        num_proc: processes for ``datasets.map`` tokenization.
+        strict: raise on the first unusable row instead of dropping and counting it.
+        shuffle_seed: seed for the training order.
+    """
+
+    def __init__(
+        self,
+        train_data: str | list[str],
+        val_data: str | list[str] | None = None,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_split: str = "test",
+        val_fraction: float | None = None,
+        split_seed: int = 0,
+        max_rows: int | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 1024,
+        max_prompt_length: int | None = None,
+        truncation_mode: TruncationMode = "keep_end",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        strict: bool = False,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if val_fraction is not None and not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if val_fraction is not None and val_data is not None:
+            raise ValueError("data: set either val_data or val_fraction, not both")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.train_data = train_data
+        self.val_data = val_data
+        self.dataset_config = dataset_config
+        self.train_split = train_split
+        self.val_split = val_split
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.max_rows = max_rows
+        self.tokenizer_name = tokenizer
+        self.settings = TokenizationSettings(max_length, max_prompt_length, truncation_mode)
+        self.settings.validate()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.num_proc = num_proc
+        self.strict = strict
+        self.shuffle_seed = shuffle_seed
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.score_columns: tuple[str, ...] = ()
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self.reports: dict[str, DataReport] = {}
+
+    # -- late binding -------------------------------------------------------------------
+    def _bind_to_module(self) -> None:
+        """Take the tokenizer and the loss's needs from the attached LightningModule."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and getattr(module, "tokenizer", None) is not None:
+            self.tokenizer = module.tokenizer
+        elif self.tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ValueError("data.tokenizer is required when the data module is used without a model")
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        loss = getattr(module, "loss", None)
+        if loss is not None:
+            if not loss.paired:
+                raise ValueError(
+                    f"{type(loss).__name__} trains on unpaired rows; PreferenceDataModule gives pairs"
+                )
+            self.score_columns = tuple(loss.score_columns)
+
+    # -- setup --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        self._bind_to_module()
+        train_rows = load_rows(
+            self.train_data, key="data.train_data", config=self.dataset_config,
+            split=self.train_split, max_rows=self.max_rows,
+        )
+        if self.val_fraction is not None:
+            parts = train_rows.train_test_split(test_size=self.val_fraction, seed=self.split_seed)
+            train_rows, val_rows = parts["train"], parts["test"]
+        elif self.val_data is not None:
+            val_rows = load_rows(
+                self.val_data, key="data.val_data", config=self.dataset_config,
+                split=self.val_split, max_rows=self.max_rows,
+            )
+        else:
+            val_rows = None
+        self.train_dataset = self.tokenize(train_rows, "train", key="data.train_data")
+        self.val_dataset = self.tokenize(val_rows, "val", key="data.val_data") if val_rows is not None else None
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is not None:
+            logger.log_hyperparams({k: v for r in self.reports.values() for k, v in r.as_dict().items()})
+
+    def check_columns(self, rows: datasets.Dataset, key: str) -> None:
+        """Fail at setup, naming the key and the columns, when a required column is absent."""
+        needed = PAIR_FIELDS + self.score_columns
+        missing = [c for c in needed if c not in rows.column_names]
+        if missing:
+            raise ValueError(
+                f"{key}: column(s) {missing} missing; found {rows.column_names}. This data module "
+                f"needs {list(needed)} (rename columns with Dataset.rename_column, or add the scores)"
+            )
+
+    def tokenize(self, rows: datasets.Dataset, split: str, key: str) -> datasets.Dataset:
+        """Tokenize once with ``datasets.map`` (fingerprint-cached), record and drop bad rows."""
+        assert self.tokenizer is not None
+        self.check_columns(rows, key)
+        function = PairTokenizer(self.tokenizer, self.settings, self.score_columns)
+        keep = list(self.score_columns)
+        tokenized = rows.map(
+            function,
+            with_indices=True,
+            remove_columns=[c for c in rows.column_names if c not in keep],
+            num_proc=self.num_proc,
+            desc=f"tokenizing {split}",
+        )
+        report = DataReport(split=split, rows_read=len(rows))
+        reasons = tokenized["drop_reason"]
+        row_ids = tokenized["row_id"]
+        for reason, row_id in zip(reasons, row_ids):
+            if reason:
+                if self.strict:
+                    raise ValueError(
+                        f"{key}: row {row_id} is unusable ({reason}); fix or remove it, or set data.strict: false to drop and count such rows"
+                    )
+                report.record_drop(reason, row_id)
+        kept = tokenized.filter(lambda r: r == "", input_columns="drop_reason") if report.dropped else tokenized
+        report.prompt_lengths = [len(x) for x in kept["prompt_ids"]]
+        report.completion_lengths = [len(x) for x in kept["chosen_ids"]] + [len(x) for x in kept["rejected_ids"]]
+        self.reports[split] = report
+        rank_zero_info(report.format())
+        if len(kept) == 0:
+            raise ValueError(f"{key}: no usable rows left after validation; see the report above")
+        return kept.remove_columns("drop_reason")
+
+    # -- loaders ------------------------------------------------------------------------
+    def collator(self) -> PairCollator:
+        assert self.tokenizer is not None
+        return PairCollator(self.tokenizer.pad_token_id, score_columns=self.score_columns)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_dataset is not None, "call setup() first"
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
+            collate_fn=self.collator(), num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return DataLoader(
+            self.val_dataset, batch_size=self.eval_batch_size, shuffle=False,
+            collate_fn=self.collator(), num_workers=self.num_workers,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reports": {k: v.as_dict() for k, v in self.reports.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None
+
+

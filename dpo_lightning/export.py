@@ -1,0 +1,54 @@
+"""Write a trained model in Hugging Face format, atomically and only when it is finite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def check_export_target(path: str | os.PathLike, overwrite: bool, key: str = "model.export_dir") -> Path:
+    """Fail early (before training) when ``path`` exists and may not be overwritten."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{key}: {str(target)!r} already exists; choose another directory or set "
+            f"{key.rsplit('.', 1)[0]}.overwrite_export: true"
+        )
+    return target
+
+
+def assert_finite(model: torch.nn.Module) -> None:
+    """Raise if any parameter holds NaN or inf (such a model is never written)."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise FloatingPointError(f"parameter {name!r} holds NaN/inf; refusing to export it")
+
+
+def save_pretrained_atomic(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+) -> Path:
+    """``save_pretrained`` (safetensors) model and tokenizer into a temporary sibling folder,
+    then move it into place. Returns the final path."""
+    target = check_export_target(path, overwrite)
+    assert_finite(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

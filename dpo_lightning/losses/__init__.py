@@ -1,0 +1,23 @@
+"""Preference losses. Each family lives in its own file; all share :class:`PreferenceLoss`."""
+
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs
+from .dpo import DPOLoss, HingeLoss, RobustDPOLoss
+from .ipo import IPOLoss
+from .odpo import ODPOLoss
+from .orpo import ORPOLoss
+from .rpo import WithChosenNLL
+from .simpo import SimPOLoss
+
+__all__ = [
+    "DPOLoss",
+    "HingeLoss",
+    "IPOLoss",
+    "LossOutput",
+    "ODPOLoss",
+    "ORPOLoss",
+    "PreferenceLoss",
+    "RobustDPOLoss",
+    "SequenceLogProbs",
+    "SimPOLoss",
+    "WithChosenNLL",
+]

@@ -1,0 +1,163 @@
+"""The extension point: every preference loss subclasses :class:`PreferenceLoss`.
+
+A loss receives the policy's (and, if it asks for one, the reference's) per-sequence
+log-probabilities over completion tokens, plus the collated batch, and returns a
+:class:`LossOutput`. The training module never asks which loss it holds: it reads the
+class attributes below to know what to build and what the data must carry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SequenceLogProbs:
+    """Per-sequence log-probabilities summed over completion tokens.
+
+    Attributes:
+        sums: ``(N,)`` sum over completion tokens of ``log pi(y_t | x, y_<t)``.
+        counts: ``(N,)`` number of completion tokens in each sequence.
+
+    For a paired batch ``N = 2B``: rows ``[0, B)`` are the chosen responses and rows
+    ``[B, 2B)`` the rejected ones, in the same pair order. For an unpaired (KTO) batch
+    rows ``[0, B)`` are the labelled completions and ``[B, 2B)`` the mismatched
+    prompt/completion pairs used for the KL estimate.
+    """
+
+    sums: Tensor
+    counts: Tensor
+
+    @property
+    def means(self) -> Tensor:
+        """``(N,)`` per-token mean log-prob (length-normalised)."""
+        return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)
+
+    def _half(self, values: Tensor, second: bool) -> Tensor:
+        n = values.shape[0]
+        if n % 2:
+            raise ValueError(f"expected an even number of sequences (2B), got {n}")
+        return values[n // 2 :] if second else values[: n // 2]
+
+    @property
+    def chosen(self) -> Tensor:
+        """``(B,)`` summed log-probs of the chosen responses."""
+        return self._half(self.sums, second=False)
+
+    @property
+    def rejected(self) -> Tensor:
+        """``(B,)`` summed log-probs of the rejected responses."""
+        return self._half(self.sums, second=True)
+
+    @property
+    def chosen_means(self) -> Tensor:
+        """``(B,)`` per-token mean log-probs of the chosen responses."""
+        return self._half(self.means, second=False)
+
+    @property
+    def rejected_means(self) -> Tensor:
+        """``(B,)`` per-token mean log-probs of the rejected responses."""
+        return self._half(self.means, second=True)
+
+
+@dataclass
+class LossOutput:
+    """What every loss returns.
+
+    Attributes:
+        loss: scalar tensor to minimise (carries the graph).
+        chosen_rewards: ``(B,)`` detached implicit rewards of the chosen responses.
+        rejected_rewards: ``(B,)`` detached implicit rewards of the rejected responses.
+        metrics: extra detached scalars or ``(B,)`` tensors to log (averaged over the batch).
+    """
+
+    loss: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class PreferenceLoss(nn.Module, ABC):
+    """Base class of all preference losses.
+
+    Subclasses set the class attributes that say what they need and implement
+    :meth:`forward`. Everything else (reference model, data columns, metrics) follows.
+
+    Class attributes:
+        needs_reference: build a frozen reference model (or disable LoRA adapters) and pass
+            its log-probs as ``reference``. ``False`` means no reference is ever loaded.
+        paired: ``True`` for (chosen, rejected) pairs, ``False`` for unpaired labelled rows.
+        score_columns: dataset columns the loss reads from the batch (e.g. ODPO's scores);
+            a dataset without them is rejected at setup.
+    """
+
+    needs_reference: ClassVar[bool] = True
+    paired: ClassVar[bool] = True
+    score_columns: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def forward(
+        self,
+        policy: SequenceLogProbs,
+        reference: SequenceLogProbs | None,
+        batch: Mapping[str, Any],
+    ) -> LossOutput:
+        """Compute the loss.
+
+        Args:
+            policy: the policy's log-probs, ``(2B,)`` sums and counts.
+            reference: the reference's log-probs (same layout), or ``None`` when
+                ``needs_reference`` is ``False``.
+            batch: the collated batch (``input_ids`` ``(2B, T)``, optional score columns ``(B,)``).
+        """
+
+
+def check_positive(name: str, value: float) -> float:
+    """Validate a hyperparameter that must be > 0 and return it as float."""
+    if not value > 0:
+        raise ValueError(f"loss.init_args.{name} must be > 0, got {value}")
+    return float(value)
+
+
+def check_range(name: str, value: float, low: float, high: float, *, high_open: bool = True) -> float:
+    """Validate ``low <= value < high`` (or ``<= high``) and return it as float."""
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"loss.init_args.{name} must be in [{low}, {high}{bracket}, got {value}")
+    return float(value)
+
+
+def implicit_rewards(
+    beta: float, policy: SequenceLogProbs, reference: SequenceLogProbs | None
+) -> tuple[Tensor, Tensor]:
+    """``beta * (log pi(y|x) - log pi_ref(y|x))`` for chosen and rejected, detached, each ``(B,)``."""
+    if reference is None:
+        raise ValueError("this loss needs reference log-probs but none were given")
+    chosen = beta * (policy.chosen - reference.chosen)
+    rejected = beta * (policy.rejected - reference.rejected)
+    return chosen.detach(), rejected.detach()
+
+
+def log_ratio_margin(policy: SequenceLogProbs, reference: SequenceLogProbs | None) -> Tensor:
+    """``d = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``, ``(B,)``."""
+    if reference is None:
+        raise ValueError("this loss needs reference log-probs but none were given")
+    return (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+
+
+__all__ = [
+    "LossOutput",
+    "PreferenceLoss",
+    "SequenceLogProbs",
+    "check_positive",
+    "check_range",
+    "implicit_rewards",
+    "log_ratio_margin",
+]
+

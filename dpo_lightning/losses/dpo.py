@@ -1,0 +1,104 @@
+"""The DPO family with a reference model: sigmoid DPO / conservative DPO, robust DPO, hinge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn.functional as F
+
+from .base import (
+    LossOutput,
+    PreferenceLoss,
+    SequenceLogProbs,
+    check_positive,
+    check_range,
+    implicit_rewards,
+    log_ratio_margin,
+)
+
+
+class DPOLoss(PreferenceLoss):
+    r"""Direct Preference Optimization (Rafailov et al., 2023, arXiv 2305.18290), eq. 7.
+
+    With ``d = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]``
+    (log-probs summed over completion tokens)::
+
+        L = -(1 - eps) * log sigmoid(beta * d) - eps * log sigmoid(-beta * d)
+
+    ``eps = 0`` is DPO; ``eps > 0`` is conservative DPO (cDPO, Mitchell 2023): labels are
+    assumed flipped with probability ``eps``.
+
+    Args:
+        beta: KL-penalty strength, > 0. Default 0.1; typical 0.01 to 0.5.
+        label_smoothing: cDPO's ``eps`` in [0, 0.5). Default 0.
+
+    Shapes: ``policy``/``reference`` hold ``(2B,)`` sums; the rewards returned are ``(B,)``
+    implicit rewards ``beta * (log pi - log pi_ref)``, detached.
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+        self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        logits = self.beta * log_ratio_margin(policy, reference)
+        eps = self.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        chosen, rejected = implicit_rewards(self.beta, policy, reference)
+        return LossOutput(losses.mean(), chosen, rejected)
+
+
+class RobustDPOLoss(PreferenceLoss):
+    r"""Noise-robust DPO (Chowdhury et al., 2024, arXiv 2403.00409), the unbiased loss.
+
+    With ``l(z) = -log sigmoid(z)`` and ``d`` as in :class:`DPOLoss`::
+
+        L = [(1 - eps) * l(beta * d) - eps * l(-beta * d)] / (1 - 2 * eps)
+
+    which is an unbiased estimate of the clean DPO loss when each label is flipped with
+    probability ``eps``.
+
+    Args:
+        beta: > 0, default 0.1.
+        label_smoothing: the flip rate ``eps`` in [0, 0.5). Default 0.1 (0 gives DPO).
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+        self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        logits = self.beta * log_ratio_margin(policy, reference)
+        eps = self.label_smoothing
+        losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+        chosen, rejected = implicit_rewards(self.beta, policy, reference)
+        return LossOutput(losses.mean(), chosen, rejected)
+
+
+class HingeLoss(PreferenceLoss):
+    r"""Hinge loss on the log-ratio margin (SLiC, Zhao et al. 2023, arXiv 2305.10425; RSO,
+    Liu et al. 2023, arXiv 2309.06657)::
+
+        L = max(0, 1 - beta * d)
+
+    Args:
+        beta: > 0, default 0.1 (``1/beta`` is the margin in log-ratio units).
+    """
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        losses = F.relu(1 - self.beta * log_ratio_margin(policy, reference))
+        chosen, rejected = implicit_rewards(self.beta, policy, reference)
+        return LossOutput(losses.mean(), chosen, rejected)

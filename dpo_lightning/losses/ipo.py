@@ -1,0 +1,45 @@
+"""IPO: identity preference optimisation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive
+
+
+class IPOLoss(PreferenceLoss):
+    r"""IPO (Azar et al., 2023, arXiv 2310.12036), eq. 17, on per-token MEAN log-ratios.
+
+    With ``d' = [mean log pi(y_w) - mean log pi_ref(y_w)] - [mean log pi(y_l) - mean log pi_ref(y_l)]``
+    where ``mean`` averages over completion tokens (as in TRL's IPO and the authors'
+    follow-ups; the paper's sequence-level form is ``length_normalize=False``)::
+
+        L = (d' - 1 / (2 * beta)) ** 2
+
+    Args:
+        beta: the regularisation ``tau`` > 0. Default 0.1 (target margin ``1/(2 beta) = 5``).
+        length_normalize: use per-token means (default ``True``) or sums.
+
+    The implicit rewards logged are ``beta * (log pi - log pi_ref)`` on the same (mean or sum)
+    log-probs, ``(B,)`` each, detached.
+    """
+
+    def __init__(self, beta: float = 0.1, length_normalize: bool = True) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+        self.length_normalize = length_normalize
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        if reference is None:
+            raise ValueError("IPOLoss needs reference log-probs")
+        if self.length_normalize:
+            h_w = policy.chosen_means - reference.chosen_means
+            h_l = policy.rejected_means - reference.rejected_means
+        else:
+            h_w = policy.chosen - reference.chosen
+            h_l = policy.rejected - reference.rejected
+        losses = (h_w - h_l - 1 / (2 * self.beta)) ** 2
+        return LossOutput(losses.mean(), (self.beta * h_w).detach(), (self.beta * h_l).detach())

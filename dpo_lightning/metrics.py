@@ -1,0 +1,117 @@
+"""torchmetrics classes for preference training; all states sum-reduce, so DDP sync is exact."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+
+
+class RewardAccuracy(Metric):
+    """Fraction of pairs with ``chosen_reward > rejected_reward`` strictly (ties count as wrong).
+
+    ``update(chosen (B,), rejected (B,))``; ``compute() -> scalar`` in [0, 1].
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, chosen: Tensor, rejected: Tensor) -> None:
+        if chosen.shape != rejected.shape:
+            raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ")
+        self.correct += (chosen > rejected).sum()
+        self.total += chosen.numel()
+
+    def compute(self) -> Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+class RewardMargin(Metric):
+    """Mean of ``chosen_reward - rejected_reward`` over all pairs seen.
+
+    ``update(chosen (B,), rejected (B,))``; ``compute() -> scalar``.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total_margin", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, chosen: Tensor, rejected: Tensor) -> None:
+        if chosen.shape != rejected.shape:
+            raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ")
+        self.total_margin += (chosen.double() - rejected.double()).sum()
+        self.count += chosen.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total_margin / self.count.clamp(min=1)).float()
+
+
+class PreferenceMetrics(nn.Module):
+    """The metrics one stage (train or val) reports, keyed by their logged names.
+
+    ``update`` takes ``(B,)`` chosen/rejected rewards and log-probs, the scalar loss and any
+    extra per-batch values; ``compute`` returns ``{name: float}`` synced across processes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accuracy = RewardAccuracy()
+        self.margin = RewardMargin()
+        self.means = nn.ModuleDict(
+            {
+                name: MeanMetric()
+                for name in ("loss", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected")
+            }
+        )
+        self.extra = nn.ModuleDict()
+
+    def update(
+        self,
+        loss: Tensor,
+        chosen_rewards: Tensor,
+        rejected_rewards: Tensor,
+        chosen_logps: Tensor,
+        rejected_logps: Tensor,
+        extra: dict[str, Tensor] | None = None,
+    ) -> None:
+        self.accuracy.update(chosen_rewards, rejected_rewards)
+        self.margin.update(chosen_rewards, rejected_rewards)
+        n = chosen_rewards.numel()
+        self.means["loss"].update(loss.detach().float(), weight=n)
+        self.means["rewards_chosen"].update(chosen_rewards.float())
+        self.means["rewards_rejected"].update(rejected_rewards.float())
+        self.means["logps_chosen"].update(chosen_logps.detach().float())
+        self.means["logps_rejected"].update(rejected_logps.detach().float())
+        for name, value in (extra or {}).items():
+            key = name.replace("/", "_")
+            if key not in self.extra:
+                self.extra[key] = MeanMetric().to(chosen_rewards.device)
+            self.extra[key].update(value.detach().float())
+
+    def compute(self) -> dict[str, float]:
+        """``{"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
+        "logps/chosen", "logps/rejected", ...extra}`` as floats."""
+        values = {
+            "loss": self.means["loss"].compute(),
+            "rewards/chosen": self.means["rewards_chosen"].compute(),
+            "rewards/rejected": self.means["rewards_rejected"].compute(),
+            "rewards/margins": self.margin.compute(),
+            "rewards/accuracy": self.accuracy.compute(),
+            "logps/chosen": self.means["logps_chosen"].compute(),
+            "logps/rejected": self.means["logps_rejected"].compute(),
+        }
+        values.update({name: metric.compute() for name, metric in self.extra.items()})
+        return {k: float(v) for k, v in values.items()}
+
+    def reset(self) -> None:
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()

@@ -1,0 +1,141 @@
+"""Load or build the policy, the reference and the tokenizer.
+
+A real user names a Hugging Face hub id or a local folder (``name_or_path``); tests and the
+demo build a tiny model from a config dict (``config``). Both go through :func:`load_causal_lm`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from. Exactly one of ``name_or_path`` and ``config`` is set.
+
+    Attributes:
+        name_or_path: hub id (``"org/name"``) or local folder, loaded with ``from_pretrained``.
+        config: architecture dict for a model built from scratch, e.g.
+            ``{"model_type": "llama", "hidden_size": 64, ...}``; ``vocab_size`` and special
+            token ids default to the tokenizer's.
+        tokenizer: tokenizer id or folder; defaults to ``name_or_path``.
+        revision: hub revision (branch, tag or commit) for weights and tokenizer.
+        dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto`` for loaded weights.
+        trust_remote_code: run modelling code shipped with the checkpoint. Off unless set.
+        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; ``None`` = default.
+        seed: seed for a model built from ``config`` (so the reference copy can be rebuilt).
+    """
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, key: str = "model") -> None:
+        """Raise a ``ValueError`` naming ``key`` when the spec is unusable."""
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError(
+                f"{key}: set exactly one of `name_or_path` (hub id or folder) and `config` "
+                f"(architecture dict), got name_or_path={self.name_or_path!r}, config={self.config!r}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"{key}.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError(f"{key}.tokenizer is required when the model is built from `config`")
+        if self.name_or_path is not None and _looks_local(self.name_or_path) and not os.path.isdir(self.name_or_path):
+            raise FileNotFoundError(
+                f"{key}.name_or_path: no folder at {self.name_or_path!r}; give an existing "
+                "folder written by save_pretrained, or a hub id like 'org/name'"
+            )
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``) is a path."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """Load the tokenizer named by ``spec`` and make sure it can pad.
+
+    A tokenizer without a pad token gets ``pad_token = eos_token`` (padding is masked out
+    everywhere, so the id only fills space); one without either is an error.
+    """
+    source = spec.tokenizer or spec.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"tokenizer {source!r} has neither a pad nor an eos token; set one with "
+                "tokenizer.add_special_tokens(...) and save it, then point model.tokenizer at it"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """Load (``name_or_path``) or build (``config``) a causal LM.
+
+    Weights are read as safetensors only (``use_safetensors=True``).
+    """
+    spec.validate()
+    kwargs: dict[str, Any] = dict(spec.extra)
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path,
+            revision=spec.revision,
+            dtype=_DTYPES[spec.dtype],
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
+        )
+    config = build_config(spec.config or {}, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **kwargs)
+    dtype = _DTYPES[spec.dtype]
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+
+
+def build_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> Any:
+    """Make a transformers config from a dict; vocab size and special ids come from the tokenizer."""
+    values = dict(config)
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model.config needs `model_type` (e.g. 'llama', 'gpt2', 'qwen2')")
+    if tokenizer is not None:
+        values.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token_id = getattr(tokenizer, name)
+            if token_id is not None:
+                values.setdefault(name, token_id)
+    return AutoConfig.for_model(model_type, **values)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Put ``model`` in eval mode with no parameter requiring grad; returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
