@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
-def check_export_target(path: str | os.PathLike, overwrite: bool, key: str = "model.export_dir") -> Path:
+def check_export_target(path: str | os.PathLike, overwrite: bool, key: str = "model.init_args.export_dir") -> Path:
     """Fail early (before training) when ``path`` exists and may not be overwritten."""
     target = Path(path)
     if target.exists() and not overwrite:

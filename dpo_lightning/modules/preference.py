@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,8 @@ from ..optim import WarmupDecayLR
 from .logprobs import model_logprobs
 
 REFERENCE_PREFIX = "reference."
+# The frozen reference is in eval mode on purpose; Lightning's generic warning about it is noise.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class PreferenceModule(L.LightningModule):
@@ -53,7 +56,7 @@ class PreferenceModule(L.LightningModule):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.loss = loss if loss is not None else DPOLoss()
         self.model_spec = model
         self.tokenizer = load_tokenizer(model)
@@ -82,8 +85,6 @@ class PreferenceModule(L.LightningModule):
                     f"reference_model vocab size {reference.config.vocab_size} != policy's "
                     f"{self.policy.config.vocab_size}; both must share the tokenizer"
                 )
-        if hasattr(reference, "gradient_checkpointing_disable"):
-            reference.gradient_checkpointing_disable()
         return freeze(reference)
 
     def train(self, mode: bool = True) -> PreferenceModule:

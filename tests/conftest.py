@@ -1,0 +1,95 @@
+"""Shared fixtures: the shipped tiny tokenizer, a tiny Llama spec, small pair files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dpo_lightning.models import ModelSpec, load_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = str(ROOT / "data" / "tokenizer")
+TINY_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+
+
+def tiny_spec(seed: int = 0) -> ModelSpec:
+    return ModelSpec(config=dict(TINY_CONFIG), tokenizer=TOKENIZER_DIR, seed=seed)
+
+
+@pytest.fixture
+def spec() -> ModelSpec:
+    return tiny_spec()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(tiny_spec())
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def quickstart_rows(n: int, split: str = "train") -> list[dict]:
+    with (ROOT / "data" / "quickstart" / f"{split}.jsonl").open() as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+@pytest.fixture
+def pair_files(tmp_path: Path) -> tuple[str, str]:
+    """Small train/val jsonl files taken from the quickstart data."""
+    return (
+        write_jsonl(tmp_path / "train.jsonl", quickstart_rows(32)),
+        write_jsonl(tmp_path / "val.jsonl", quickstart_rows(16, "val")),
+    )
+
+
+def tiny_recipe(tmp_path: Path, train: str, val: str, loss: dict | None = None, **model_args) -> dict:
+    """A recipe dict like recipes/quickstart.yaml, sized for a 2-step test."""
+    init_args = {
+        "model": {"config": dict(TINY_CONFIG), "tokenizer": TOKENIZER_DIR, "seed": 0},
+        "loss": loss or {"class_path": "dpo_lightning.losses.DPOLoss", "init_args": {"beta": 0.1}},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+        "export_dir": str(tmp_path / "export"),
+    }
+    init_args.update(model_args)
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 2, "limit_val_batches": 2,
+            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": False, "default_root_dir": str(tmp_path / "run"),
+        },
+        "model": {"class_path": "dpo_lightning.modules.PreferenceModule", "init_args": init_args},
+        "data": {
+            "class_path": "dpo_lightning.data.PreferenceDataModule",
+            "init_args": {"train_data": train, "val_data": val, "max_length": 64, "batch_size": 4},
+        },
+    }
+
+
+def write_recipe(path: Path, recipe: dict) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)

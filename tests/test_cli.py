@@ -1,0 +1,109 @@
+"""The `dpo-lightning` CLI end to end on a tiny model: fit, validate, print_config, reference path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, tiny_recipe, tiny_spec, write_recipe
+from dpo_lightning.cli import main
+from dpo_lightning.models import load_causal_lm, load_tokenizer
+
+
+def test_fit_two_steps_freezes_reference_and_keeps_it_out_of_checkpoints(tmp_path, pair_files) -> None:
+    recipe = tiny_recipe(tmp_path, *pair_files)
+    recipe["trainer"]["enable_checkpointing"] = True
+    cli = main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    module = cli.model
+    assert cli.trainer.global_step == 2
+    initial = load_causal_lm(tiny_spec(), module.tokenizer)
+    for (name, ref), (_, init) in zip(module.reference.named_parameters(), initial.named_parameters()):
+        assert torch.equal(ref, init), name
+        assert not ref.requires_grad
+    moved = any(not torch.equal(p, q) for p, q in zip(module.policy.parameters(), initial.parameters()))
+    assert moved, "the policy did not train"
+    assert not module.reference.training
+    optimizer_params = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not optimizer_params & {id(p) for p in module.reference.parameters()}
+    ckpts = list((tmp_path / "run").rglob("*.ckpt"))
+    assert ckpts
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    assert state and not [k for k in state if k.startswith("reference.")]
+    assert any(k.startswith("policy.") for k in state)
+    # resume builds the reference from the recipe and loads the policy
+    resumed = tiny_recipe(tmp_path, *pair_files)
+    resumed["trainer"]["max_steps"] = 3
+    resumed["model"]["init_args"]["overwrite_export"] = True
+    cli2 = main(["fit", "--config", write_recipe(tmp_path / "r2.yaml", resumed), "--ckpt_path", str(ckpts[0])])
+    assert cli2.trainer.global_step == 3
+    for ref, init in zip(cli2.model.reference.parameters(), initial.parameters()):
+        assert torch.equal(ref, init)
+
+
+def test_export_reloads_with_identical_logits(tmp_path, pair_files) -> None:
+    cli = main(["fit", "--config", write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, *pair_files))])
+    export = tmp_path / "export"
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    policy = cli.model.policy.eval()
+    ids = torch.tensor([[1, 40, 50, 60, 70, 2]])
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, policy(input_ids=ids).logits, rtol=0, atol=0)
+    weights = load_file(str(export / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_existing_export_dir_is_not_overwritten_unless_asked(tmp_path, pair_files) -> None:
+    (tmp_path / "export").mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, *pair_files))
+    with pytest.raises(FileExistsError, match="overwrite_export: true"):
+        main(["fit", "--config", recipe])
+
+
+def test_separate_reference_model_path(tmp_path, pair_files) -> None:
+    tokenizer = load_tokenizer(tiny_spec())
+    other = load_causal_lm(tiny_spec(seed=5), tokenizer)
+    other.save_pretrained(tmp_path / "ref")
+    tokenizer.save_pretrained(tmp_path / "ref")
+    recipe = tiny_recipe(tmp_path, *pair_files, reference_model={"name_or_path": str(tmp_path / "ref")})
+    cli = main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    for ref, saved in zip(cli.model.reference.parameters(), other.parameters()):
+        assert torch.equal(ref, saved)
+    assert cli.trainer.global_step == 2
+
+
+def test_validate_subcommand_and_accuracy_summary(tmp_path, pair_files, capsys) -> None:
+    recipe = tiny_recipe(tmp_path, *pair_files)
+    recipe["trainer"]["num_sanity_val_steps"] = -1
+    recipe["trainer"]["limit_val_batches"] = 1.0
+    recipe["trainer"]["val_check_interval"] = 2
+    main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    out = capsys.readouterr().out
+    assert "val/reward_accuracy: 0.00 -> " in out  # policy == reference before training: all ties
+    del recipe["model"]["init_args"]["export_dir"]
+    cli = main(["validate", "--config", write_recipe(tmp_path / "v.yaml", recipe)])
+    assert cli.model.validation_history[-1]["rewards/accuracy"] == 0.0
+    assert len(cli.model.validation_history) == 1
+
+
+def test_print_config_round_trips(tmp_path, pair_files) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, *pair_files))
+    cmd = [sys.executable, "-m", "dpo_lightning.cli", "fit", "--config"]
+    first = subprocess.run(cmd + [recipe, "--print_config"], capture_output=True, text=True, check=True).stdout
+    (tmp_path / "printed.yaml").write_text(first)
+    second = subprocess.run(cmd + [str(tmp_path / "printed.yaml"), "--print_config"], capture_output=True,
+                            text=True, check=True).stdout
+    assert first == second
+    parsed = yaml.safe_load(first)
+    assert parsed["model"]["init_args"]["loss"]["class_path"] == "dpo_lightning.losses.DPOLoss"
+    assert parsed["model"]["init_args"]["loss"]["init_args"]["beta"] == 0.1
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([str(ROOT / ".venv/bin/dpo-lightning"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "fit" in out.stdout
