@@ -27,8 +27,8 @@ class DPOLightningCLI(LightningCLI):
             print(f"val/reward_accuracy: {last:.2f}")
 
 
-def main(args: list[str] | None = None) -> DPOLightningCLI:
-    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (used by tests)."""
+def run(args: list[str] | None = None) -> DPOLightningCLI:
+    """Run the CLI and return it; ``args`` replaces ``sys.argv[1:]`` (tests, notebooks)."""
     return DPOLightningCLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,
@@ -37,6 +37,11 @@ def main(args: list[str] | None = None) -> DPOLightningCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Console-script entry point ``dpo-lightning``."""
+    run()
 
 
 if __name__ == "__main__":

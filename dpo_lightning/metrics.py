@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -61,8 +63,9 @@ class PreferenceMetrics(nn.Module):
     extra per-batch values; ``compute`` returns ``{name: float}`` synced across processes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, paired: bool = True) -> None:
         super().__init__()
+        self.paired = paired
         self.accuracy = RewardAccuracy()
         self.margin = RewardMargin()
         self.means = nn.ModuleDict(
@@ -82,14 +85,16 @@ class PreferenceMetrics(nn.Module):
         rejected_logps: Tensor,
         extra: dict[str, Tensor] | None = None,
     ) -> None:
-        self.accuracy.update(chosen_rewards, rejected_rewards)
-        self.margin.update(chosen_rewards, rejected_rewards)
-        n = chosen_rewards.numel()
-        self.means["loss"].update(loss.detach().float(), weight=n)
-        self.means["rewards_chosen"].update(chosen_rewards.float())
-        self.means["rewards_rejected"].update(rejected_rewards.float())
-        self.means["logps_chosen"].update(chosen_logps.detach().float())
-        self.means["logps_rejected"].update(rejected_logps.detach().float())
+        if self.paired:
+            self.accuracy.update(chosen_rewards, rejected_rewards)
+            self.margin.update(chosen_rewards, rejected_rewards)
+        self.means["loss"].update(loss.detach().float())
+        for name, values in (
+            ("rewards_chosen", chosen_rewards), ("rewards_rejected", rejected_rewards),
+            ("logps_chosen", chosen_logps), ("logps_rejected", rejected_logps),
+        ):
+            if values.numel():  # an all-desirable KTO batch has no rejected side
+                self.means[name].update(values.detach().float())
         for name, value in (extra or {}).items():
             key = name.replace("/", "_")
             if key not in self.extra:
@@ -98,18 +103,24 @@ class PreferenceMetrics(nn.Module):
 
     def compute(self) -> dict[str, float]:
         """``{"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
-        "logps/chosen", "logps/rejected", ...extra}`` as floats."""
-        values = {
-            "loss": self.means["loss"].compute(),
-            "rewards/chosen": self.means["rewards_chosen"].compute(),
-            "rewards/rejected": self.means["rewards_rejected"].compute(),
-            "rewards/margins": self.margin.compute(),
-            "rewards/accuracy": self.accuracy.compute(),
-            "logps/chosen": self.means["logps_chosen"].compute(),
-            "logps/rejected": self.means["logps_rejected"].compute(),
+        "logps/chosen", "logps/rejected", ...extra}`` as floats. A side no process saw (the
+        undesirable side of an all-desirable KTO run) is NaN; accuracy and margin are left out
+        for unpaired losses.
+        Every process computes the same set of names, so the DDP sync never waits on one."""
+        metrics: dict[str, Metric] = {
+            "loss": self.means["loss"],
+            "rewards/chosen": self.means["rewards_chosen"],
+            "rewards/rejected": self.means["rewards_rejected"],
+            "logps/chosen": self.means["logps_chosen"],
+            "logps/rejected": self.means["logps_rejected"],
+            **dict(self.extra.items()),
         }
-        values.update({name: metric.compute() for name, metric in self.extra.items()})
-        return {k: float(v) for k, v in values.items()}
+        if self.paired:
+            metrics["rewards/margins"] = self.margin
+            metrics["rewards/accuracy"] = self.accuracy
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            return {name: float(m.compute()) for name, m in metrics.items()}
 
     def reset(self) -> None:
         for metric in self.modules():

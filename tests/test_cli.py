@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_recipe, tiny_spec, write_recipe
-from dpo_lightning.cli import main
+from dpo_lightning.cli import run as main
 from dpo_lightning.models import load_causal_lm, load_tokenizer
 
 

@@ -4,7 +4,8 @@ from .collator import PairCollator
 from .datamodule import PreferenceDataModule
 from .loading import load_rows
 from .report import DROP_REASONS, DataReport
-from .tokenization import PairTokenizer, TokenizationSettings
+from .tokenization import PairTokenizer, TokenizationSettings, UnpairedTokenizer
+from .unpaired import UnpairedCollator, UnpairedDataModule
 
 __all__ = [
     "DROP_REASONS",
@@ -13,5 +14,8 @@ __all__ = [
     "PairTokenizer",
     "PreferenceDataModule",
     "TokenizationSettings",
+    "UnpairedCollator",
+    "UnpairedDataModule",
+    "UnpairedTokenizer",
     "load_rows",
 ]

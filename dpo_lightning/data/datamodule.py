@@ -106,9 +106,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         loss = getattr(module, "loss", None)
         if loss is not None:
-            if not loss.paired:
+            if loss.paired != self.paired:
+                kind = "pairs" if loss.paired else "unpaired rows"
+                fix = "PreferenceDataModule" if loss.paired else "UnpairedDataModule"
                 raise ValueError(
-                    f"{type(loss).__name__} trains on unpaired rows; PreferenceDataModule gives pairs"
+                    f"{type(loss).__name__} trains on {kind} but data is {type(self).__name__}; "
+                    f"set data.class_path: dpo_lightning.data.{fix}"
                 )
             self.score_columns = tuple(loss.score_columns)
 
@@ -117,18 +120,18 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         self._bind_to_module()
-        train_rows = load_rows(
+        train_rows = self.prepare_rows(load_rows(
             self.train_data, key="data.train_data", config=self.dataset_config,
             split=self.train_split, max_rows=self.max_rows,
-        )
+        ), "data.train_data")
         if self.val_fraction is not None:
             parts = train_rows.train_test_split(test_size=self.val_fraction, seed=self.split_seed)
             train_rows, val_rows = parts["train"], parts["test"]
         elif self.val_data is not None:
-            val_rows = load_rows(
+            val_rows = self.prepare_rows(load_rows(
                 self.val_data, key="data.val_data", config=self.dataset_config,
                 split=self.val_split, max_rows=self.max_rows,
-            )
+            ), "data.val_data")
         else:
             val_rows = None
         self.train_dataset = self.tokenize(train_rows, "train", key="data.train_data")
@@ -137,9 +140,26 @@ class PreferenceDataModule(L.LightningDataModule):
         if logger is not None:
             logger.log_hyperparams({k: v for r in self.reports.values() for k, v in r.as_dict().items()})
 
+    # -- what differs between pairs and unpaired rows (overridden by UnpairedDataModule) ------
+    paired = True
+    text_fields: tuple[str, ...] = PAIR_FIELDS
+    completion_fields: tuple[str, ...] = ("chosen_ids", "rejected_ids")
+
+    def prepare_rows(self, rows: datasets.Dataset, key: str) -> datasets.Dataset:
+        """Hook to convert a source's rows to this module's schema before validation."""
+        return rows
+
+    def row_function(self) -> PairTokenizer:
+        assert self.tokenizer is not None
+        return PairTokenizer(self.tokenizer, self.settings, self.score_columns)
+
+    def collator(self) -> PairCollator:
+        assert self.tokenizer is not None
+        return PairCollator(self.tokenizer.pad_token_id, score_columns=self.score_columns)
+
     def check_columns(self, rows: datasets.Dataset, key: str) -> None:
         """Fail at setup, naming the key and the columns, when a required column is absent."""
-        needed = PAIR_FIELDS + self.score_columns
+        needed = self.text_fields + self.score_columns
         missing = [c for c in needed if c not in rows.column_names]
         if missing:
             raise ValueError(
@@ -151,10 +171,9 @@ class PreferenceDataModule(L.LightningDataModule):
         """Tokenize once with ``datasets.map`` (fingerprint-cached), record and drop bad rows."""
         assert self.tokenizer is not None
         self.check_columns(rows, key)
-        function = PairTokenizer(self.tokenizer, self.settings, self.score_columns)
         keep = list(self.score_columns)
         tokenized = rows.map(
-            function,
+            self.row_function(),
             with_indices=True,
             remove_columns=[c for c in rows.column_names if c not in keep],
             num_proc=self.num_proc,
@@ -172,7 +191,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 report.record_drop(reason, row_id)
         kept = tokenized.filter(lambda r: r == "", input_columns="drop_reason") if report.dropped else tokenized
         report.prompt_lengths = [len(x) for x in kept["prompt_ids"]]
-        report.completion_lengths = [len(x) for x in kept["chosen_ids"]] + [len(x) for x in kept["rejected_ids"]]
+        report.completion_lengths = [len(x) for column in self.completion_fields for x in kept[column]]
         self.reports[split] = report
         rank_zero_info(report.format())
         if len(kept) == 0:
@@ -180,10 +199,6 @@ class PreferenceDataModule(L.LightningDataModule):
         return kept.remove_columns("drop_reason")
 
     # -- loaders ------------------------------------------------------------------------
-    def collator(self) -> PairCollator:
-        assert self.tokenizer is not None
-        return PairCollator(self.tokenizer.pad_token_id, score_columns=self.score_columns)
-
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "call setup() first"
         generator = torch.Generator().manual_seed(self.shuffle_seed)

@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 TruncationMode = Literal["keep_end", "keep_start"]
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+UNPAIRED_FIELDS = ("prompt", "completion", "label")
 
 
 @dataclass(frozen=True)
@@ -111,33 +112,74 @@ class PairTokenizer:
     def drop(row_id: int, reason: str) -> dict[str, Any]:
         return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": row_id, "drop_reason": reason}
 
-    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        for name in PAIR_FIELDS:
+    def check_fields(self, row: dict[str, Any], text_fields: tuple[str, ...]) -> str:
+        """The drop reason for a row's field values, or ``""`` when they are usable."""
+        for name in text_fields:
             if row.get(name) is None:
-                return self.drop(index, "missing_field")
+                return "missing_field"
             if not isinstance(row[name], str):
-                return self.drop(index, "wrong_type")
+                return "wrong_type"
         for name in self.score_columns:
             if row.get(name) is None:
-                return self.drop(index, "missing_field")
+                return "missing_field"
             if isinstance(row[name], bool) or not isinstance(row[name], (int, float)) or row[name] != row[name]:
-                return self.drop(index, "wrong_type")
-        if not row["chosen"].strip() or not row["rejected"].strip():
-            return self.drop(index, "empty_completion")
-        if row["chosen"] == row["rejected"]:
-            return self.drop(index, "identical_pair")
-        prompt_ids = self.truncate_prompt(self.encode_prompt(row["prompt"]))
+                return "wrong_type"
+        return ""
+
+    def encode(self, prompt: str, completions: list[str]) -> tuple[list[int], list[list[int]]] | str:
+        """Truncated prompt ids and completion ids, or a drop reason."""
+        if any(not c.strip() for c in completions):
+            return "empty_completion"
+        prompt_ids = self.truncate_prompt(self.encode_prompt(prompt))
         if not prompt_ids:
-            return self.drop(index, "empty_prompt")
+            return "empty_prompt"
         budget = self.settings.max_length - len(prompt_ids)
         if budget < 1:
-            return self.drop(index, "too_long")
-        chosen_ids = self.encode_completion(row["chosen"])[:budget]
-        rejected_ids = self.encode_completion(row["rejected"])[:budget]
+            return "too_long"
+        return prompt_ids, [self.encode_completion(c)[:budget] for c in completions]
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        reason = self.check_fields(row, PAIR_FIELDS)
+        if not reason and row["chosen"] == row["rejected"] and row["chosen"].strip():
+            reason = "identical_pair"
+        encoded = reason or self.encode(row["prompt"], [row["chosen"], row["rejected"]])
+        if isinstance(encoded, str):
+            return self.drop(index, encoded)
+        prompt_ids, (chosen_ids, rejected_ids) = encoded
         return {
             "prompt_ids": prompt_ids,
             "chosen_ids": chosen_ids,
             "rejected_ids": rejected_ids,
+            "row_id": index,
+            "drop_reason": "",
+        }
+
+
+class UnpairedTokenizer(PairTokenizer):
+    """``datasets.map`` function for unpaired rows ``prompt``, ``completion``, ``label`` (bool).
+
+    Returns ``prompt_ids``, ``completion_ids``, ``label``, ``row_id``, ``drop_reason``; same
+    BOS/EOS and truncation rules as :class:`PairTokenizer`.
+    """
+
+    @staticmethod
+    def drop(row_id: int, reason: str) -> dict[str, Any]:
+        return {"prompt_ids": [], "completion_ids": [], "label": False, "row_id": row_id, "drop_reason": reason}
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        reason = self.check_fields(row, UNPAIRED_FIELDS[:2])
+        if not reason and row.get("label") is None:
+            reason = "missing_field"
+        elif not reason and not isinstance(row["label"], bool):
+            reason = "wrong_type"
+        encoded = reason or self.encode(row["prompt"], [row["completion"]])
+        if isinstance(encoded, str):
+            return self.drop(index, encoded)
+        prompt_ids, (completion_ids,) = encoded
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "label": row["label"],
             "row_id": index,
             "drop_reason": "",
         }

@@ -3,6 +3,7 @@
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs
 from .dpo import DPOLoss, HingeLoss, RobustDPOLoss
 from .ipo import IPOLoss
+from .kto import KTOLoss
 from .odpo import ODPOLoss
 from .orpo import ORPOLoss
 from .rpo import WithChosenNLL
@@ -12,6 +13,7 @@ __all__ = [
     "DPOLoss",
     "HingeLoss",
     "IPOLoss",
+    "KTOLoss",
     "LossOutput",
     "ODPOLoss",
     "ORPOLoss",

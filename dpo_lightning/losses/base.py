@@ -74,12 +74,19 @@ class LossOutput:
         chosen_rewards: ``(B,)`` detached implicit rewards of the chosen responses.
         rejected_rewards: ``(B,)`` detached implicit rewards of the rejected responses.
         metrics: extra detached scalars or ``(B,)`` tensors to log (averaged over the batch).
+        chosen_logps / rejected_logps: policy log-probs to log for each side; ``None`` means
+            the first / second half of the policy's sums (set them for unpaired losses).
+
+    For unpaired losses (KTO) the "chosen" side is the desirable rows and the "rejected" side
+    the undesirable ones; their lengths may differ and reward accuracy is then not defined.
     """
 
     loss: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    chosen_logps: Tensor | None = None
+    rejected_logps: Tensor | None = None
 
 
 class PreferenceLoss(nn.Module, ABC):

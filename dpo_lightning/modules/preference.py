@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from ..export import check_export_target, save_pretrained_atomic
-from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
+from ..losses import DPOLoss, LossOutput, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
 from ..optim import WarmupDecayLR
@@ -68,8 +68,8 @@ class PreferenceModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.export_dir = export_dir
         self.overwrite_export = overwrite_export
-        self.train_metrics = PreferenceMetrics()
-        self.val_metrics = PreferenceMetrics()
+        self.train_metrics = PreferenceMetrics(paired=self.loss.paired)
+        self.val_metrics = PreferenceMetrics(paired=self.loss.paired)
         self.validation_history: list[dict[str, Any]] = []
 
     # -- models ---------------------------------------------------------------------------
@@ -104,25 +104,22 @@ class PreferenceModule(L.LightningModule):
             return model_logprobs(self.reference, batch)
 
     # -- steps ----------------------------------------------------------------------------
-    def shared_step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, float]]:
+    def shared_step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, LossOutput]:
         policy = model_logprobs(self.policy, batch)
         reference = self.reference_logprobs(batch)
         out = self.loss(policy, reference, batch)
-        metrics.update(
-            out.loss, out.chosen_rewards, out.rejected_rewards, policy.chosen.detach(), policy.rejected.detach(), out.metrics
-        )
-        batch_values = {
-            "loss": float(out.loss.detach()),
-            "rewards/accuracy": float((out.chosen_rewards > out.rejected_rewards).float().mean()),
-            "rewards/margins": float((out.chosen_rewards - out.rejected_rewards).mean()),
-        }
-        return out.loss, batch_values
+        chosen_logps = out.chosen_logps if out.chosen_logps is not None else policy.chosen.detach()
+        rejected_logps = out.rejected_logps if out.rejected_logps is not None else policy.rejected.detach()
+        metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics)
+        return out.loss, out
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, values = self.shared_step(batch, self.train_metrics)
+        loss, out = self.shared_step(batch, self.train_metrics)
         batch_size = batch["row_id"].numel()
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        self.log("train/rewards/accuracy_step", values["rewards/accuracy"], prog_bar=True, batch_size=batch_size)
+        if out.chosen_rewards.shape == out.rejected_rewards.shape:
+            accuracy = (out.chosen_rewards > out.rejected_rewards).float().mean()
+            self.log("train/rewards/accuracy_step", accuracy, prog_bar=True, batch_size=batch_size)
         return loss
 
     def on_train_epoch_end(self) -> None:

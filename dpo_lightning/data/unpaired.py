@@ -1,0 +1,124 @@
+"""Unpaired rows (``prompt``, ``completion``, ``label``) for KTO, with mismatched KL pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .collator import PairCollator
+from .datamodule import PreferenceDataModule
+from .tokenization import PAIR_FIELDS, UNPAIRED_FIELDS, UnpairedTokenizer
+
+
+class UnpairedCollator:
+    """Batch ``B`` labelled completions plus ``B`` mismatched pairs for KTO's KL estimate.
+
+    Output:
+
+    * ``input_ids``, ``attention_mask``, ``completion_mask`` ``(2B, T)``: rows ``[0, B)`` are
+      ``prompt_i + completion_i``; rows ``[B, 2B)`` are ``prompt_i + completion_{(i+1) mod B}``
+      (cut to ``max_length``);
+    * ``label`` ``(B,)`` bool (True = desirable), ``row_id`` ``(B,)`` long.
+
+    A batch of one row has no mismatched pair: that is an error (use ``batch_size >= 2``).
+    """
+
+    def __init__(self, pad_token_id: int, max_length: int) -> None:
+        self.padder = PairCollator(pad_token_id)
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
+        n = len(rows)
+        if n < 2:
+            raise ValueError(
+                "KTO needs at least 2 rows per batch to pair prompts with other rows' completions "
+                "for the KL estimate; set data.batch_size (and eval_batch_size) >= 2"
+            )
+        prompts = [list(r["prompt_ids"]) for r in rows]
+        completions = [list(r["completion_ids"]) for r in rows]
+        mismatched = [completions[(i + 1) % n][: self.max_length - len(prompts[i])] for i in range(n)]
+        batch = self.padder.pad(prompts + prompts, completions + mismatched)
+        batch["label"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
+        batch["row_id"] = torch.tensor([int(r["row_id"]) for r in rows], dtype=torch.long)
+        return batch
+
+
+class UnpairedDataModule(PreferenceDataModule):
+    """Unpaired ``prompt``, ``completion``, ``label`` (bool) rows, for :class:`KTOLoss`.
+
+    A source with ``prompt``/``chosen``/``rejected`` columns instead is unpaired
+    automatically: each pair gives a desirable row (chosen) then an undesirable one
+    (rejected), so row ``2k`` and ``2k + 1`` of the report come from pair ``k``.
+    Takes the same arguments as :class:`PreferenceDataModule`; ``batch_size`` must be >= 2.
+    """
+
+    paired = False
+    text_fields = UNPAIRED_FIELDS
+    completion_fields = ("completion_ids",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.batch_size < 2 or self.eval_batch_size < 2:
+            raise ValueError(
+                "data.batch_size and data.eval_batch_size must be >= 2 for unpaired (KTO) data: "
+                "the KL estimate pairs each prompt with another row's completion"
+            )
+
+    def prepare_rows(self, rows: datasets.Dataset, key: str) -> datasets.Dataset:
+        columns = set(rows.column_names)
+        if "completion" in columns or not set(PAIR_FIELDS) <= columns:
+            return rows
+        rank_zero_info(f"{key}: paired rows found; unpairing them (chosen -> desirable, rejected -> undesirable)")
+
+        def unpair(batch: dict[str, list]) -> dict[str, list]:
+            out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+            for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
+                out["prompt"] += [prompt, prompt]
+                out["completion"] += [chosen, rejected]
+                out["label"] += [True, False]
+            return out
+
+        return rows.map(unpair, batched=True, remove_columns=rows.column_names, desc="unpairing")
+
+    def tokenize(self, rows: datasets.Dataset, split: str, key: str) -> datasets.Dataset:
+        tokenized = super().tokenize(rows, split, key)
+        labels = set(tokenized["label"])
+        if split == "train" and len(labels) == 1:
+            only = "desirable" if labels.pop() else "undesirable"
+            raise ValueError(
+                f"{key}: after validation the rows are only {only}; KTO needs both labels "
+                "(True and False) in the training data"
+            )
+        return tokenized
+
+    def row_function(self) -> UnpairedTokenizer:
+        assert self.tokenizer is not None
+        return UnpairedTokenizer(self.tokenizer, self.settings)
+
+    def collator(self) -> UnpairedCollator:
+        assert self.tokenizer is not None
+        return UnpairedCollator(self.tokenizer.pad_token_id, self.settings.max_length)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_dataset is not None, "call setup() first"
+        # A final batch of one row cannot be paired; skip it. The shuffle differs every epoch,
+        # so a different row sits out each time and none is lost for good.
+        drop_last = len(self.train_dataset) % self.batch_size == 1
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
+            collate_fn=self.collator(), num_workers=self.num_workers, drop_last=drop_last,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is not None and len(self.val_dataset) % self.eval_batch_size == 1:
+            raise ValueError(
+                f"data: {len(self.val_dataset)} validation rows leave a last batch of 1, which KTO cannot "
+                f"score; choose data.eval_batch_size so the remainder is not 1"
+            )
+        return super().val_dataloader()
