@@ -19,12 +19,14 @@ class DPOLightningCLI(LightningCLI):
         history = getattr(self.model, "validation_history", None)
         if not history or self.trainer.global_rank != 0:
             return
-        last = history[-1]["rewards/accuracy"]
-        first = history[0]
-        if first["sanity_check"] and len(history) > 1:
-            print(f"val/reward_accuracy: {first['rewards/accuracy']:.2f} -> {last:.2f}")
-        else:
-            print(f"val/reward_accuracy: {last:.2f}")
+        before = history[0] if history[0]["sanity_check"] and len(history) > 1 else None
+        if "rewards/accuracy" in history[-1]:
+            names = {"rewards/accuracy": "val/reward_accuracy"}
+        else:  # unpaired (KTO): no pairs to compare; show both sides' mean implicit rewards
+            names = {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}
+        for key, label in names.items():
+            after = f"{history[-1][key]:.2f}"
+            print(f"{label}: {before[key]:.2f} -> {after}" if before else f"{label}: {after}")
 
 
 def run(args: list[str] | None = None) -> DPOLightningCLI:

@@ -59,13 +59,17 @@ class RewardMargin(Metric):
 class PreferenceMetrics(nn.Module):
     """The metrics one stage (train or val) reports, keyed by their logged names.
 
+    ``paired=False`` (KTO) leaves out accuracy and margin; ``logps=False`` (reward models)
+    leaves out the log-prob means.
+
     ``update`` takes ``(B,)`` chosen/rejected rewards and log-probs, the scalar loss and any
     extra per-batch values; ``compute`` returns ``{name: float}`` synced across processes.
     """
 
-    def __init__(self, paired: bool = True) -> None:
+    def __init__(self, paired: bool = True, logps: bool = True) -> None:
         super().__init__()
         self.paired = paired
+        self.track_logps = logps
         self.accuracy = RewardAccuracy()
         self.margin = RewardMargin()
         self.means = nn.ModuleDict(
@@ -81,8 +85,8 @@ class PreferenceMetrics(nn.Module):
         loss: Tensor,
         chosen_rewards: Tensor,
         rejected_rewards: Tensor,
-        chosen_logps: Tensor,
-        rejected_logps: Tensor,
+        chosen_logps: Tensor | None = None,
+        rejected_logps: Tensor | None = None,
         extra: dict[str, Tensor] | None = None,
     ) -> None:
         if self.paired:
@@ -93,7 +97,7 @@ class PreferenceMetrics(nn.Module):
             ("rewards_chosen", chosen_rewards), ("rewards_rejected", rejected_rewards),
             ("logps_chosen", chosen_logps), ("logps_rejected", rejected_logps),
         ):
-            if values.numel():  # an all-desirable KTO batch has no rejected side
+            if values is not None and values.numel():  # an all-desirable KTO batch has no rejected side
                 self.means[name].update(values.detach().float())
         for name, value in (extra or {}).items():
             key = name.replace("/", "_")
@@ -111,10 +115,11 @@ class PreferenceMetrics(nn.Module):
             "loss": self.means["loss"],
             "rewards/chosen": self.means["rewards_chosen"],
             "rewards/rejected": self.means["rewards_rejected"],
-            "logps/chosen": self.means["logps_chosen"],
-            "logps/rejected": self.means["logps_rejected"],
             **dict(self.extra.items()),
         }
+        if self.track_logps:
+            metrics["logps/chosen"] = self.means["logps_chosen"]
+            metrics["logps/rejected"] = self.means["logps_rejected"]
         if self.paired:
             metrics["rewards/margins"] = self.margin
             metrics["rewards/accuracy"] = self.accuracy

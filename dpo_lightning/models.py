@@ -14,6 +14,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -98,12 +99,31 @@ def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = 
 
     Weights are read as safetensors only (``use_safetensors=True``).
     """
+    return load_model(spec, tokenizer, AutoModelForCausalLM)
+
+
+def load_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """A sequence classifier with one output (a scalar reward), its pad id set for pooling.
+
+    From a causal-LM checkpoint the score head is new (randomly initialised), as usual.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    model = load_model(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_id
+    return model
+
+
+def load_model(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None, auto_class: Any, **overrides: Any
+) -> PreTrainedModel:
+    """Shared path of :func:`load_causal_lm` and :func:`load_reward_model`."""
     spec.validate()
-    kwargs: dict[str, Any] = dict(spec.extra)
+    kwargs: dict[str, Any] = {**spec.extra, **overrides}
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             spec.name_or_path,
             revision=spec.revision,
             dtype=_DTYPES[spec.dtype],
@@ -111,10 +131,11 @@ def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = 
             use_safetensors=True,
             **kwargs,
         )
-    config = build_config(spec.config or {}, tokenizer)
+    config = build_config({**(spec.config or {}), **overrides}, tokenizer)
+    kwargs = {k: v for k, v in kwargs.items() if k not in overrides}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **kwargs)
+        model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code, **kwargs)
     dtype = _DTYPES[spec.dtype]
     return model.to(dtype) if isinstance(dtype, torch.dtype) else model
 

@@ -1,7 +1,8 @@
 """Generate the quickstart preference pairs and train the tiny tokenizer shipped in data/.
 
 The task: short product reviews. The preferred response praises the product, the
-dispreferred one is the same sentence with negative words. A model learns the preference
+dispreferred one is the same sentence with negative words. Each response also gets a 1-10
+rating from its sentiment words (`score_chosen`, `score_rejected`) for ODPO's offsets. A model learns the preference
 from the sentiment words, so held-out pairs (other products, other word combinations) test
 whether it generalises. Deterministic: `python scripts/make_quickstart_data.py` rewrites
 data/quickstart/*.jsonl and data/tokenizer/ byte for byte.
@@ -32,6 +33,9 @@ NEGATIVE = [
     "terrible", "flimsy", "unreliable", "awful", "uncomfortable", "poor", "broken", "ugly",
     "horrible", "fragile", "noisy", "clumsy", "useless", "dreadful", "annoying", "cheap",
 ]
+# Ground-truth strength of each sentiment word, used for the rating columns (ODPO offsets).
+STRENGTH = {w: 0.5 + 0.5 * i / (len(POSITIVE) - 1) for i, w in enumerate(POSITIVE)}
+STRENGTH.update({w: -0.5 - 0.5 * i / (len(NEGATIVE) - 1) for i, w in enumerate(NEGATIVE)})
 POS_VERBS = ["love", "recommend", "enjoy", "adore"]
 NEG_VERBS = ["hate", "regret", "return", "dislike"]
 PROMPTS = [
@@ -48,7 +52,14 @@ TEMPLATES = [
 ]
 
 
-def make_pair(rng: random.Random, product: str) -> dict[str, str]:
+def rating(text: str) -> float:
+    """A 1-10 rating from the sentiment words in ``text`` (the task's ground truth)."""
+    words = [w.strip(".,:;") for w in text.split()]
+    strengths = [STRENGTH[w] for w in words if w in STRENGTH]
+    return round(5.5 + 2.25 * sum(strengths), 3)
+
+
+def make_pair(rng: random.Random, product: str) -> dict[str, object]:
     prompt = rng.choice(PROMPTS).format(p=product)
     template = rng.choice(TEMPLATES)
     i, j = rng.sample(range(len(POSITIVE)), 2)
@@ -58,10 +69,13 @@ def make_pair(rng: random.Random, product: str) -> dict[str, str]:
     if rng.random() < 0.5:  # vary which sentiment word pairs line up
         k, m = rng.sample(range(len(NEGATIVE)), 2)
         rejected = template.format(p=product, a=NEGATIVE[k], b=NEGATIVE[m], v=NEG_VERBS[v])
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {
+        "prompt": prompt, "chosen": chosen, "rejected": rejected,
+        "score_chosen": rating(chosen), "score_rejected": rating(rejected),
+    }
 
 
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for row in rows:
@@ -96,7 +110,7 @@ def main() -> None:
     val = [make_pair(rng, rng.choice(PRODUCTS + HELD_OUT_PRODUCTS)) for _ in range(200)]
     write_jsonl(ROOT / "data/quickstart/train.jsonl", train)
     write_jsonl(ROOT / "data/quickstart/val.jsonl", val)
-    texts = [r[k] for r in train + val for k in ("prompt", "chosen", "rejected")]
+    texts = [str(r[k]) for r in train + val for k in ("prompt", "chosen", "rejected")]
     texts += ["<|user|>\n", "<|assistant|>\n", "<|system|>\n"]
     train_tokenizer(texts, ROOT / "data/tokenizer")
     print(f"wrote {len(train)} train and {len(val)} val pairs and data/tokenizer/")

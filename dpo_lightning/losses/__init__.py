@@ -1,5 +1,6 @@
 """Preference losses. Each family lives in its own file; all share :class:`PreferenceLoss`."""
 
+from .bradley_terry import BradleyTerryLoss
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs
 from .dpo import DPOLoss, HingeLoss, RobustDPOLoss
 from .ipo import IPOLoss
@@ -10,6 +11,7 @@ from .rpo import WithChosenNLL
 from .simpo import SimPOLoss
 
 __all__ = [
+    "BradleyTerryLoss",
     "DPOLoss",
     "HingeLoss",
     "IPOLoss",

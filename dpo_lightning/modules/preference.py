@@ -6,17 +6,14 @@ import copy
 import warnings
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
-from ..export import check_export_target, save_pretrained_atomic
-from ..losses import DPOLoss, LossOutput, PreferenceLoss, SequenceLogProbs
+from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
-from ..optim import WarmupDecayLR
+from .base import AlignmentModule
 from .logprobs import model_logprobs
 
 REFERENCE_PREFIX = "reference."
@@ -24,7 +21,7 @@ REFERENCE_PREFIX = "reference."
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
-class PreferenceModule(L.LightningModule):
+class PreferenceModule(AlignmentModule):
     """Train a causal LM policy on preference pairs with any :class:`PreferenceLoss`.
 
     The reference model is built only when ``loss.needs_reference``: a frozen copy of the
@@ -36,11 +33,8 @@ class PreferenceModule(L.LightningModule):
         model: where the policy comes from (hub id / folder, or a config to build).
         loss: the preference loss; default ``DPOLoss(beta=0.1)``.
         reference_model: a separate reference; ``None`` copies the initial policy.
-        optimizer: optimizer factory; default ``AdamW(lr=1e-6, weight_decay=0)``.
-        scheduler: lr-scheduler factory; default :class:`WarmupDecayLR` (10% warmup, linear
-            decay), stepped every optimizer step.
-        export_dir: after fit, save the policy and tokenizer here with ``save_pretrained``.
-        overwrite_export: allow replacing an existing ``export_dir``.
+        optimizer, scheduler, export_dir, overwrite_export: see :class:`AlignmentModule`
+            (the policy is what is exported).
         gradient_checkpointing: recompute activations in backward to save memory.
     """
 
@@ -64,13 +58,7 @@ class PreferenceModule(L.LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.reference = self.build_reference(reference_model) if self.loss.needs_reference else None
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.export_dir = export_dir
-        self.overwrite_export = overwrite_export
-        self.train_metrics = PreferenceMetrics(paired=self.loss.paired)
-        self.val_metrics = PreferenceMetrics(paired=self.loss.paired)
-        self.validation_history: list[dict[str, Any]] = []
+        self.init_training(optimizer, scheduler, export_dir, overwrite_export, paired_metrics=self.loss.paired)
 
     # -- models ---------------------------------------------------------------------------
     def build_reference(self, spec: ModelSpec | None) -> torch.nn.Module:
@@ -104,54 +92,20 @@ class PreferenceModule(L.LightningModule):
             return model_logprobs(self.reference, batch)
 
     # -- steps ----------------------------------------------------------------------------
-    def shared_step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, LossOutput]:
+    def trained_model(self) -> torch.nn.Module:
+        return self.policy
+
+    def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
         policy = model_logprobs(self.policy, batch)
         reference = self.reference_logprobs(batch)
         out = self.loss(policy, reference, batch)
         chosen_logps = out.chosen_logps if out.chosen_logps is not None else policy.chosen.detach()
         rejected_logps = out.rejected_logps if out.rejected_logps is not None else policy.rejected.detach()
         metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics)
-        return out.loss, out
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, out = self.shared_step(batch, self.train_metrics)
-        batch_size = batch["row_id"].numel()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        if out.chosen_rewards.shape == out.rejected_rewards.shape:
-            accuracy = (out.chosen_rewards > out.rejected_rewards).float().mean()
-            self.log("train/rewards/accuracy_step", accuracy, prog_bar=True, batch_size=batch_size)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        values = self.train_metrics.compute()
-        self.log_dict({f"train/{k}": v for k, v in values.items() if k != "loss"} | {"train/loss_epoch": values["loss"]})
-        self.train_metrics.reset()
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.shared_step(batch, self.val_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False)
-        self.validation_history.append(
-            {"step": self.global_step, "sanity_check": bool(self.trainer.sanity_checking), **values}
-        )
-
-    # -- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            scheduler = WarmupDecayLR(optimizer)
-        else:
-            scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupDecayLR) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        values = {}
+        if self.loss.paired:
+            values["rewards/accuracy"] = (out.chosen_rewards > out.rejected_rewards).float().mean()
+        return out.loss, values
 
     # -- checkpoints: never store the reference --------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -164,21 +118,3 @@ class PreferenceModule(L.LightningModule):
             state = checkpoint["state_dict"]
             for key, value in self.reference.state_dict(prefix=REFERENCE_PREFIX).items():
                 state.setdefault(key, value)
-
-    # -- export ---------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.export_dir is not None:
-            check_export_target(self.export_dir, self.overwrite_export)
-
-    def on_fit_end(self) -> None:
-        if self.export_dir is not None:
-            self.export(self.export_dir)
-            self.trainer.strategy.barrier("export")
-
-    @rank_zero_only
-    def export(self, path: str) -> None:
-        """Save the policy and tokenizer (safetensors) so ``from_pretrained(path)`` loads them."""
-        target = save_pretrained_atomic(self.policy, self.tokenizer, path, overwrite=self.overwrite_export)
-        rank_zero_info(f"exported policy and tokenizer to {target.resolve()}")
-
-

@@ -1,0 +1,57 @@
+"""``RewardModule``: a scalar reward model trained with the Bradley-Terry loss."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from ..losses import BradleyTerryLoss
+from ..metrics import PreferenceMetrics
+from ..models import ModelSpec, load_reward_model, load_tokenizer
+from .base import AlignmentModule
+
+
+class RewardModule(AlignmentModule):
+    """Train ``AutoModelForSequenceClassification(num_labels=1)`` on preference pairs.
+
+    The reward of a sequence is the head's output at its last non-padding token (the EOS
+    that ends every completion). Logs ``rewards/accuracy`` (strict ``r_w > r_l``),
+    ``rewards/margins`` and the mean rewards with the same metric classes as DPO. The
+    exported folder loads with ``AutoModelForSequenceClassification.from_pretrained`` and is
+    what ``dpo-lightning-score`` reads.
+
+    Args:
+        model: base model (hub id / folder, or a config); a causal-LM checkpoint gets a new head.
+        loss: default ``BradleyTerryLoss()``.
+        optimizer, scheduler, export_dir, overwrite_export: see :class:`AlignmentModule`.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        loss: BradleyTerryLoss | None = None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+        overwrite_export: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
+        self.loss = loss if loss is not None else BradleyTerryLoss()
+        self.tokenizer = load_tokenizer(model)
+        self.reward_model = load_reward_model(model, self.tokenizer)
+        self.init_training(optimizer, scheduler, export_dir, overwrite_export, logps_metrics=False)
+
+    def trained_model(self) -> torch.nn.Module:
+        return self.reward_model
+
+    def rewards(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(N,)`` scalar rewards for ``input_ids`` ``(N, T)``."""
+        out = self.reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits[:, 0].float()
+
+    def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.loss(self.rewards(batch), batch)
+        metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards)
+        return out.loss, {"rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean()}

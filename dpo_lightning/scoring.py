@@ -1,0 +1,96 @@
+"""``dpo-lightning-score``: write ``score_chosen`` / ``score_rejected`` with a trained reward model.
+
+The pipeline reward model -> scores -> ODPO::
+
+    dpo-lightning fit --config recipes/reward_model.yaml         # exports outputs/reward_model/model
+    dpo-lightning-score --reward_model outputs/reward_model/model \\
+        --data data/quickstart/train.jsonl --output outputs/scored/train.jsonl
+    dpo-lightning fit --config recipes/odpo.yaml --data.init_args.train_data outputs/scored/train.jsonl
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from .data import PreferenceDataModule, load_rows
+from .models import ModelSpec, load_reward_model, load_tokenizer
+
+
+@torch.no_grad()
+def score_pairs(
+    reward_model: str,
+    data: str | list[str],
+    output: str,
+    dataset_config: str | None = None,
+    split: str = "train",
+    max_length: int = 1024,
+    max_prompt_length: int | None = None,
+    batch_size: int = 16,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Score every pair of ``data`` with ``reward_model`` and write them with two new columns.
+
+    Rows are tokenized exactly as for training (same BOS/EOS and truncation rules). Rows that
+    cannot be used are left out of ``output`` and listed in the printed report.
+
+    Args:
+        reward_model: folder exported by ``RewardModule`` (or a hub id of a sequence classifier).
+        data: hub dataset name or local .json/.jsonl/.parquet/.csv file(s) with prompt/chosen/rejected.
+        output: where to write; ``.parquet`` or ``.csv`` by extension, JSON lines otherwise.
+        dataset_config / split: for a hub dataset.
+        max_length / max_prompt_length: tokenization limits (see dpo_lightning.data.tokenization).
+        batch_size: pairs per forward pass.
+        trust_remote_code: run modelling code shipped with the checkpoint.
+        overwrite: replace an existing ``output``.
+    Returns:
+        The path written.
+    """
+    target = Path(output)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"--output {output!r} exists; pass --overwrite true or choose another path")
+    spec = ModelSpec(name_or_path=reward_model, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(spec)
+    model = load_reward_model(spec, tokenizer).eval()
+    dm = PreferenceDataModule(
+        train_data=data, dataset_config=dataset_config, train_split=split,
+        max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size,
+    )
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    assert dm.train_dataset is not None
+    loader = DataLoader(dm.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=dm.collator())
+    chosen: list[float] = []
+    rejected: list[float] = []
+    for batch in loader:
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        b = batch["row_id"].numel()
+        chosen += rewards[:b].tolist()
+        rejected += rewards[b:].tolist()
+    rows = load_rows(data, key="--data", config=dataset_config, split=split).select(dm.train_dataset["row_id"])
+    rows = rows.remove_columns([c for c in ("score_chosen", "score_rejected") if c in rows.column_names])
+    rows = rows.add_column("score_chosen", chosen).add_column("score_rejected", rejected)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix == ".parquet":
+        rows.to_parquet(str(target))
+    elif target.suffix == ".csv":
+        rows.to_csv(str(target), index=False)
+    else:
+        rows.to_json(str(target), lines=True)
+    rank_zero_info(f"wrote {len(rows)} scored pairs to {target.resolve()}")
+    return target
+
+
+def main() -> None:
+    """Console-script entry point ``dpo-lightning-score``."""
+    from jsonargparse import auto_cli
+
+    auto_cli(score_pairs, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()
