@@ -7,6 +7,8 @@ demo build a tiny model from a config dict (``config``). Both go through :func:`
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +75,20 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
+@contextmanager
+def explain_load_errors(key: str, source: str) -> Iterator[None]:
+    """Turn the hub client's connection / not-found errors into one line naming the key."""
+    try:
+        yield
+    except OSError as err:
+        where = "no such folder" if not os.path.isdir(source) else "the folder is missing files"
+        raise OSError(
+            f"{key}: cannot load {source!r} ({where} relative to {os.getcwd()!r}, and the hub "
+            f"did not provide it: {str(err).splitlines()[0]}). Give an existing folder written by "
+            "save_pretrained, or a hub id reachable from this machine (or cached, with HF_HUB_OFFLINE=1)."
+        ) from err
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """Load the tokenizer named by ``spec`` and make sure it can pad.
 
@@ -80,9 +96,10 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     everywhere, so the id only fills space); one without either is an error.
     """
     source = spec.tokenizer or spec.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    with explain_load_errors("model.tokenizer" if spec.tokenizer else "model.name_or_path", source):
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -123,14 +140,15 @@ def load_model(
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.name_or_path is not None:
-        return auto_class.from_pretrained(
-            spec.name_or_path,
-            revision=spec.revision,
-            dtype=_DTYPES[spec.dtype],
-            trust_remote_code=spec.trust_remote_code,
-            use_safetensors=True,
-            **kwargs,
-        )
+        with explain_load_errors("model.name_or_path", spec.name_or_path):
+            return auto_class.from_pretrained(
+                spec.name_or_path,
+                revision=spec.revision,
+                dtype=_DTYPES[spec.dtype],
+                trust_remote_code=spec.trust_remote_code,
+                use_safetensors=True,
+                **kwargs,
+            )
     config = build_config({**(spec.config or {}), **overrides}, tokenizer)
     kwargs = {k: v for k, v in kwargs.items() if k not in overrides}
     with torch.random.fork_rng(devices=[]):

@@ -86,9 +86,9 @@ def test_strict_mode_names_the_row(tmp_path) -> None:
 
 
 def test_missing_column_names_the_key_and_column(tmp_path) -> None:
-    path = write_jsonl(tmp_path / "t.jsonl", [{"question": "p", "chosen": " a", "rejected": " b"}])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "preferred": " a", "rejected": " b"}])
     dm = PreferenceDataModule(train_data=path, tokenizer=TOKENIZER_DIR)
-    with pytest.raises(ValueError, match=r"data.train_data: column\(s\) \['prompt'\] missing"):
+    with pytest.raises(ValueError, match=r"data.train_data: column\(s\) \['chosen'\] missing"):
         dm.setup("fit")
 
 

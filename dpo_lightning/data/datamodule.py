@@ -143,23 +143,29 @@ class PreferenceDataModule(L.LightningDataModule):
     # -- what differs between pairs and unpaired rows (overridden by UnpairedDataModule) ------
     paired = True
     text_fields: tuple[str, ...] = PAIR_FIELDS
+    optional_field: str | None = "prompt"
     completion_fields: tuple[str, ...] = ("chosen_ids", "rejected_ids")
 
     def prepare_rows(self, rows: datasets.Dataset, key: str) -> datasets.Dataset:
         """Hook to convert a source's rows to this module's schema before validation."""
         return rows
 
-    def row_function(self) -> PairTokenizer:
+    def row_function(self, rows: datasets.Dataset) -> PairTokenizer:
         assert self.tokenizer is not None
-        return PairTokenizer(self.tokenizer, self.settings, self.score_columns)
+        has_prompt = "prompt" in rows.column_names
+        if not has_prompt:
+            rank_zero_info("no `prompt` column: each prompt is the common prefix of chosen and rejected")
+        return PairTokenizer(self.tokenizer, self.settings, self.score_columns, has_prompt=has_prompt)
 
     def collator(self) -> PairCollator:
         assert self.tokenizer is not None
         return PairCollator(self.tokenizer.pad_token_id, score_columns=self.score_columns)
 
     def check_columns(self, rows: datasets.Dataset, key: str) -> None:
-        """Fail at setup, naming the key and the columns, when a required column is absent."""
-        needed = self.text_fields + self.score_columns
+        """Fail at setup, naming the key and the columns, when a required column is absent.
+        (``prompt`` may be absent for pairs: it is then the common prefix.)"""
+        needed = tuple(c for c in self.text_fields if c in rows.column_names or c != self.optional_field)
+        needed += self.score_columns
         missing = [c for c in needed if c not in rows.column_names]
         if missing:
             raise ValueError(
@@ -173,7 +179,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.check_columns(rows, key)
         keep = list(self.score_columns)
         tokenized = rows.map(
-            self.row_function(),
+            self.row_function(rows),
             with_indices=True,
             remove_columns=[c for c in rows.column_names if c not in keep],
             num_proc=self.num_proc,

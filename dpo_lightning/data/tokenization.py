@@ -10,6 +10,18 @@ What the model sees for each response is ``prompt_ids + completion_ids``:
 Prompt and completion are tokenized separately, so the boundary between them is always a
 token boundary and the completion mask is exact.
 
+Conversations (lists of ``{"role", "content"}`` messages) go through the tokenizer's chat
+template, which is then the only source of special tokens (as in ``apply_chat_template``):
+
+* ``prompt_ids`` = tokens of the prompt rendered with ``add_generation_prompt=True``;
+* ``completion_ids`` = tokens of the whole conversation after those prompt tokens, ending at
+  the template's end-of-turn token when that is the tokenizer's EOS (what follows, such as a
+  newline, is cut), otherwise followed by one EOS.
+
+A template that does not render the prompt as a token prefix of the whole conversation
+(templates that rewrite earlier turns, or a token merge across the boundary) gets the row
+dropped as ``template_mismatch``: no guessing at where the completion starts.
+
 Truncation policy (``max_length`` counts prompt + completion):
 1. the prompt is cut to ``max_prompt_length`` tokens: ``keep_end`` (default) keeps the
    leading special tokens and the last tokens of the prompt; ``keep_start`` keeps its start;
@@ -24,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
+
+from .formats import normalize_pair, normalize_unpaired
 
 TruncationMode = Literal["keep_end", "keep_start"]
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -61,8 +75,10 @@ def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list
 
 
 class PairTokenizer:
-    """``datasets.map`` function (``with_indices=True``) for ``prompt/chosen/rejected`` rows.
+    """``datasets.map`` function (``with_indices=True``) for pair rows.
 
+    Rows hold ``chosen`` and ``rejected`` (and ``prompt`` unless ``has_prompt`` is False: then
+    the prompt is their common prefix), all strings or all conversations; see :mod:`.formats`.
     Returns ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of ints), ``row_id`` and
     ``drop_reason`` (``""`` when the row is kept; see :data:`report.DROP_REASONS`).
     ``score_columns`` must hold finite numbers (a NaN or a string is ``wrong_type``).
@@ -73,52 +89,87 @@ class PairTokenizer:
         tokenizer: PreTrainedTokenizerBase,
         settings: TokenizationSettings,
         score_columns: tuple[str, ...] = (),
+        has_prompt: bool = True,
     ) -> None:
         settings.validate()
         self.score_columns = tuple(score_columns)
+        self.has_prompt = has_prompt
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; every completion must end with one")
         self.tokenizer = tokenizer
         self.settings = settings
         self.prefix, _ = special_affixes(tokenizer)
 
+    # -- plain text ----------------------------------------------------------------------
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def encode_prompt(self, text: str) -> list[int]:
         """Leading special tokens + prompt tokens, BOS never doubled. Not truncated."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.ids(text)
         prefix = self.prefix
         if prefix and ids[: len(prefix)] == prefix:
             ids = ids[len(prefix) :]
-        return list(prefix) + list(ids)
+        return list(prefix) + ids
+
+    def end_with_eos(self, ids: list[int]) -> list[int]:
+        """Cut after the last EOS if there is one (trailing EOS repeats collapse), else append one."""
+        eos = self.tokenizer.eos_token_id
+        while len(ids) > 1 and ids[-1] == eos and ids[-2] == eos:
+            ids = ids[:-1]
+        if eos in ids:
+            last = len(ids) - 1 - ids[::-1].index(eos)
+            return ids[: last + 1]
+        return ids + [eos]
 
     def encode_completion(self, text: str) -> list[int]:
         """Completion tokens + exactly one EOS. Not truncated."""
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = self.ids(text)
         eos = self.tokenizer.eos_token_id
         while ids and ids[-1] == eos:
             ids.pop()
         return ids + [eos]
 
+    # -- conversations ---------------------------------------------------------------------
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "conversational rows need a tokenizer with a chat template; set model.tokenizer to "
+                "one that has it, or give the rows as plain strings"
+            )
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        ids = self.ids(text)
+        bos = self.tokenizer.bos_token_id
+        while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def encode_conversation(
+        self, prompt: list[dict[str, str]], completions: list[list[dict[str, str]]]
+    ) -> tuple[list[int], list[list[int]]] | str:
+        prompt_ids = self.render(prompt, generation_prompt=True) if prompt else []
+        completion_ids = []
+        for completion in completions:
+            full = self.render(prompt + completion, generation_prompt=False)
+            if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
+                return "template_mismatch"
+            completion_ids.append(self.end_with_eos(full[len(prompt_ids) :]))
+        return prompt_ids, completion_ids
+
+    # -- shared ----------------------------------------------------------------------------
     def truncate_prompt(self, ids: list[int]) -> list[int]:
         limit = self.settings.max_prompt_length
         if limit is None or len(ids) <= limit:
             return ids
         if self.settings.truncation_mode == "keep_start":
             return ids[:limit]
-        n_prefix = len(self.prefix) if ids[: len(self.prefix)] == self.prefix else 0
-        keep = max(limit - n_prefix, 0)
-        return ids[:n_prefix] + (ids[len(ids) - keep :] if keep else [])
+        bos = self.tokenizer.bos_token_id
+        n_head = 1 if bos is not None and ids and ids[0] == bos else 0
+        keep = max(limit - n_head, 0)
+        return ids[:n_head] + (ids[len(ids) - keep :] if keep else [])
 
-    @staticmethod
-    def drop(row_id: int, reason: str) -> dict[str, Any]:
-        return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": row_id, "drop_reason": reason}
-
-    def check_fields(self, row: dict[str, Any], text_fields: tuple[str, ...]) -> str:
-        """The drop reason for a row's field values, or ``""`` when they are usable."""
-        for name in text_fields:
-            if row.get(name) is None:
-                return "missing_field"
-            if not isinstance(row[name], str):
-                return "wrong_type"
+    def check_scores(self, row: dict[str, Any]) -> str:
+        """The drop reason for the row's score columns, or ``""``."""
         for name in self.score_columns:
             if row.get(name) is None:
                 return "missing_field"
@@ -126,23 +177,34 @@ class PairTokenizer:
                 return "wrong_type"
         return ""
 
-    def encode(self, prompt: str, completions: list[str]) -> tuple[list[int], list[list[int]]] | str:
-        """Truncated prompt ids and completion ids, or a drop reason."""
-        if any(not c.strip() for c in completions):
-            return "empty_completion"
-        prompt_ids = self.truncate_prompt(self.encode_prompt(prompt))
+    def encode(self, prompt: Any, completions: list[Any]) -> tuple[list[int], list[list[int]]] | str:
+        """Truncated prompt ids and completion ids (strings or conversations), or a drop reason."""
+        if isinstance(prompt, list):
+            encoded = self.encode_conversation(prompt, completions)
+            if isinstance(encoded, str):
+                return encoded
+            prompt_ids, completion_ids = encoded
+        else:
+            prompt_ids = self.encode_prompt(prompt)
+            completion_ids = [self.encode_completion(c) for c in completions]
+        prompt_ids = self.truncate_prompt(prompt_ids)
         if not prompt_ids:
             return "empty_prompt"
         budget = self.settings.max_length - len(prompt_ids)
         if budget < 1:
             return "too_long"
-        return prompt_ids, [self.encode_completion(c)[:budget] for c in completions]
+        return prompt_ids, [ids[:budget] for ids in completion_ids]
+
+    @staticmethod
+    def drop(row_id: int, reason: str) -> dict[str, Any]:
+        return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": row_id, "drop_reason": reason}
 
     def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        reason = self.check_fields(row, PAIR_FIELDS)
-        if not reason and row["chosen"] == row["rejected"] and row["chosen"].strip():
-            reason = "identical_pair"
-        encoded = reason or self.encode(row["prompt"], [row["chosen"], row["rejected"]])
+        normalized = normalize_pair(row, self.has_prompt)
+        if isinstance(normalized, str):
+            return self.drop(index, normalized)
+        reason = self.check_scores(row)
+        encoded = reason or self.encode(normalized[0], [normalized[1], normalized[2]])
         if isinstance(encoded, str):
             return self.drop(index, encoded)
         prompt_ids, (chosen_ids, rejected_ids) = encoded
@@ -159,7 +221,7 @@ class UnpairedTokenizer(PairTokenizer):
     """``datasets.map`` function for unpaired rows ``prompt``, ``completion``, ``label`` (bool).
 
     Returns ``prompt_ids``, ``completion_ids``, ``label``, ``row_id``, ``drop_reason``; same
-    BOS/EOS and truncation rules as :class:`PairTokenizer`.
+    formats, BOS/EOS and truncation rules as :class:`PairTokenizer`.
     """
 
     @staticmethod
@@ -167,12 +229,8 @@ class UnpairedTokenizer(PairTokenizer):
         return {"prompt_ids": [], "completion_ids": [], "label": False, "row_id": row_id, "drop_reason": reason}
 
     def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        reason = self.check_fields(row, UNPAIRED_FIELDS[:2])
-        if not reason and row.get("label") is None:
-            reason = "missing_field"
-        elif not reason and not isinstance(row["label"], bool):
-            reason = "wrong_type"
-        encoded = reason or self.encode(row["prompt"], [row["completion"]])
+        normalized = normalize_unpaired(row)
+        encoded = normalized if isinstance(normalized, str) else self.encode(normalized[0], [normalized[1]])
         if isinstance(encoded, str):
             return self.drop(index, encoded)
         prompt_ids, (completion_ids,) = encoded

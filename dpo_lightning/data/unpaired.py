@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from .collator import PairCollator
 from .datamodule import PreferenceDataModule
-from .tokenization import PAIR_FIELDS, UNPAIRED_FIELDS, UnpairedTokenizer
+from .formats import normalize_pair
+from .tokenization import UNPAIRED_FIELDS, UnpairedTokenizer
 
 
 class UnpairedCollator:
@@ -59,6 +60,7 @@ class UnpairedDataModule(PreferenceDataModule):
 
     paired = False
     text_fields = UNPAIRED_FIELDS
+    optional_field = None
     completion_fields = ("completion_ids",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -71,13 +73,20 @@ class UnpairedDataModule(PreferenceDataModule):
 
     def prepare_rows(self, rows: datasets.Dataset, key: str) -> datasets.Dataset:
         columns = set(rows.column_names)
-        if "completion" in columns or not set(PAIR_FIELDS) <= columns:
+        if "completion" in columns or not {"chosen", "rejected"} <= columns:
             return rows
         rank_zero_info(f"{key}: paired rows found; unpairing them (chosen -> desirable, rejected -> undesirable)")
+        has_prompt = "prompt" in columns
 
         def unpair(batch: dict[str, list]) -> dict[str, list]:
             out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-            for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
+            for i in range(len(batch["chosen"])):
+                row = {name: values[i] for name, values in batch.items()}
+                normalized = normalize_pair(row, has_prompt)
+                # a bad pair stays as-is, so that validation reports it with its reason
+                prompt, chosen, rejected = (
+                    normalized if not isinstance(normalized, str) else (row.get("prompt"), row["chosen"], row["rejected"])
+                )
                 out["prompt"] += [prompt, prompt]
                 out["completion"] += [chosen, rejected]
                 out["label"] += [True, False]
@@ -96,7 +105,7 @@ class UnpairedDataModule(PreferenceDataModule):
             )
         return tokenized
 
-    def row_function(self) -> UnpairedTokenizer:
+    def row_function(self, rows: datasets.Dataset) -> UnpairedTokenizer:
         assert self.tokenizer is not None
         return UnpairedTokenizer(self.tokenizer, self.settings)
 
