@@ -98,7 +98,7 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512) -> N
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=1024,
     )
     fast.chat_template = (
-        "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+        "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
     fast.save_pretrained(out_dir)

@@ -107,3 +107,14 @@ def test_print_config_round_trips(tmp_path, pair_files) -> None:
 def test_console_script_is_installed() -> None:
     out = subprocess.run([str(ROOT / ".venv/bin/dpo-lightning"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "fit" in out.stdout
+
+
+def test_data_report_is_logged_as_hyperparameters(tmp_path, pair_files) -> None:
+    recipe = tiny_recipe(tmp_path, *pair_files)
+    recipe["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}
+    main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    (hparams,) = list((tmp_path / "logs").rglob("hparams.yaml"))
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["data/train/rows_read"] == 32 and logged["data/train/rows_kept"] == 32
+    assert logged["data/val/rows_read"] == 16
+    assert logged["data/train/prompt_tokens/max"] >= logged["data/train/prompt_tokens/min"] > 0

@@ -8,12 +8,13 @@ import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .collator import PairCollator
 from .loading import load_rows
 from .report import DataReport
+from .samplers import LengthGroupedSampler
 from .tokenization import PAIR_FIELDS, PairTokenizer, TokenizationSettings, TruncationMode
 
 
@@ -39,6 +40,8 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: processes for ``datasets.map`` tokenization.
         strict: raise on the first unusable row instead of dropping and counting it.
         shuffle_seed: seed for the training order.
+        group_by_length: batch rows of similar length together (:class:`LengthGroupedSampler`),
+            which cuts padding; ``False`` shuffles uniformly.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         strict: bool = False,
         shuffle_seed: int = 0,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__()
         if val_fraction is not None and not 0 < val_fraction < 1:
@@ -86,6 +90,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.strict = strict
         self.shuffle_seed = shuffle_seed
+        self.group_by_length = group_by_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.score_columns: tuple[str, ...] = ()
         self.train_dataset: datasets.Dataset | None = None
@@ -205,11 +210,26 @@ class PreferenceDataModule(L.LightningDataModule):
         return kept.remove_columns("drop_reason")
 
     # -- loaders ------------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
+    def row_lengths(self, rows: datasets.Dataset) -> list[int]:
+        """Padded width each row needs: prompt + its longest completion."""
+        prompts = rows["prompt_ids"]
+        widths = [[len(x) for x in rows[c]] for c in self.completion_fields]
+        return [len(p) + max(w[i] for w in widths) for i, p in enumerate(prompts)]
+
+    def train_sampler(self) -> torch.utils.data.Sampler:
+        """Length-grouped (default) or uniformly shuffled order, split across DDP ranks."""
         assert self.train_dataset is not None, "call setup() first"
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if self.group_by_length:
+            return LengthGroupedSampler(
+                self.row_lengths(self.train_dataset), self.batch_size, world, rank, seed=self.shuffle_seed
+            )
+        return DistributedSampler(self.train_dataset, world, rank, shuffle=True, seed=self.shuffle_seed)
+
+    def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
+            self.train_dataset, batch_size=self.batch_size, sampler=self.train_sampler(),
             collate_fn=self.collator(), num_workers=self.num_workers,
         )
 

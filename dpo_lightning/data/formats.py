@@ -81,6 +81,10 @@ def normalize_pair(row: dict[str, Any], has_prompt: bool) -> tuple[Text, Text, T
     if None in kinds or len(kinds) != 1:
         return "wrong_type"
     chosen, rejected = row["chosen"], row["rejected"]
+    if is_blank(chosen) or is_blank(rejected):
+        return "empty_completion"
+    if chosen == rejected:
+        return "identical_pair"
     if has_prompt:
         prompt = row["prompt"]
     elif isinstance(chosen, str):
@@ -91,8 +95,6 @@ def normalize_pair(row: dict[str, Any], has_prompt: bool) -> tuple[Text, Text, T
         return "empty_completion"
     if is_blank(chosen) or is_blank(rejected):
         return "empty_completion"
-    if chosen == rejected:
-        return "identical_pair"
     return prompt, chosen, rejected
 
 

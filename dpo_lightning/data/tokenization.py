@@ -108,7 +108,7 @@ class PairTokenizer:
         """Leading special tokens + prompt tokens, BOS never doubled. Not truncated."""
         ids = self.ids(text)
         prefix = self.prefix
-        if prefix and ids[: len(prefix)] == prefix:
+        while prefix and ids[: len(prefix)] == prefix:
             ids = ids[len(prefix) :]
         return list(prefix) + ids
 
@@ -138,11 +138,7 @@ class PairTokenizer:
                 "one that has it, or give the rows as plain strings"
             )
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        ids = self.ids(text)
-        bos = self.tokenizer.bos_token_id
-        while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-            ids = ids[1:]
-        return ids
+        return self.collapse_leading_bos(self.ids(text))
 
     def encode_conversation(
         self, prompt: list[dict[str, str]], completions: list[list[dict[str, str]]]
@@ -157,6 +153,13 @@ class PairTokenizer:
         return prompt_ids, completion_ids
 
     # -- shared ----------------------------------------------------------------------------
+    def collapse_leading_bos(self, ids: list[int]) -> list[int]:
+        """One BOS at the start, however many the text, template or truncation put there."""
+        bos = self.tokenizer.bos_token_id
+        while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
     def truncate_prompt(self, ids: list[int]) -> list[int]:
         limit = self.settings.max_prompt_length
         if limit is None or len(ids) <= limit:
@@ -187,7 +190,7 @@ class PairTokenizer:
         else:
             prompt_ids = self.encode_prompt(prompt)
             completion_ids = [self.encode_completion(c) for c in completions]
-        prompt_ids = self.truncate_prompt(prompt_ids)
+        prompt_ids = self.collapse_leading_bos(self.truncate_prompt(prompt_ids))
         if not prompt_ids:
             return "empty_prompt"
         budget = self.settings.max_length - len(prompt_ids)

@@ -114,13 +114,12 @@ class UnpairedDataModule(PreferenceDataModule):
         return UnpairedCollator(self.tokenizer.pad_token_id, self.settings.max_length)
 
     def train_dataloader(self) -> DataLoader:
-        assert self.train_dataset is not None, "call setup() first"
-        # A final batch of one row cannot be paired; skip it. The shuffle differs every epoch,
+        # A final batch of one row cannot be paired; skip it. The order differs every epoch,
         # so a different row sits out each time and none is lost for good.
-        drop_last = len(self.train_dataset) % self.batch_size == 1
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        sampler = self.train_sampler()
+        drop_last = len(sampler) % self.batch_size == 1
         return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
+            self.train_dataset, batch_size=self.batch_size, sampler=sampler,
             collate_fn=self.collator(), num_workers=self.num_workers, drop_last=drop_last,
         )
 
