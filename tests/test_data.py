@@ -129,3 +129,28 @@ def test_collator_masks(tokenizer) -> None:
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert batch["row_id"].tolist() == [4] and batch["score_chosen"].dtype == torch.float32
+
+
+def test_hub_name_goes_to_load_dataset_with_config_and_split(monkeypatch) -> None:
+    import datasets
+
+    from dpo_lightning.data import loading
+
+    calls = []
+    rows = datasets.Dataset.from_list(quickstart_rows(5))
+    monkeypatch.setattr(loading.datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or rows)
+    out = loading.load_rows("org/prefs", key="data.train_data", config="default", split="train_prefs", max_rows=3)
+    assert calls == [(("org/prefs",), {"name": "default", "split": "train_prefs"})]
+    assert len(out) == 3
+
+
+def test_several_files_and_globs(tmp_path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", quickstart_rows(4))
+    write_jsonl(tmp_path / "b.jsonl", quickstart_rows(7)[4:])
+    dm = PreferenceDataModule(train_data=[a, str(tmp_path / "b*.jsonl")], tokenizer=TOKENIZER_DIR, max_rows=6)
+    dm.setup("fit")
+    assert dm.reports["train"].rows_read == 6
+    with pytest.raises(ValueError, match="one kind"):
+        from dpo_lightning.data import load_rows
+
+        load_rows([a, str(tmp_path / "x.txt")], key="data.train_data") if (tmp_path / "x.txt").write_text("x") else None
