@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise a clear error when ``path`` is not a readable Lightning checkpoint.
+
+    Read with ``weights_only=True``: a checkpoint is tensors and plain values only.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+        raise ValueError(
+            f"--ckpt_path {path!r} is not a readable checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Point it at a .ckpt written by this trainer, or use "
+            "--ckpt_path last to pick the newest one"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"--ckpt_path {path!r} has no state_dict; it is not a Lightning checkpoint")
 
 
 class DPOLightningCLI(LightningCLI):
@@ -14,6 +34,19 @@ class DPOLightningCLI(LightningCLI):
     before and after training (``val/reward_accuracy: A -> B``) when the recipe validated
     before the first step (``trainer.num_sanity_val_steps: -1``).
     """
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` loads (safely), but keep the recipe's values.
+
+        LightningCLI would overwrite the recipe with the checkpoint's saved hyperparameters;
+        here the recipe stays authoritative and the module compares the run's fingerprints
+        with the checkpoint's, failing with what differs.
+        """
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_file(ckpt_path)
 
     def after_fit(self) -> None:
         history = getattr(self.model, "validation_history", None)

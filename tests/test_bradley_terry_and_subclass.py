@@ -48,7 +48,7 @@ def test_bradley_terry_gradient_direction() -> None:
 def test_user_subclass_outside_the_package_trains_through_the_cli(tmp_path, monkeypatch) -> None:
     from dpo_lightning.cli import run
 
-    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_losses"))
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "plugins"))
     cli = run(quick("dpo", tmp_path, "--model.init_args.loss", '{"class_path": "my_loss.ScaledSigmoidLoss", "init_args": {"beta": 0.2}}'))
     assert type(cli.model.loss).__name__ == "ScaledSigmoidLoss" and cli.model.loss.beta == 0.2
     assert cli.trainer.global_step == 2

@@ -33,7 +33,7 @@ def test_fit_two_steps_freezes_reference_and_keeps_it_out_of_checkpoints(tmp_pat
     assert not optimizer_params & {id(p) for p in module.reference.parameters()}
     ckpts = list((tmp_path / "run").rglob("*.ckpt"))
     assert ckpts
-    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=True)["state_dict"]
     assert state and not [k for k in state if k.startswith("reference.")]
     assert any(k.startswith("policy.") for k in state)
     # resume builds the reference from the recipe and loads the policy

@@ -8,13 +8,13 @@ import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .collator import PairCollator
 from .loading import load_rows
 from .report import DataReport
-from .samplers import LengthGroupedSampler
+from .samplers import LengthGroupedSampler, ResumableSampler
 from .tokenization import PAIR_FIELDS, PairTokenizer, TokenizationSettings, TruncationMode
 
 
@@ -216,16 +216,26 @@ class PreferenceDataModule(L.LightningDataModule):
         widths = [[len(x) for x in rows[c]] for c in self.completion_fields]
         return [len(p) + max(w[i] for w in widths) for i, p in enumerate(prompts)]
 
-    def train_sampler(self) -> torch.utils.data.Sampler:
-        """Length-grouped (default) or uniformly shuffled order, split across DDP ranks."""
+    def train_sampler(self) -> ResumableSampler:
+        """Length-grouped (default) or uniformly shuffled order, split across DDP ranks; after a
+        resume from a mid-epoch checkpoint it skips the batches that epoch already trained on."""
         assert self.train_dataset is not None, "call setup() first"
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if self.group_by_length:
-            return LengthGroupedSampler(
+            sampler: ResumableSampler = LengthGroupedSampler(
                 self.row_lengths(self.train_dataset), self.batch_size, world, rank, seed=self.shuffle_seed
             )
-        return DistributedSampler(self.train_dataset, world, rank, shuffle=True, seed=self.shuffle_seed)
+        else:
+            sampler = ResumableSampler(len(self.train_dataset), self.batch_size, world, rank, seed=self.shuffle_seed)
+        if self.trainer is not None and self.trainer.fit_loop.restarting:
+            # batches whose training step finished before the checkpoint (saved in on_train_batch_end)
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done < len(sampler) // self.batch_size:
+                sampler.set_epoch(self.trainer.current_epoch)
+                sampler.skip_batches(done)
+                rank_zero_info(f"resuming epoch {self.trainer.current_epoch} after its first {done} batches")
+        return sampler
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

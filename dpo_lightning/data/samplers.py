@@ -8,7 +8,31 @@ import torch
 from torch.utils.data import DistributedSampler
 
 
-class LengthGroupedSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can skip the batches an interrupted epoch already trained on.
+
+    After :meth:`skip_batches` the next iteration starts ``n * batch_size`` indices in (this
+    rank's indices); later epochs are whole again. The order is a function of
+    ``(seed, epoch)`` only, so a resumed run sees exactly the rows the lost run would have.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.skip = 0
+
+    def skip_batches(self, n: int) -> None:
+        self.skip = n
+
+    def indices(self) -> list[int]:
+        return list(super().__iter__())
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip * self.batch_size, 0
+        yield from self.indices()[skip:]
+
+
+class LengthGroupedSampler(ResumableSampler):
     """Yield this rank's indices so that each run of ``batch_size`` indices is one batch of
     sequences of similar length (HF Trainer's ``group_by_length`` scheme, made DDP-exact).
 
@@ -21,6 +45,7 @@ class LengthGroupedSampler(DistributedSampler):
 
     It is a ``DistributedSampler`` so Lightning neither replaces it nor wraps it, and calls
     ``set_epoch`` on it every epoch. Use with ``DataLoader(batch_size=batch_size, sampler=...)``.
+    Resumable mid-epoch like :class:`ResumableSampler`.
 
     Args:
         lengths: ``(N,)`` length of each row (e.g. prompt + longest completion tokens).
@@ -54,6 +79,7 @@ class LengthGroupedSampler(DistributedSampler):
         self.total_size = self.num_samples * num_replicas
         self.shuffle = True
         self.drop_last = False
+        self.skip = 0
 
     def global_batches(self) -> list[list[int]]:
         """All ranks' batches for the current epoch, ``batch_size * world_size`` rows each."""
@@ -74,9 +100,9 @@ class LengthGroupedSampler(DistributedSampler):
         order_of_batches = [longest] + [int(i) if int(i) != longest else 0 for i in rest]
         return [batches[i] for i in order_of_batches]
 
-    def __iter__(self) -> Iterator[int]:
-        for batch in self.global_batches():
-            yield from batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+    def indices(self) -> list[int]:
+        start, end = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return [i for batch in self.global_batches() for i in batch[start:end]]
 
     def __len__(self) -> int:
         return self.num_samples

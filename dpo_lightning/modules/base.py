@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import PreTrainedTokenizerBase
 
 from ..export import check_export_target, save_pretrained_atomic
+from ..fingerprints import CHECKPOINT_KEY, check_same_run, run_fingerprint
 from ..metrics import PreferenceMetrics
 from ..optim import WarmupDecayLR
 
@@ -28,6 +29,12 @@ class AlignmentModule(L.LightningModule):
             decay), stepped every optimizer step.
         export_dir: after fit, ``save_pretrained`` the trained model and tokenizer here.
         overwrite_export: allow replacing an existing ``export_dir``.
+        on_nonfinite: what a NaN/inf gradient does: ``"stop"`` (default) raises an error naming
+            the batch's row ids; ``"skip"`` drops that optimizer step (no parameter or optimizer
+            state changes) and counts it in ``train/nonfinite_skipped``.
+
+    Checkpoints record the model, tokenizer, loss and training-data fingerprints; resuming
+    with any of them changed is an error naming what differs.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -40,7 +47,13 @@ class AlignmentModule(L.LightningModule):
         overwrite_export: bool,
         paired_metrics: bool = True,
         logps_metrics: bool = True,
+        on_nonfinite: str = "stop",
     ) -> None:
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.init_args.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_skipped = 0
+        self._rows_since_step: list[int] = []
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.export_dir = export_dir
@@ -59,6 +72,7 @@ class AlignmentModule(L.LightningModule):
     # -- loops ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.step(batch, self.train_metrics)
+        self._rows_since_step += batch["row_id"].tolist()
         batch_size = batch["row_id"].numel()
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for name, value in values.items():
@@ -81,6 +95,33 @@ class AlignmentModule(L.LightningModule):
         self.validation_history.append(
             {"step": self.global_step, "sanity_check": bool(self.trainer.sanity_checking), **values}
         )
+
+    # -- non-finite guard ------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.trained_model().parameters() if p.grad is not None]
+        finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+        rows, self._rows_since_step = self._rows_since_step, []
+        if finite:
+            return
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {self.global_step} from dataset rows {rows}; inspect "
+                "those rows, lower the learning rate, or set model.init_args.on_nonfinite: skip"
+            )
+        for param in self.trained_model().parameters():
+            param.grad = None  # optimizers skip parameters without a gradient: no update at all
+        self.nonfinite_skipped += 1
+        rank_zero_info(f"skipped step {self.global_step}: non-finite gradient from dataset rows {rows}")
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), rank_zero_only=True)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = run_fingerprint(self)
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_same_run(checkpoint.get(CHECKPOINT_KEY, {}), run_fingerprint(self))
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

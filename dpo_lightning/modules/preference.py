@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -33,8 +33,8 @@ class PreferenceModule(AlignmentModule):
         model: where the policy comes from (hub id / folder, or a config to build).
         loss: the preference loss; default ``DPOLoss(beta=0.1)``.
         reference_model: a separate reference; ``None`` copies the initial policy.
-        optimizer, scheduler, export_dir, overwrite_export: see :class:`AlignmentModule`
-            (the policy is what is exported).
+        optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see
+            :class:`AlignmentModule` (the policy is what is exported).
         gradient_checkpointing: recompute activations in backward to save memory.
     """
 
@@ -48,6 +48,7 @@ class PreferenceModule(AlignmentModule):
         export_dir: str | None = None,
         overwrite_export: bool = False,
         gradient_checkpointing: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
@@ -58,7 +59,9 @@ class PreferenceModule(AlignmentModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.reference = self.build_reference(reference_model) if self.loss.needs_reference else None
-        self.init_training(optimizer, scheduler, export_dir, overwrite_export, paired_metrics=self.loss.paired)
+        self.init_training(
+            optimizer, scheduler, export_dir, overwrite_export, paired_metrics=self.loss.paired, on_nonfinite=on_nonfinite
+        )
 
     # -- models ---------------------------------------------------------------------------
     def build_reference(self, spec: ModelSpec | None) -> torch.nn.Module:
@@ -109,11 +112,13 @@ class PreferenceModule(AlignmentModule):
 
     # -- checkpoints: never store the reference --------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.reference is not None:
             state = checkpoint["state_dict"]
             for key, value in self.reference.state_dict(prefix=REFERENCE_PREFIX).items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -24,7 +26,7 @@ class RewardModule(AlignmentModule):
     Args:
         model: base model (hub id / folder, or a config); a causal-LM checkpoint gets a new head.
         loss: default ``BradleyTerryLoss()``.
-        optimizer, scheduler, export_dir, overwrite_export: see :class:`AlignmentModule`.
+        optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see :class:`AlignmentModule`.
     """
 
     def __init__(
@@ -35,13 +37,17 @@ class RewardModule(AlignmentModule):
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
         overwrite_export: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.loss = loss if loss is not None else BradleyTerryLoss()
         self.tokenizer = load_tokenizer(model)
         self.reward_model = load_reward_model(model, self.tokenizer)
-        self.init_training(optimizer, scheduler, export_dir, overwrite_export, logps_metrics=False)
+        self.model_spec = model
+        self.init_training(
+            optimizer, scheduler, export_dir, overwrite_export, logps_metrics=False, on_nonfinite=on_nonfinite
+        )
 
     def trained_model(self) -> torch.nn.Module:
         return self.reward_model
