@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -53,12 +55,44 @@ def load_rows(
             raise ValueError(
                 f"{key}: files must all be .json/.jsonl, .parquet or .csv (one kind), got {sorted(extensions)}"
             )
-        rows = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        builder = builders.pop()
+        if builder in ("json", "csv"):
+            for f in files:
+                check_utf8(f, key)
+        with explain_errors(key):
+            rows = datasets.load_dataset(builder, data_files=files, split="train")
     elif len(sources) == 1:
-        rows = datasets.load_dataset(sources[0], name=config, split=split)
+        with explain_errors(key):
+            rows = datasets.load_dataset(sources[0], name=config, split=split)
     else:
         raise ValueError(f"{key}: give one hub dataset name, or local files, not a mix: {sources}")
     return _limit(rows, max_rows)
+
+
+def check_utf8(path: str, key: str) -> None:
+    """Raise ``ValueError`` naming the file, line and byte of the first invalid UTF-8 sequence."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{key}: {path} line {number} is not valid UTF-8 (byte 0x{line[err.start]:02x} at column "
+                    f"{err.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+
+
+@contextmanager
+def explain_errors(key: str) -> Iterator[None]:
+    """Re-raise a ``datasets`` loading failure as one message naming the config key and the cause."""
+    try:
+        yield
+    except (DatasetGenerationError, ValueError, TypeError) as err:
+        cause = err.__cause__ or err
+        raise ValueError(
+            f"{key}: could not read the data ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}). "
+            "Check that every row has the same columns and types, and the file's format matches its extension"
+        ) from err
 
 
 def _limit(rows: datasets.Dataset, max_rows: int | None) -> datasets.Dataset:
