@@ -14,7 +14,7 @@ from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
 from .base import AlignmentModule
-from .logprobs import model_logprobs
+from .logprobs import chunked_model_logprobs, model_logprobs, supports_chunked_logprobs
 
 REFERENCE_PREFIX = "reference."
 # The frozen reference is in eval mode on purpose; Lightning's generic warning about it is noise.
@@ -36,6 +36,12 @@ class PreferenceModule(AlignmentModule):
         optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see
             :class:`AlignmentModule` (the policy is what is exported).
         gradient_checkpointing: recompute activations in backward to save memory.
+        logprobs: how per-token log-probs are computed. ``"chunked"`` runs the LM head only at
+            completion positions, ``logprob_chunk_size`` at a time, recomputing in backward: no
+            ``(2B, T, V)`` logits are ever held. ``"full"`` takes the model's logits. ``"auto"``
+            (default) picks chunked where the model allows it (plain linear head, no logit
+            scaling) and the strategy is not FSDP, whose root unit must run the full forward.
+        logprob_chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes).
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class PreferenceModule(AlignmentModule):
         overwrite_export: bool = False,
         gradient_checkpointing: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        logprobs: Literal["auto", "chunked", "full"] = "auto",
+        logprob_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
@@ -59,6 +67,15 @@ class PreferenceModule(AlignmentModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.reference = self.build_reference(reference_model) if self.loss.needs_reference else None
+        if logprobs not in ("auto", "chunked", "full"):
+            raise ValueError(f"model.init_args.logprobs must be auto, chunked or full, got {logprobs!r}")
+        if logprobs == "chunked" and not supports_chunked_logprobs(self.policy):
+            raise ValueError(
+                "model.init_args.logprobs: chunked needs a plain linear LM head without logit scaling; "
+                "this model has none, use auto or full"
+            )
+        self.logprobs_mode = logprobs
+        self.logprob_chunk_size = logprob_chunk_size
         self.init_training(
             optimizer, scheduler, export_dir, overwrite_export, paired_metrics=self.loss.paired, on_nonfinite=on_nonfinite
         )
@@ -85,6 +102,18 @@ class PreferenceModule(AlignmentModule):
             self.reference.eval()
         return self
 
+    def use_chunked_logprobs(self) -> bool:
+        if self.logprobs_mode != "auto":
+            return self.logprobs_mode == "chunked"
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        return "FSDP" not in strategy and supports_chunked_logprobs(self.policy)
+
+    def sequence_logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:
+        """``(2B,)`` log-prob sums and counts of ``model`` on ``batch``, by the configured path."""
+        if self.use_chunked_logprobs():
+            return chunked_model_logprobs(model, batch, self.logprob_chunk_size)
+        return model_logprobs(model, batch)
+
     def reference_logprobs(self, batch: dict[str, Tensor]) -> SequenceLogProbs | None:
         """``(2B,)`` reference log-probs, or ``None`` when the loss needs no reference."""
         if not self.loss.needs_reference:
@@ -92,14 +121,14 @@ class PreferenceModule(AlignmentModule):
         if "reference_sums" in batch:
             return SequenceLogProbs(batch["reference_sums"], batch["reference_counts"])
         with torch.no_grad():
-            return model_logprobs(self.reference, batch)
+            return self.sequence_logprobs(self.reference, batch)
 
     # -- steps ----------------------------------------------------------------------------
     def trained_model(self) -> torch.nn.Module:
         return self.policy
 
     def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = model_logprobs(self.policy, batch)
+        policy = self.sequence_logprobs(self.policy, batch)
         reference = self.reference_logprobs(batch)
         out = self.loss(policy, reference, batch)
         chosen_logps = out.chosen_logps if out.chosen_logps is not None else policy.chosen.detach()

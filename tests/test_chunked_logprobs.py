@@ -1,0 +1,56 @@
+"""Chunked log-probs through the LM head equal the full-logits path in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_lightning.data import PairCollator
+from dpo_lightning.models import ModelSpec, load_causal_lm
+from dpo_lightning.modules.logprobs import (
+    ChunkedTargetLogProbs, chunked_model_logprobs, model_logprobs, supports_chunked_logprobs, token_logprobs,
+)
+from test_logprobs import rows
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_function_matches_full_logits_in_float64(chunk: int) -> None:
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(17, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 17, (10,), generator=g)
+    upstream = torch.randn(10, generator=g, dtype=torch.float64)
+    full = token_logprobs(hidden @ weight.T, targets)
+    chunked = ChunkedTargetLogProbs.apply(hidden, weight, targets, chunk)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
+    grads_full = torch.autograd.grad((full * upstream).sum(), (hidden, weight))
+    grads_chunked = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight))
+    for a, b in zip(grads_chunked, grads_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h, w: ChunkedTargetLogProbs.apply(h, w, targets, chunk), (hidden, weight))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_model_value_and_every_parameter_gradient(tokenizer, tied: bool) -> None:
+    from conftest import TINY_CONFIG, TOKENIZER_DIR
+
+    spec = ModelSpec(config={**TINY_CONFIG, "tie_word_embeddings": tied}, tokenizer=TOKENIZER_DIR, seed=3)
+    model = load_causal_lm(spec, tokenizer).double()
+    assert supports_chunked_logprobs(model)
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows())
+    full = model_logprobs(model, batch)
+    grads_full = torch.autograd.grad(full.sums.sum(), list(model.parameters()))
+    chunked = chunked_model_logprobs(model, batch, chunk_size=4)
+    grads_chunked = torch.autograd.grad(chunked.sums.sum(), list(model.parameters()))
+    torch.testing.assert_close(chunked.sums, full.sums, rtol=0, atol=1e-10)
+    assert torch.equal(chunked.counts, full.counts)
+    for (name, _), a, b in zip(model.named_parameters(), grads_chunked, grads_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+def test_models_with_scaled_logits_use_the_full_path(tokenizer) -> None:
+    from conftest import tiny_spec
+
+    model = load_causal_lm(tiny_spec(), tokenizer)
+    model.config.final_logit_softcapping = 30.0
+    assert not supports_chunked_logprobs(model)
