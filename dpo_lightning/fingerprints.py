@@ -43,9 +43,8 @@ def run_fingerprint(module: Any) -> dict[str, str]:
             sort_keys=True,
         )
     datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
-    dataset = getattr(datamodule, "train_dataset", None)
-    if dataset is not None and getattr(dataset, "_fingerprint", None):
-        out["train_data"] = dataset._fingerprint
+    if getattr(datamodule, "data_fingerprint", None):
+        out["train_data"] = datamodule.data_fingerprint
     return out
 
 

@@ -93,6 +93,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.score_columns: tuple[str, ...] = ()
+        self.carried_columns: tuple[str, ...] = ()  # per-pair floats added after setup (reference log-probs)
+        self.data_fingerprint: str | None = None
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self.reports: dict[str, DataReport] = {}
@@ -140,6 +142,7 @@ class PreferenceDataModule(L.LightningDataModule):
         else:
             val_rows = None
         self.train_dataset = self.tokenize(train_rows, "train", key="data.train_data")
+        self.data_fingerprint = self.train_dataset._fingerprint  # before any column is attached
         self.val_dataset = self.tokenize(val_rows, "val", key="data.val_data") if val_rows is not None else None
         logger = self.trainer.logger if self.trainer is not None else None
         if logger is not None:
@@ -164,7 +167,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def collator(self) -> PairCollator:
         assert self.tokenizer is not None
-        return PairCollator(self.tokenizer.pad_token_id, score_columns=self.score_columns)
+        return PairCollator(self.tokenizer.pad_token_id, score_columns=self.score_columns + self.carried_columns)
 
     def check_columns(self, rows: datasets.Dataset, key: str) -> None:
         """Fail at setup, naming the key and the columns, when a required column is absent.

@@ -8,11 +8,14 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
+from ..fingerprints import spec_fingerprint, tokenizer_fingerprint
 from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
+from . import reference_cache
 from .base import AlignmentModule
 from .logprobs import chunked_model_logprobs, model_logprobs, supports_chunked_logprobs
 
@@ -42,6 +45,12 @@ class PreferenceModule(AlignmentModule):
             (default) picks chunked where the model allows it (plain linear head, no logit
             scaling) and the strategy is not FSDP, whose root unit must run the full forward.
         logprob_chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes).
+        precompute_reference: before training, run the reference once over the train and val
+            splits, cache its log-probs on disk (see :mod:`.reference_cache`), and free the
+            reference model: training then runs the policy alone. A later run with the same
+            data, tokenization, reference and tokenizer reads the cache and runs no reference.
+            Pairwise losses only (KTO's KL pairs change every batch).
+        reference_cache_dir: where the cache lives; default ``~/.cache/dpo_lightning/reference_logps``.
     """
 
     def __init__(
@@ -57,6 +66,8 @@ class PreferenceModule(AlignmentModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
         logprobs: Literal["auto", "chunked", "full"] = "auto",
         logprob_chunk_size: int = 1024,
+        precompute_reference: bool = False,
+        reference_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
@@ -76,6 +87,15 @@ class PreferenceModule(AlignmentModule):
             )
         self.logprobs_mode = logprobs
         self.logprob_chunk_size = logprob_chunk_size
+        if precompute_reference and not (self.loss.needs_reference and self.loss.paired):
+            raise ValueError(
+                "model.init_args.precompute_reference needs a pairwise loss with a reference; "
+                f"{type(self.loss).__name__} has none to precompute"
+            )
+        self.precompute_reference = precompute_reference
+        self.reference_cache_dir = reference_cache_dir or reference_cache.DEFAULT_CACHE_DIR
+        self.reference_id = spec_fingerprint(reference_model if reference_model is not None else model)
+        self.reference_batches_computed = 0
         self.init_training(
             optimizer, scheduler, export_dir, overwrite_export, paired_metrics=self.loss.paired, on_nonfinite=on_nonfinite
         )
@@ -118,8 +138,9 @@ class PreferenceModule(AlignmentModule):
         """``(2B,)`` reference log-probs, or ``None`` when the loss needs no reference."""
         if not self.loss.needs_reference:
             return None
-        if "reference_sums" in batch:
-            return SequenceLogProbs(batch["reference_sums"], batch["reference_counts"])
+        if "reference_chosen" in batch:  # precomputed
+            counts = batch["completion_mask"][:, 1:].sum(-1)
+            return SequenceLogProbs(torch.cat([batch["reference_chosen"], batch["reference_rejected"]]), counts)
         with torch.no_grad():
             return self.sequence_logprobs(self.reference, batch)
 
@@ -138,6 +159,46 @@ class PreferenceModule(AlignmentModule):
         if self.loss.paired:
             values["rewards/accuracy"] = (out.chosen_rewards > out.rejected_rewards).float().mean()
         return out.loss, values
+
+    # -- precomputed reference ----------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.attach_reference_logprobs()
+
+    def on_validation_start(self) -> None:
+        self.attach_reference_logprobs()
+
+    def attach_reference_logprobs(self) -> None:
+        """Give the data module's splits the reference's log-probs, then free the reference."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.precompute_reference or datamodule is None or getattr(datamodule, "reference_attached", False):
+            return
+        if self.reference is None:
+            raise RuntimeError("the reference model was freed before its log-probs were attached")
+        tokenizer_id = tokenizer_fingerprint(self.tokenizer)
+        for split in ("train_dataset", "val_dataset"):
+            dataset = getattr(datamodule, split, None)
+            if dataset is None:
+                continue
+            path = reference_cache.cache_path(self.reference_cache_dir, dataset, self.reference_id, tokenizer_id)
+
+            def compute(dataset=dataset) -> Tensor:
+                collate = datamodule.collator()
+                batches = -(-len(dataset) // datamodule.eval_batch_size)
+                rank_zero_info(f"precomputing reference log-probs for {len(dataset)} rows ({batches} batches)")
+                self.reference_batches_computed += batches
+                return reference_cache.compute(
+                    lambda b: self.sequence_logprobs(self.reference, b), dataset, collate,
+                    datamodule.eval_batch_size, self.device,
+                )
+
+            values, computed = reference_cache.load_or_compute(
+                path, compute, self.trainer.is_global_zero, lambda: self.trainer.strategy.barrier("reference_cache")
+            )
+            rank_zero_info(f"reference log-probs for {split}: {'computed and saved to' if computed else 'read from'} {path}")
+            setattr(datamodule, split, reference_cache.attach(dataset, values))
+        datamodule.carried_columns = reference_cache.COLUMNS
+        datamodule.reference_attached = True
+        self.reference = None  # freed: training runs the policy alone
 
     # -- checkpoints: never store the reference --------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
