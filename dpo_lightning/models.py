@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -40,6 +41,10 @@ class ModelSpec:
         trust_remote_code: run modelling code shipped with the checkpoint. Off unless set.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; ``None`` = default.
         seed: seed for a model built from ``config`` (so the reference copy can be rebuilt).
+        load_in_4bit: load the weights quantized to 4-bit NF4 with bitsandbytes (QLoRA; CUDA),
+            double quantization, compute in ``dtype`` (bfloat16 unless set).
+        load_in_8bit: load the weights quantized to 8-bit with bitsandbytes (CUDA).
+        extra: further keyword arguments for ``from_pretrained`` / ``from_config``.
     """
 
     name_or_path: str | None = None
@@ -50,6 +55,8 @@ class ModelSpec:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     seed: int = 0
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, key: str = "model") -> None:
@@ -61,6 +68,10 @@ class ModelSpec:
             )
         if self.dtype not in _DTYPES:
             raise ValueError(f"{key}.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError(f"{key}: set at most one of load_in_4bit and load_in_8bit")
+        if (self.load_in_4bit or self.load_in_8bit) and self.name_or_path is None:
+            raise ValueError(f"{key}: quantized loading (load_in_4bit / load_in_8bit) needs name_or_path")
         if self.config is not None and self.tokenizer is None:
             raise ValueError(f"{key}.tokenizer is required when the model is built from `config`")
         if self.name_or_path is not None and _looks_local(self.name_or_path) and not os.path.isdir(self.name_or_path):
@@ -87,6 +98,19 @@ def explain_load_errors(key: str, source: str) -> Iterator[None]:
             f"did not provide it: {str(err).splitlines()[0]}). Give an existing folder written by "
             "save_pretrained, or a hub id reachable from this machine (or cached, with HF_HUB_OFFLINE=1)."
         ) from err
+
+
+def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config a spec asks for (QLoRA's NF4 recipe for 4-bit), or ``None``."""
+    if spec.load_in_4bit:
+        compute = _DTYPES[spec.dtype] if spec.dtype in ("bfloat16", "float16") else torch.bfloat16
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    if spec.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
@@ -139,6 +163,8 @@ def load_model(
     kwargs: dict[str, Any] = {**spec.extra, **overrides}
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
+    if quantization_config(spec) is not None:
+        kwargs["quantization_config"] = quantization_config(spec)
     if spec.name_or_path is not None:
         with explain_load_errors("model.name_or_path", spec.name_or_path):
             return auto_class.from_pretrained(

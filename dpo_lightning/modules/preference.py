@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import warnings
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
+from ..lora import LoraSpec, add_adapters, save_merged
 from ..fingerprints import spec_fingerprint, tokenizer_fingerprint
 from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
 from . import reference_cache
@@ -51,6 +53,10 @@ class PreferenceModule(AlignmentModule):
             data, tokenization, reference and tokenizer reads the cache and runs no reference.
             Pairwise losses only (KTO's KL pairs change every batch).
         reference_cache_dir: where the cache lives; default ``~/.cache/dpo_lightning/reference_logps``.
+        lora: train LoRA adapters (peft) instead of all weights. The reference is then the
+            policy with adapters disabled (unless ``lora.separate_reference`` or a
+            ``reference_model`` is given); export writes the adapter (and, with
+            ``lora.merge_on_export``, the merged model to ``<export_dir>/merged``).
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class PreferenceModule(AlignmentModule):
         logprob_chunk_size: int = 1024,
         precompute_reference: bool = False,
         reference_cache_dir: str | None = None,
+        lora: LoraSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
@@ -77,7 +84,14 @@ class PreferenceModule(AlignmentModule):
         self.policy = load_causal_lm(model, self.tokenizer)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        self.reference = self.build_reference(reference_model) if self.loss.needs_reference else None
+        self.lora = lora
+        self.adapter_reference = bool(
+            lora is not None and self.loss.needs_reference and reference_model is None and not lora.separate_reference
+        )
+        needs_separate = self.loss.needs_reference and not self.adapter_reference
+        self.reference = self.build_reference(reference_model) if needs_separate else None
+        if lora is not None:
+            self.policy = add_adapters(self.policy, lora, gradient_checkpointing)
         if logprobs not in ("auto", "chunked", "full"):
             raise ValueError(f"model.init_args.logprobs must be auto, chunked or full, got {logprobs!r}")
         if logprobs == "chunked" and not supports_chunked_logprobs(self.policy):
@@ -142,6 +156,9 @@ class PreferenceModule(AlignmentModule):
             counts = batch["completion_mask"][:, 1:].sum(-1)
             return SequenceLogProbs(torch.cat([batch["reference_chosen"], batch["reference_rejected"]]), counts)
         with torch.no_grad():
+            if self.adapter_reference:
+                with self.policy.disable_adapter():
+                    return self.sequence_logprobs(self.policy, batch)
             return self.sequence_logprobs(self.reference, batch)
 
     # -- steps ----------------------------------------------------------------------------
@@ -172,7 +189,7 @@ class PreferenceModule(AlignmentModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if not self.precompute_reference or datamodule is None or getattr(datamodule, "reference_attached", False):
             return
-        if self.reference is None:
+        if self.reference is None and not self.adapter_reference:
             raise RuntimeError("the reference model was freed before its log-probs were attached")
         tokenizer_id = tokenizer_fingerprint(self.tokenizer)
         for split in ("train_dataset", "val_dataset"):
@@ -186,10 +203,12 @@ class PreferenceModule(AlignmentModule):
                 batches = -(-len(dataset) // datamodule.eval_batch_size)
                 rank_zero_info(f"precomputing reference log-probs for {len(dataset)} rows ({batches} batches)")
                 self.reference_batches_computed += batches
-                return reference_cache.compute(
-                    lambda b: self.sequence_logprobs(self.reference, b), dataset, collate,
-                    datamodule.eval_batch_size, self.device,
+                self.policy.eval()  # no dropout in the reference pass
+                values = reference_cache.compute(
+                    self.reference_logprobs, dataset, collate, datamodule.eval_batch_size, self.device,
                 )
+                self.policy.train(self.training)
+                return values
 
             values, computed = reference_cache.load_or_compute(
                 path, compute, self.trainer.is_global_zero, lambda: self.trainer.strategy.barrier("reference_cache")
@@ -199,6 +218,17 @@ class PreferenceModule(AlignmentModule):
         datamodule.carried_columns = reference_cache.COLUMNS
         datamodule.reference_attached = True
         self.reference = None  # freed: training runs the policy alone
+        self.adapter_reference = False
+
+    # -- export -----------------------------------------------------------------------------
+    def export(self, path: str) -> None:
+        """Policy (or its LoRA adapter) and tokenizer; with ``lora.merge_on_export`` also the
+        merged model in ``<path>/merged``."""
+        super().export(path)
+        if self.lora is not None and self.lora.merge_on_export and self.trainer.is_global_zero:
+            save_merged(self.policy, Path(path) / "merged")
+            self.tokenizer.save_pretrained(Path(path) / "merged")
+            rank_zero_info(f"exported the merged model to {(Path(path) / 'merged').resolve()}")
 
     # -- checkpoints: never store the reference --------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
