@@ -178,10 +178,10 @@ class PreferenceModule(AlignmentModule):
         return out.loss, values
 
     # -- precomputed reference ----------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        self.attach_reference_logprobs()
-
-    def on_validation_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # here, not in on_fit_start: Lightning builds the train loader for the scheduler's step
+        # count before on_fit_start, and that loader must already carry the cached columns
         self.attach_reference_logprobs()
 
     def attach_reference_logprobs(self) -> None:
@@ -192,6 +192,8 @@ class PreferenceModule(AlignmentModule):
         if self.reference is None and not self.adapter_reference:
             raise RuntimeError("the reference model was freed before its log-probs were attached")
         tokenizer_id = tokenizer_fingerprint(self.tokenizer)
+        device = self.trainer.strategy.root_device  # the module is not moved there yet
+        network = self.policy if self.adapter_reference else self.reference
         for split in ("train_dataset", "val_dataset"):
             dataset = getattr(datamodule, split, None)
             if dataset is None:
@@ -203,11 +205,12 @@ class PreferenceModule(AlignmentModule):
                 batches = -(-len(dataset) // datamodule.eval_batch_size)
                 rank_zero_info(f"precomputing reference log-probs for {len(dataset)} rows ({batches} batches)")
                 self.reference_batches_computed += batches
-                self.policy.eval()  # no dropout in the reference pass
+                was_training = network.training
+                network.to(device).eval()  # no dropout in the reference pass
                 values = reference_cache.compute(
-                    self.reference_logprobs, dataset, collate, datamodule.eval_batch_size, self.device,
+                    self.reference_logprobs, dataset, collate, datamodule.eval_batch_size, device,
                 )
-                self.policy.train(self.training)
+                network.train(was_training)
                 return values
 
             values, computed = reference_cache.load_or_compute(
