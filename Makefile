@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test experiment clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The controlled-sentiment frontier (README "Reward against KL"): about 10 minutes on 2 cores.
+experiment: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[experiments]"
+	$(PY) scripts/sentiment_frontier.py
 
 clean:
 	rm -rf $(VENV) outputs lightning_logs

@@ -6,6 +6,7 @@ from .loading import load_rows
 from .report import DROP_REASONS, DataReport
 from .tokenization import PairTokenizer, TokenizationSettings, UnpairedTokenizer
 from .unpaired import UnpairedCollator, UnpairedDataModule
+from .sft import SFTCollator, SFTDataModule
 
 __all__ = [
     "DROP_REASONS",
@@ -13,6 +14,8 @@ __all__ = [
     "PairCollator",
     "PairTokenizer",
     "PreferenceDataModule",
+    "SFTCollator",
+    "SFTDataModule",
     "TokenizationSettings",
     "UnpairedCollator",
     "UnpairedDataModule",

@@ -1,0 +1,1 @@
+"""Experiments that ship with the library (the controlled-sentiment frontier)."""

@@ -1,0 +1,75 @@
+"""``SFTModule``: supervised fine-tuning (token-mean NLL on completion tokens)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from ..models import ModelSpec, load_causal_lm, load_tokenizer
+from .base import AlignmentModule
+from .logprobs import chunked_model_logprobs, model_logprobs, supports_chunked_logprobs
+
+
+class SFTMetrics(nn.Module):
+    """Token-weighted mean NLL (``loss``); the same update / compute / reset API as
+    :class:`~dpo_lightning.metrics.PreferenceMetrics`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nll = MeanMetric()
+
+    def update(self, nll_per_token: Tensor, tokens: Tensor) -> None:
+        self.nll.update(nll_per_token.detach().float(), weight=tokens.float())
+
+    def compute(self) -> dict[str, float]:
+        value = float(self.nll.compute())
+        return {"loss": value, "perplexity": float(torch.exp(torch.tensor(value)))}
+
+    def reset(self) -> None:
+        self.nll.reset()
+
+
+class SFTModule(AlignmentModule):
+    """Fine-tune a causal LM on prompt / completion rows; prompt and padding are not scored.
+
+    ``L = -sum(log pi(y_t | x, y_<t)) / (number of completion tokens in the batch)``. Pairs with
+    :class:`~dpo_lightning.data.SFTDataModule`; the export is the reference policy of a later
+    preference run (``reference_model`` / ``model.name_or_path``).
+
+    Args:
+        model: hub id / folder, or a config to build.
+        optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see :class:`AlignmentModule`.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+        overwrite_export: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "export_dir", "overwrite_export"])
+        self.model_spec = model
+        self.tokenizer = load_tokenizer(model)
+        self.policy = load_causal_lm(model, self.tokenizer)
+        self.init_training(optimizer, scheduler, export_dir, overwrite_export, on_nonfinite=on_nonfinite)
+        self.train_metrics = SFTMetrics()
+        self.val_metrics = SFTMetrics()
+
+    def trained_model(self) -> torch.nn.Module:
+        return self.policy
+
+    def step(self, batch: dict[str, Tensor], metrics: SFTMetrics) -> tuple[Tensor, dict[str, Tensor]]:
+        fn = chunked_model_logprobs if supports_chunked_logprobs(self.policy) else model_logprobs
+        logps = fn(self.policy, batch)
+        tokens = logps.counts.sum().clamp(min=1)
+        loss = -logps.sums.sum() / tokens
+        metrics.update(loss, tokens)
+        return loss, {}

@@ -1,0 +1,127 @@
+"""The controlled-sentiment experiment in miniature: reward against KL for DPO, ODPO and IPO.
+
+    make experiment          # or: .venv/bin/python scripts/sentiment_frontier.py
+
+1. SFT: a tiny Llama learns the review language of data/sentiment (mixed sentiment);
+   recipes/sft.yaml. It is the reference policy of every run below.
+2. Pairs: 4 samples per prompt from the SFT model, scored by the ground truth
+   (dpo_lightning.experiments.sentiment:score); best vs worst, with their scores (for ODPO).
+3. Sweep: DPO, ODPO and IPO over a few betas (and alphas for ODPO) on the same pairs.
+4. Evaluation: for SFT and every run, samples on held-out prompts; mean ground-truth reward and
+   the Monte-Carlo sequence-level KL(pi || pi_sft).
+5. Result: outputs/frontier/results.csv and docs/frontier.png (plus docs/frontier.csv).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from dpo_lightning.cli import run
+from dpo_lightning.sampling import evaluate_policy, sample_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "outputs" / "frontier"
+SWEEP = [
+    ("DPO", "dpo", {"beta": 0.05}), ("DPO", "dpo", {"beta": 0.1}), ("DPO", "dpo", {"beta": 0.5}),
+    ("ODPO", "odpo", {"beta": 0.1, "alpha": 0.5}), ("ODPO", "odpo", {"beta": 0.1, "alpha": 1.0}),
+    ("ODPO", "odpo", {"beta": 0.5, "alpha": 1.0}),
+    ("IPO", "ipo", {"beta": 0.1}), ("IPO", "ipo", {"beta": 0.5}),
+]
+EVAL = {"samples_per_prompt": 8, "max_new_tokens": 32, "seed": 0}
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.logger", "false"]
+
+
+def fit(config: dict, name: str) -> None:
+    path = OUT / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run(["fit", "--config", str(path), *QUIET])
+
+
+def train_sft() -> Path:
+    config = yaml.safe_load((ROOT / "recipes" / "sft.yaml").read_text())
+    config["model"]["init_args"]["export_dir"] = str(OUT / "sft")
+    config["trainer"].update(default_root_dir=str(OUT / "runs" / "sft"), enable_checkpointing=False)
+    fit(config, "sft")
+    return OUT / "sft"
+
+
+def train_preference(recipe: str, loss_args: dict, name: str, sft: Path, pairs: Path) -> Path:
+    config = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
+    args = config["model"]["init_args"]
+    args["model"] = {"name_or_path": str(sft)}  # the SFT model is the initial policy and the reference
+    args["loss"]["init_args"].update(loss_args)
+    args["optimizer"]["init_args"]["lr"] = 3e-4
+    args["export_dir"] = str(OUT / "policies" / name)
+    config["data"]["init_args"].update(train_data=str(pairs), val_data=None, val_fraction=0.1, batch_size=16)
+    config["trainer"].update(default_root_dir=str(OUT / "runs" / name), max_epochs=3, enable_checkpointing=False,
+                             num_sanity_val_steps=0)
+    fit(config, name)
+    return OUT / "policies" / name
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"SFT": "black", "DPO": "tab:blue", "ODPO": "tab:orange", "IPO": "tab:green"}
+    for loss in colors:
+        pts = [r for r in rows if r["loss"] == loss]
+        if not pts:
+            continue
+        ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts], xerr=[r["kl_stderr"] for r in pts],
+                    yerr=[r["reward_stderr"] for r in pts], fmt="o", color=colors[loss], label=loss, capsize=2)
+        for r in pts:
+            ax.annotate(r["label"], (r["kl"], r["reward"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("sequence-level KL(pi || pi_sft), nats (Monte-Carlo)")
+    ax.set_ylabel("mean ground-truth sentiment reward")
+    ax.set_title("Controlled sentiment in miniature: reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    sft = train_sft()
+    pairs = sample_pairs(str(sft), str(ROOT / "data/sentiment/pair_prompts.jsonl"), str(OUT / "pairs.jsonl"),
+                         samples_per_prompt=4, seed=0)
+    prompts = str(ROOT / "data/sentiment/eval_prompts.jsonl")
+    rows = []
+    result = evaluate_policy(str(sft), str(sft), prompts, **EVAL)
+    rows.append({"loss": "SFT", "label": "SFT", "beta": "", "alpha": "", **result})
+    for loss, recipe, loss_args in SWEEP:
+        label = f"{loss} " + " ".join(f"{k}={v}" for k, v in loss_args.items())
+        name = label.replace(" ", "_").replace("=", "")
+        policy = train_preference(recipe, copy.deepcopy(loss_args), name, sft, pairs)
+        result = evaluate_policy(str(policy), str(sft), prompts, **EVAL)
+        rows.append({"loss": loss, "label": label, "beta": loss_args.get("beta", ""), "alpha": loss_args.get("alpha", ""), **result})
+    fields = ["loss", "label", "beta", "alpha", "reward", "reward_stderr", "kl", "kl_stderr", "samples"]
+    for target in (OUT / "results.csv", ROOT / "docs" / "frontier.csv"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in fields})
+    plot(rows, ROOT / "docs" / "frontier.png")
+    print(f"\nwrote {OUT / 'results.csv'}, docs/frontier.csv and docs/frontier.png in {time.perf_counter() - start:.0f} s")
+    for r in rows:
+        print(f"  {r['label']:<24} reward {r['reward']:.3f} ± {r['reward_stderr']:.3f}   KL {r['kl']:.2f} ± {r['kl_stderr']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The sentiment experiment's parts: scorer, SFT loss, exact KL check, pair sampling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, TOKENIZER_DIR, tiny_recipe, write_jsonl, write_recipe
+from dpo_lightning.cli import run
+from dpo_lightning.experiments.sentiment import review, score, sft_rows
+from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
+from dpo_lightning.sampling import evaluate_policy, load_scorer, sample_pairs, sequence_logprobs
+
+
+def test_scorer_counts_sentiment_words() -> None:
+    assert score(" The kettle is great and sturdy. I love it.") == 1.0
+    assert score(" The kettle is great and flimsy. I hate it.") == pytest.approx(1 / 3)
+    assert score(" The kettle is awful and noisy. I return it.") == 0.0
+    assert score("nothing to see") == 0.5
+    import random
+
+    assert all(0.0 <= score(review(random.Random(i), "lamp")) <= 1.0 for i in range(50))
+    assert load_scorer("dpo_lightning.experiments.sentiment:score") is score
+    with pytest.raises(ValueError, match="no function"):
+        load_scorer("dpo_lightning.experiments.sentiment:nope")
+
+
+def test_sft_loss_is_token_mean_nll_on_completions(tmp_path) -> None:
+    train = write_jsonl(tmp_path / "sft.jsonl", sft_rows(24))
+    recipe = tiny_recipe(tmp_path, train, train)
+    recipe["model"] = {"class_path": "dpo_lightning.modules.SFTModule", "init_args": {
+        "model": recipe["model"]["init_args"]["model"], "export_dir": str(tmp_path / "export")}}
+    recipe["data"]["class_path"] = "dpo_lightning.data.SFTDataModule"
+    cli = run(["fit", "--config", write_recipe(tmp_path / "sft.yaml", recipe)])
+    module, dm = cli.model, cli.datamodule
+    batch = dm.collator()([dm.train_dataset[i] for i in range(3)])
+    module.eval()
+    with torch.no_grad():
+        loss, _ = module.step(batch, module.val_metrics)
+        logits = module.policy(input_ids=batch["input_ids"]).logits.double()
+    total, tokens = 0.0, 0
+    for i in range(3):
+        for t in range(1, batch["input_ids"].shape[1]):
+            if batch["completion_mask"][i, t]:
+                total -= torch.log_softmax(logits[i, t - 1], -1)[batch["input_ids"][i, t]].item()
+                tokens += 1
+    assert loss.item() == pytest.approx(total / tokens, rel=1e-5)
+    assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def save_tiny(tmp_path, name: str, seed: int, scale: float = 1.0) -> str:
+    tok = load_tokenizer(ModelSpec(config=TINY_CONFIG, tokenizer=TOKENIZER_DIR))
+    model = load_causal_lm(ModelSpec(config=dict(TINY_CONFIG), tokenizer=TOKENIZER_DIR, seed=seed), tok)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(scale)  # sharper next-token distributions
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def exact_kl(policy, reference, prompt_ids: list[int], eos: int) -> float:
+    """KL over completions of at most 2 tokens (stopping at EOS), by enumeration."""
+    def next_logps(model, prefixes):
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=torch.tensor(prefixes)).logits[:, -1].double(), -1)
+
+    p1, q1 = next_logps(policy, [prompt_ids])[0], next_logps(reference, [prompt_ids])[0]
+    kl = (p1.exp() * (p1 - q1))[eos].item()
+    firsts = [a for a in range(p1.shape[0]) if a != eos]
+    p2 = next_logps(policy, [prompt_ids + [a] for a in firsts])
+    q2 = next_logps(reference, [prompt_ids + [a] for a in firsts])
+    for row, a in enumerate(firsts):
+        inner = (p2[row].exp() * (p2[row] - q2[row])).sum().item()
+        kl += p1[a].exp().item() * ((p1[a] - q1[a]).item() + inner)
+    return kl
+
+
+def test_kl_estimate_matches_exact_enumeration(tmp_path) -> None:
+    policy_dir, reference_dir = save_tiny(tmp_path, "pi", 1, scale=40.0), save_tiny(tmp_path, "ref", 2, scale=40.0)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Review the lamp."}])
+    result = evaluate_policy(policy_dir, reference_dir, prompts, samples_per_prompt=3000, max_new_tokens=2,
+                             output=str(tmp_path / "r.json"))
+    tok = load_tokenizer(ModelSpec(name_or_path=policy_dir))
+    pi = load_causal_lm(ModelSpec(name_or_path=policy_dir), tok).eval()
+    ref = load_causal_lm(ModelSpec(name_or_path=reference_dir), tok).eval()
+    exact = exact_kl(pi, ref, [tok.bos_token_id] + tok("Review the lamp.", add_special_tokens=False)["input_ids"],
+                     tok.eos_token_id)
+    assert exact > 0.05
+    assert abs(result["kl"] - exact) < 4 * result["kl_stderr"] + 1e-3, (result, exact)
+    assert json.loads((tmp_path / "r.json").read_text())["samples"] == 3000
+    same = evaluate_policy(policy_dir, policy_dir, prompts, samples_per_prompt=16, max_new_tokens=4)
+    assert same["kl"] == 0.0
+
+
+def test_sequence_logprobs_of_samples_are_teacher_forced_sums(tmp_path) -> None:
+    tok = load_tokenizer(ModelSpec(config=TINY_CONFIG, tokenizer=TOKENIZER_DIR))
+    model = load_causal_lm(ModelSpec(config=dict(TINY_CONFIG), tokenizer=TOKENIZER_DIR, seed=4), tok).double().eval()
+    prompt, completion = [1, 40, 41], [50, 51, 2]
+    got = sequence_logprobs(model, tok.pad_token_id, prompt, [completion, completion[:1]])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=torch.tensor([prompt + completion])).logits[0], -1)
+    expected = sum(logps[len(prompt) + t - 1, tok_id].item() for t, tok_id in enumerate(completion))
+    assert got[0].item() == pytest.approx(expected, abs=1e-9)
+    assert got[1].item() == pytest.approx(logps[len(prompt) - 1, 50].item(), abs=1e-9)
+
+
+def length_score(text: str) -> float:
+    return float(len(text))
+
+
+def test_sample_pairs_writes_best_and_worst_with_scores(tmp_path) -> None:
+    model_dir = save_tiny(tmp_path, "m", 3)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Review the lamp number {i}."} for i in range(5)])
+    import sys
+
+    sys.modules[__name__].length_score = length_score
+    out = sample_pairs(model_dir, prompts, str(tmp_path / "pairs.jsonl"), scorer=f"{__name__}:length_score",
+                       samples_per_prompt=4, max_new_tokens=6)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and len(rows) <= 5
+    for r in rows:
+        assert r["score_chosen"] == len(r["chosen"]) > r["score_rejected"] == len(r["rejected"])
+        assert set(r) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+    assert not math.isnan(rows[0]["score_chosen"])
