@@ -52,11 +52,15 @@ class DPOLightningCLI(LightningCLI):
         history = getattr(self.model, "validation_history", None)
         if not history or self.trainer.global_rank != 0:
             return
-        before = history[0] if history[0]["sanity_check"] and len(history) > 1 else None
+        # a "before" figure only when the pre-training check covered the whole validation set
+        whole = self.trainer.num_sanity_val_steps >= sum(self.trainer.num_val_batches or [float("inf")])
+        before = history[0] if history[0]["sanity_check"] and whole and len(history) > 1 else None
         if "rewards/accuracy" in history[-1]:
             names = {"rewards/accuracy": "val/reward_accuracy"}
-        else:  # unpaired (KTO): no pairs to compare; show both sides' mean implicit rewards
+        elif "rewards/chosen" in history[-1]:  # unpaired (KTO): show both sides' mean implicit rewards
             names = {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}
+        else:  # SFT
+            names = {"loss": "val/loss"}
         for key, label in names.items():
             after = f"{history[-1][key]:.2f}"
             print(f"{label}: {before[key]:.2f} -> {after}" if before else f"{label}: {after}")

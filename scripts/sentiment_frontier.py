@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import csv
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -28,12 +29,14 @@ from dpo_lightning.sampling import evaluate_policy, sample_pairs
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "outputs" / "frontier"
 SWEEP = [
-    ("DPO", "dpo", {"beta": 0.05}), ("DPO", "dpo", {"beta": 0.1}), ("DPO", "dpo", {"beta": 0.5}),
+    ("DPO", "dpo", {"beta": 0.02}), ("DPO", "dpo", {"beta": 0.05}), ("DPO", "dpo", {"beta": 0.1}),
+    ("DPO", "dpo", {"beta": 0.5}), ("DPO", "dpo", {"beta": 1.0}),
     ("ODPO", "odpo", {"beta": 0.1, "alpha": 0.5}), ("ODPO", "odpo", {"beta": 0.1, "alpha": 1.0}),
-    ("ODPO", "odpo", {"beta": 0.5, "alpha": 1.0}),
-    ("IPO", "ipo", {"beta": 0.1}), ("IPO", "ipo", {"beta": 0.5}),
+    ("ODPO", "odpo", {"beta": 0.5, "alpha": 1.0}), ("ODPO", "odpo", {"beta": 1.0, "alpha": 1.0}),
+    ("IPO", "ipo", {"beta": 0.1}), ("IPO", "ipo", {"beta": 0.5}), ("IPO", "ipo", {"beta": 1.0}),
 ]
-EVAL = {"samples_per_prompt": 8, "max_new_tokens": 32, "seed": 0}
+EVAL = {"samples_per_prompt": 16, "max_new_tokens": 32, "seed": 0}  # 64 prompts x 16 = 1024 samples
+METRICS = ("reward", "reward_stderr", "kl", "kl_stderr")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.logger", "false"]
 
 
@@ -80,8 +83,13 @@ def plot(rows: list[dict], path: Path) -> None:
             continue
         ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts], xerr=[r["kl_stderr"] for r in pts],
                     yerr=[r["reward_stderr"] for r in pts], fmt="o", color=colors[loss], label=loss, capsize=2)
-        for r in pts:
-            ax.annotate(r["label"], (r["kl"], r["reward"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if loss != "SFT":  # one line per loss, in order of KL; the betas label the points
+            pts = sorted(pts, key=lambda r: r["kl"])
+            ax.plot([r["kl"] for r in pts], [r["reward"] for r in pts], color=colors[loss], alpha=0.4, lw=1)
+        for i, r in enumerate(pts):
+            short = "SFT" if loss == "SFT" else f"β{r['beta']}" + (f",α{r['alpha']}" if r["alpha"] != "" else "")
+            ax.annotate(short, (r["kl"], r["reward"]), fontsize=6, color=colors[loss],
+                        xytext=(4, -9 if i % 2 else 4), textcoords="offset points")
     ax.set_xlabel("sequence-level KL(pi || pi_sft), nats (Monte-Carlo)")
     ax.set_ylabel("mean ground-truth sentiment reward")
     ax.set_title("Controlled sentiment in miniature: reward vs KL")
@@ -92,7 +100,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def replot() -> None:
+    """Redraw docs/frontier.png from docs/frontier.csv (``--plot-only``)."""
+    with (ROOT / "docs" / "frontier.csv").open() as f:
+        rows = [{k: (float(v) if k in METRICS else v) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+    plot(rows, ROOT / "docs" / "frontier.png")
+
+
 def main() -> None:
+    if "--plot-only" in sys.argv:
+        replot()
+        return
     start = time.perf_counter()
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -116,7 +135,7 @@ def main() -> None:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for r in rows:
-                writer.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in fields})
+                writer.writerow({k: (f"{r[k]:.4f}" if k in METRICS else r[k]) for k in fields})
     plot(rows, ROOT / "docs" / "frontier.png")
     print(f"\nwrote {OUT / 'results.csv'}, docs/frontier.csv and docs/frontier.png in {time.perf_counter() - start:.0f} s")
     for r in rows:

@@ -79,7 +79,7 @@ def exact_kl(policy, reference, prompt_ids: list[int], eos: int) -> float:
 
 
 def test_kl_estimate_matches_exact_enumeration(tmp_path) -> None:
-    policy_dir, reference_dir = save_tiny(tmp_path, "pi", 1, scale=40.0), save_tiny(tmp_path, "ref", 2, scale=40.0)
+    policy_dir, reference_dir = save_tiny(tmp_path, "pi", 1, scale=40.0), save_tiny(tmp_path, "ref", 2, scale=1.0)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Review the lamp."}])
     result = evaluate_policy(policy_dir, reference_dir, prompts, samples_per_prompt=3000, max_new_tokens=2,
                              output=str(tmp_path / "r.json"))
@@ -88,8 +88,9 @@ def test_kl_estimate_matches_exact_enumeration(tmp_path) -> None:
     ref = load_causal_lm(ModelSpec(name_or_path=reference_dir), tok).eval()
     exact = exact_kl(pi, ref, [tok.bos_token_id] + tok("Review the lamp.", add_special_tokens=False)["input_ids"],
                      tok.eos_token_id)
-    assert exact > 0.05
-    assert abs(result["kl"] - exact) < 4 * result["kl_stderr"] + 1e-3, (result, exact)
+    assert exact > 0.01  # two different models: a KL worth estimating
+    assert result["kl_stderr"] < exact / 4  # precise enough to tell a wrong estimator apart
+    assert abs(result["kl"] - exact) < 4 * result["kl_stderr"], (result, exact)
     assert json.loads((tmp_path / "r.json").read_text())["samples"] == 3000
     same = evaluate_policy(policy_dir, policy_dir, prompts, samples_per_prompt=16, max_new_tokens=4)
     assert same["kl"] == 0.0
