@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch.nn.functional as F
+from torch import Tensor
 
 from .base import (
     LossOutput,
@@ -42,17 +43,20 @@ class DPOLoss(PreferenceLoss):
         self.beta = check_positive("beta", beta)
         self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 0.5)
 
+    def pair_losses(self, logits: Tensor) -> Tensor:
+        """``(B,)`` losses from ``logits = beta * d``, ``(B,)``."""
+        eps = self.label_smoothing
+        return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
     ) -> LossOutput:
-        logits = self.beta * log_ratio_margin(policy, reference)
-        eps = self.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        losses = self.pair_losses(self.beta * log_ratio_margin(policy, reference))
         chosen, rejected = implicit_rewards(self.beta, policy, reference)
         return LossOutput(losses.mean(), chosen, rejected)
 
 
-class RobustDPOLoss(PreferenceLoss):
+class RobustDPOLoss(DPOLoss):
     r"""Noise-robust DPO (Chowdhury et al., 2024, arXiv 2403.00409), the unbiased loss.
 
     With ``l(z) = -log sigmoid(z)`` and ``d`` as in :class:`DPOLoss`::
@@ -68,18 +72,11 @@ class RobustDPOLoss(PreferenceLoss):
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
-        super().__init__()
-        self.beta = check_positive("beta", beta)
-        self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+        super().__init__(beta=beta, label_smoothing=label_smoothing)
 
-    def forward(
-        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
-    ) -> LossOutput:
-        logits = self.beta * log_ratio_margin(policy, reference)
+    def pair_losses(self, logits: Tensor) -> Tensor:
         eps = self.label_smoothing
-        losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
-        chosen, rejected = implicit_rewards(self.beta, policy, reference)
-        return LossOutput(losses.mean(), chosen, rejected)
+        return (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
 
 
 class HingeLoss(PreferenceLoss):
