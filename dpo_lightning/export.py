@@ -34,15 +34,22 @@ def save_pretrained_atomic(
     tokenizer: PreTrainedTokenizerBase | None,
     path: str | os.PathLike,
     overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """``save_pretrained`` (safetensors) model and tokenizer into a temporary sibling folder,
-    then move it into place. Returns the final path."""
+    then move it into place. ``state_dict`` replaces the module's own weights (gathered from a
+    sharded model). Returns the final path."""
     target = check_export_target(path, overwrite)
     assert_finite(model)
+    if state_dict is not None and not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
+        raise FloatingPointError("the gathered weights hold NaN/inf; refusing to export them")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        if state_dict is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if target.exists():

@@ -142,11 +142,32 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.export_dir is not None:
-            self.export(self.export_dir)
+            state = self.gathered_state_dict()  # collective under FSDP: every rank takes part
+            self.export(self.export_dir, state)
             self.trainer.strategy.barrier("export")
 
+    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP, the trained model's full (unsharded) weights on rank 0, gathered from all
+        ranks; ``None`` elsewhere (``save_pretrained`` then reads the module itself).
+
+        Not yet run on GPUs by this project (no CUDA in its CI); DeepSpeed ZeRO-3 partitions are
+        not gathered: export from ZeRO-2, or convert the ZeRO-3 checkpoint with Lightning's
+        ``convert_zero_checkpoint_to_fp32_state_dict``.
+        """
+        strategy = self.trainer.strategy
+        if "FSDP" not in type(strategy).__name__:
+            return None
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
+            full = strategy.model.state_dict()
+        prefix = next(name for name, child in self.named_children() if child is self.trained_model()) + "."
+        return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
     @rank_zero_only
-    def export(self, path: str) -> None:
+    def export(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Save the trained model and tokenizer (safetensors); ``from_pretrained(path)`` loads them."""
-        target = save_pretrained_atomic(self.trained_model(), self.tokenizer, path, overwrite=self.overwrite_export)
+        target = save_pretrained_atomic(
+            self.trained_model(), self.tokenizer, path, overwrite=self.overwrite_export, state_dict=state_dict
+        )
         rank_zero_info(f"exported {type(self.trained_model()).__name__} and tokenizer to {target.resolve()}")

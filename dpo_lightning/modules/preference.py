@@ -224,10 +224,10 @@ class PreferenceModule(AlignmentModule):
         self.adapter_reference = False
 
     # -- export -----------------------------------------------------------------------------
-    def export(self, path: str) -> None:
+    def export(self, path: str, state_dict: dict[str, Tensor] | None = None) -> None:
         """Policy (or its LoRA adapter) and tokenizer; with ``lora.merge_on_export`` also the
         merged model in ``<path>/merged``."""
-        super().export(path)
+        super().export(path, state_dict)
         if self.lora is not None and self.lora.merge_on_export and self.trainer.is_global_zero:
             save_merged(self.policy, Path(path) / "merged")
             self.tokenizer.save_pretrained(Path(path) / "merged")
