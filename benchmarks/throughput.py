@@ -101,7 +101,7 @@ def matmul_flops() -> float:
 
 
 # -- one run per subprocess -----------------------------------------------------------------------
-def run_dpo_lightning(folder: Path, precompute: bool, epochs: int) -> float:
+def run_dpo_lightning(folder: Path, precompute: bool, epochs: int, share_prompt: bool = False) -> float:
     import lightning as L
 
     from dpo_lightning.data import PreferenceDataModule
@@ -114,6 +114,7 @@ def run_dpo_lightning(folder: Path, precompute: bool, epochs: int) -> float:
         model=ModelSpec(config=dict(MODEL), tokenizer=str(folder / "tokenizer")), loss=DPOLoss(beta=0.1),
         optimizer=lambda params: __import__("torch").optim.AdamW(params, lr=LR),
         precompute_reference=precompute, reference_cache_dir=str(folder / f"cache-{os.getpid()}"),
+        share_prompt=share_prompt,
     )
     data = PreferenceDataModule(train_data=str(folder / "pairs.jsonl"), max_length=MAX_LENGTH, batch_size=BATCH)
     trainer = L.Trainer(
@@ -150,7 +151,10 @@ def run_trl(folder: Path, precompute: bool, epochs: int) -> float:
 
 
 def worker(tool: str, folder: Path, precompute: bool, epochs: int) -> None:
-    seconds = (run_dpo_lightning if tool == "dpo-lightning" else run_trl)(folder, precompute, epochs)
+    if tool == "dpo-lightning-shared":
+        seconds = run_dpo_lightning(folder, precompute, epochs, share_prompt=True)
+    else:
+        seconds = (run_dpo_lightning if tool == "dpo-lightning" else run_trl)(folder, precompute, epochs)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
 
@@ -171,7 +175,9 @@ def measure(tool: str, folder: Path, precompute: bool, epochs: int) -> dict | No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=48)
-    parser.add_argument("--worker", choices=["dpo-lightning", "trl"])
+    parser.add_argument("--worker", choices=["dpo-lightning", "dpo-lightning-shared", "trl"])
+    parser.add_argument("--tools", default="dpo-lightning,dpo-lightning-shared,trl",
+                        help="comma-separated runs: dpo-lightning, dpo-lightning-shared (share_prompt), trl")
     parser.add_argument("--folder")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--precompute", action="store_true")
@@ -179,13 +185,13 @@ def main() -> None:
     if args.worker:
         worker(args.worker, Path(args.folder), args.precompute, args.epochs)
         return
+    tools = args.tools.split(",")
     try:
         import trl  # noqa: F401
-
-        tools = ["dpo-lightning", "trl"]
     except ImportError:
-        tools = ["dpo-lightning"]
-        print("trl is not installed: measuring dpo-lightning only (pip install trl to compare)")
+        if "trl" in tools:
+            tools.remove("trl")
+            print("trl is not installed: measuring dpo-lightning only (pip install trl to compare)")
     import torch
 
     folder = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
@@ -198,7 +204,7 @@ def main() -> None:
     print(f"fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
     settings = [("live reference, 1 epoch", False, 1), ("precomputed reference, 2 epochs", True, 2)]
     results: dict[tuple[str, str], dict] = {}
-    print(f"\n{'run':<34}{'tool':<15}{'samples/s':>10}{'tokens/s':>10}{'peak RSS MB':>13}{'model GFLOP/s':>15}{'of matmul':>11}")
+    print(f"\n{'run':<34}{'tool':<22}{'samples/s':>10}{'tokens/s':>10}{'peak RSS MB':>13}{'model GFLOP/s':>15}{'of matmul':>11}")
     for label, precompute, epochs in settings:
         tokens = count_tokens(folder, epochs)
         for tool in tools:
@@ -210,7 +216,7 @@ def main() -> None:
             achieved = (flops_per_token * tokens + extra) / r["seconds"]
             r.update(samples=args.pairs * epochs / r["seconds"], tokens=tokens / r["seconds"], flops=achieved)
             results[(label, tool)] = r
-            print(f"{label:<34}{tool:<15}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['peak_rss_mb']:>13.0f}"
+            print(f"{label:<34}{tool:<22}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['peak_rss_mb']:>13.0f}"
                   f"{achieved / 1e9:>15.1f}{achieved / peak:>10.0%}")
     if "trl" in tools:
         print("\nratios dpo-lightning / TRL:")

@@ -54,3 +54,23 @@ def test_models_with_scaled_logits_use_the_full_path(tokenizer) -> None:
     model = load_causal_lm(tiny_spec(), tokenizer)
     model.config.final_logit_softcapping = 30.0
     assert not supports_chunked_logprobs(model)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_equals_the_plain_layout_in_value_and_gradient(tokenizer, attn: str) -> None:
+    from conftest import TINY_CONFIG, TOKENIZER_DIR
+    from dpo_lightning.modules.logprobs import shared_prompt_model_logprobs
+
+    spec = ModelSpec(config=dict(TINY_CONFIG), tokenizer=TOKENIZER_DIR, seed=5, attn_implementation=attn)
+    model = load_causal_lm(spec, tokenizer).double()
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows())
+    plain = model_logprobs(model, batch)
+    grads_plain = torch.autograd.grad(plain.sums.sum(), list(model.parameters()))
+    shared = shared_prompt_model_logprobs(model, batch, chunk_size=5)
+    grads_shared = torch.autograd.grad(shared.sums.sum(), list(model.parameters()))
+    torch.testing.assert_close(shared.sums, plain.sums, rtol=0, atol=1e-10)
+    assert torch.equal(shared.counts, plain.counts)
+    # Llama's RMSNorm runs in float32 even in a float64 model; the shared prompt's gradient is
+    # summed before that float32 step instead of after it, so gradients agree to float32 precision.
+    for (name, _), a, b in zip(model.named_parameters(), grads_shared, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

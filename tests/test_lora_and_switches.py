@@ -78,3 +78,17 @@ def test_bf16_mixed_gradient_checkpointing_and_accumulation(tmp_path, pair_files
     assert cli.model.policy.is_gradient_checkpointing
     assert cli.trainer.precision == "bf16-mixed"
     assert all(p.dtype == torch.float32 for p in cli.model.policy.parameters())  # master weights stay fp32
+
+
+def test_share_prompt_trains_like_the_plain_layout(tmp_path, pair_files) -> None:
+    (tmp_path / "plain").mkdir(), (tmp_path / "shared").mkdir()
+    plain = fit(tmp_path / "plain", pair_files, steps=3, optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+    shared = fit(tmp_path / "shared", pair_files, steps=3, share_prompt=True,
+                 optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+    for a, b in zip(plain.model.policy.parameters(), shared.model.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="share_prompt needs a pairwise loss"):
+        from dpo_lightning.losses import KTOLoss
+        from dpo_lightning.modules import PreferenceModule
+
+        PreferenceModule(model=tiny_spec(), loss=KTOLoss(), share_prompt=True)

@@ -134,3 +134,83 @@ def chunked_model_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], 
     token = ChunkedTargetLogProbs.apply(picked, weight, targets, chunk_size)
     sums = torch.zeros(mask.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
     return SequenceLogProbs(sums=sums, counts=mask.sum(-1))
+
+
+def pack_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Lay out each pair as one row ``[prompt; chosen; rejected]`` so the prompt is run once.
+
+    From the usual ``(2B, T)`` batch, for pair ``i`` with prompt ``p``, chosen ``c``, rejected
+    ``r`` (lengths ``P``, ``C``, ``R``) builds, right-padded to ``L = max(P + C + R)``:
+
+    * ``ids`` ``(B, L)``; ``positions`` ``(B, L)``: ``0..P+C-1`` then ``P..P+R-1`` (the rejected
+      response sits where it would after the prompt);
+    * ``segment`` ``(B, L)``: 0 prompt, 1 chosen, 2 rejected, -1 padding;
+    * ``predictor`` ``(B, L)``: the position whose output predicts each token (``j - 1``, but the
+      first rejected token is predicted from the last prompt token);
+    * ``side`` ``(B, L)``: the row in ``[0, 2B)`` of the usual layout each completion token counts for.
+    """
+    input_ids, attention, completion = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
+    b = input_ids.shape[0] // 2
+    prompt_len = (attention[:b] & ~completion[:b]).sum(-1).tolist()
+    chosen_len = completion[:b].sum(-1).tolist()
+    rejected_len = completion[b:].sum(-1).tolist()
+    width = max(p + c + r for p, c, r in zip(prompt_len, chosen_len, rejected_len))
+    device = input_ids.device
+    ids = torch.zeros((b, width), dtype=input_ids.dtype, device=device)
+    positions = torch.zeros((b, width), dtype=torch.long, device=device)
+    segment = torch.full((b, width), -1, dtype=torch.long, device=device)
+    predictor = torch.zeros((b, width), dtype=torch.long, device=device)
+    side = torch.zeros((b, width), dtype=torch.long, device=device)
+    for i, (p, c, r) in enumerate(zip(prompt_len, chosen_len, rejected_len)):
+        ids[i, : p + c] = input_ids[i, : p + c]
+        ids[i, p + c : p + c + r] = input_ids[b + i, p : p + r]
+        positions[i, : p + c] = torch.arange(p + c, device=device)
+        positions[i, p + c : p + c + r] = torch.arange(p, p + r, device=device)
+        segment[i, :p], segment[i, p : p + c], segment[i, p + c : p + c + r] = 0, 1, 2
+        predictor[i] = torch.arange(-1, width - 1, device=device)
+        if r:
+            predictor[i, p + c] = p - 1
+        side[i, p : p + c], side[i, p + c : p + c + r] = i, b + i
+    return {"ids": ids, "positions": positions, "segment": segment, "predictor": predictor, "side": side}
+
+
+def shared_prompt_mask(segment: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(B, 1, L, L)`` additive mask: causal, rejected tokens do not see chosen ones, padding
+    is seen by nobody (each padding row sees itself, so no softmax row is empty)."""
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    allowed = causal[None] & (key >= 0) & ~((query == 2) & (key == 1))
+    allowed |= torch.eye(length, dtype=torch.bool, device=segment.device)[None] & (query < 0)
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
+
+
+def shared_prompt_model_logprobs(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024
+) -> SequenceLogProbs:
+    """:func:`chunked_model_logprobs` with each pair's prompt computed once instead of twice.
+
+    The pair is one row ``[prompt; chosen; rejected]`` with a 4D attention mask that hides the
+    chosen tokens from the rejected ones and position ids that restart the rejected response
+    after the prompt, so every completion token sees exactly what it sees in the plain layout.
+    Needs an attention implementation that takes 4D masks (``sdpa``, ``eager``; not flash-attention).
+    """
+    packed = pack_shared_prompt(batch)
+    decoder = model.get_decoder()
+    weight = model.get_output_embeddings().weight
+    mask = shared_prompt_mask(packed["segment"], weight.dtype if weight.is_floating_point() else torch.float32)
+    hidden = decoder(
+        input_ids=packed["ids"], attention_mask=mask, position_ids=packed["positions"], use_cache=False
+    ).last_hidden_state
+    is_target = packed["segment"] > 0
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(is_target)[is_target]
+    picked = hidden[rows, packed["predictor"][is_target]]
+    token = ChunkedTargetLogProbs.apply(picked, weight, packed["ids"][is_target], chunk_size)
+    n = batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, packed["side"][is_target], token)
+    counts = torch.zeros(n, dtype=torch.long, device=token.device).index_add(
+        0, packed["side"][is_target], torch.ones_like(packed["side"][is_target])
+    )
+    return SequenceLogProbs(sums=sums, counts=counts)

@@ -19,7 +19,12 @@ from ..fingerprints import spec_fingerprint, tokenizer_fingerprint
 from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
 from . import reference_cache
 from .base import AlignmentModule
-from .logprobs import chunked_model_logprobs, model_logprobs, supports_chunked_logprobs
+from .logprobs import (
+    chunked_model_logprobs,
+    model_logprobs,
+    shared_prompt_model_logprobs,
+    supports_chunked_logprobs,
+)
 
 REFERENCE_PREFIX = "reference."
 # The frozen reference is in eval mode on purpose; Lightning's generic warning about it is noise.
@@ -57,6 +62,9 @@ class PreferenceModule(AlignmentModule):
             policy with adapters disabled (unless ``lora.separate_reference`` or a
             ``reference_model`` is given); export writes the adapter (and, with
             ``lora.merge_on_export``, the merged model to ``<export_dir>/merged``).
+        share_prompt: run each pair's prompt once instead of twice: ``[prompt; chosen; rejected]``
+            in one row with a 4D attention mask (see :func:`.logprobs.shared_prompt_model_logprobs`).
+            Pairwise losses, chunked log-probs and ``sdpa`` / ``eager`` attention only.
     """
 
     def __init__(
@@ -75,6 +83,7 @@ class PreferenceModule(AlignmentModule):
         precompute_reference: bool = False,
         reference_cache_dir: str | None = None,
         lora: LoraSpec | None = None,
+        share_prompt: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
@@ -101,6 +110,17 @@ class PreferenceModule(AlignmentModule):
             )
         self.logprobs_mode = logprobs
         self.logprob_chunk_size = logprob_chunk_size
+        if share_prompt:
+            problem = (
+                "a pairwise loss" if not self.loss.paired
+                else "logprobs: auto or chunked" if logprobs == "full"
+                else "a model with a plain linear LM head" if not supports_chunked_logprobs(self.policy)
+                else "sdpa or eager attention" if "flash" in str(self.policy.config._attn_implementation)
+                else None
+            )
+            if problem:
+                raise ValueError(f"model.init_args.share_prompt needs {problem}")
+        self.share_prompt = share_prompt
         if precompute_reference and not (self.loss.needs_reference and self.loss.paired):
             raise ValueError(
                 "model.init_args.precompute_reference needs a pairwise loss with a reference; "
@@ -145,6 +165,8 @@ class PreferenceModule(AlignmentModule):
     def sequence_logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:
         """``(2B,)`` log-prob sums and counts of ``model`` on ``batch``, by the configured path."""
         if self.use_chunked_logprobs():
+            if self.share_prompt:
+                return shared_prompt_model_logprobs(model, batch, self.logprob_chunk_size)
             return chunked_model_logprobs(model, batch, self.logprob_chunk_size)
         return model_logprobs(model, batch)
 
