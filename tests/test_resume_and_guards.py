@@ -106,3 +106,18 @@ def test_nonfinite_gradient_skip_leaves_the_step_out(tmp_path, pair_files, monke
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
     weights = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_checkpoint_restores_the_rng_stream(tmp_path) -> None:
+    import random
+
+    from dpo_lightning.modules.base import rng_state, set_rng_state
+
+    torch.manual_seed(3), random.seed(3)
+    saved = rng_state()
+    expected = (torch.rand(3), random.random())
+    path = tmp_path / "rng.pt"
+    torch.save({"rng_state": saved}, path)
+    torch.manual_seed(99), random.seed(99)
+    set_rng_state(torch.load(path, weights_only=True)["rng_state"])
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]

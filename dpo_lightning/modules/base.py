@@ -3,6 +3,7 @@ validation history, and export of the trained model in Hugging Face format."""
 
 from __future__ import annotations
 
+import random as _py_random
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,23 @@ from ..export import check_export_target, save_pretrained_atomic
 from ..fingerprints import CHECKPOINT_KEY, check_same_run, run_fingerprint
 from ..metrics import PreferenceMetrics
 from ..optim import WarmupDecayLR
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and current CUDA device) and Python RNG states, as tensors and
+    plain values so the checkpoint still loads with ``weights_only=True``."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(_py_random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (dropout masks then continue the saved stream)."""
+    torch.set_rng_state(state["torch"])
+    _py_random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class AlignmentModule(L.LightningModule):
@@ -118,10 +136,13 @@ class AlignmentModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = run_fingerprint(self)
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        checkpoint["rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_same_run(checkpoint.get(CHECKPOINT_KEY, {}), run_fingerprint(self))
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        if "rng_state" in checkpoint:
+            set_rng_state(checkpoint["rng_state"])
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
