@@ -83,3 +83,28 @@ def test_unpaired_bad_rows_and_batch_size(tmp_path) -> None:
     assert dm.reports["train"].examples == {"wrong_type": [1], "empty_completion": [2], "missing_field": [3]}
     with pytest.raises(ValueError, match="batch_size"):
         UnpairedDataModule(train_data="x.jsonl", batch_size=1)
+
+
+def _kl_worker(rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from dpo_lightning.losses.kto import estimate_kl
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # rank 0 holds log-ratios [1, 2, 3], rank 1 holds [-1]: the global mean is 5 / 4
+    values = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) if rank == 0 else torch.tensor([-1.0], dtype=torch.float64)
+    out[rank] = float(estimate_kl(values, torch.zeros_like(values)))
+    dist.destroy_process_group()
+
+
+def test_kl_reference_point_is_averaged_across_ranks() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_kl_worker, args=(2, port, out), nprocs=2, join=True)
+    assert out[0] == out[1] == pytest.approx(5 / 4)
