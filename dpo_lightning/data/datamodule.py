@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import datasets
 import lightning as L
@@ -253,10 +252,5 @@ class PreferenceDataModule(L.LightningDataModule):
             collate_fn=self.collator(), num_workers=self.num_workers,
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"reports": {k: v.as_dict() for k, v in self.reports.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        return None
 
 

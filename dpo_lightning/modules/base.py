@@ -4,6 +4,7 @@ validation history, and export of the trained model in Hugging Face format."""
 from __future__ import annotations
 
 import random as _py_random
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -63,10 +64,11 @@ class AlignmentModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None,
         export_dir: str | None,
         overwrite_export: bool,
-        paired_metrics: bool = True,
-        logps_metrics: bool = True,
         on_nonfinite: str = "stop",
+        metrics: Callable[[], torch.nn.Module] = PreferenceMetrics,
     ) -> None:
+        """Store the shared settings; ``metrics`` builds one stage's metric collection
+        (``update`` / ``compute`` / ``reset``), called once for train and once for val."""
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.init_args.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
@@ -76,8 +78,8 @@ class AlignmentModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.export_dir = export_dir
         self.overwrite_export = overwrite_export
-        self.train_metrics = PreferenceMetrics(paired=paired_metrics, logps=logps_metrics)
-        self.val_metrics = PreferenceMetrics(paired=paired_metrics, logps=logps_metrics)
+        self.train_metrics = metrics()
+        self.val_metrics = metrics()
         self.validation_history: list[dict[str, Any]] = []
 
     def trained_model(self) -> torch.nn.Module:

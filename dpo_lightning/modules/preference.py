@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import functools
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -12,10 +13,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from ..fingerprints import spec_fingerprint, tokenizer_fingerprint
+from ..lora import LoraSpec, add_adapters, save_merged
 from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
-from ..lora import LoraSpec, add_adapters, save_merged
-from ..fingerprints import spec_fingerprint, tokenizer_fingerprint
 from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
 from . import reference_cache
 from .base import AlignmentModule
@@ -131,7 +132,8 @@ class PreferenceModule(AlignmentModule):
         self.reference_id = spec_fingerprint(reference_model if reference_model is not None else model)
         self.reference_batches_computed = 0
         self.init_training(
-            optimizer, scheduler, export_dir, overwrite_export, paired_metrics=self.loss.paired, on_nonfinite=on_nonfinite
+            optimizer, scheduler, export_dir, overwrite_export, on_nonfinite,
+            metrics=functools.partial(PreferenceMetrics, paired=self.loss.paired),
         )
 
     # -- models ---------------------------------------------------------------------------

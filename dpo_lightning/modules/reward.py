@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -46,7 +47,8 @@ class RewardModule(AlignmentModule):
         self.reward_model = load_reward_model(model, self.tokenizer)
         self.model_spec = model
         self.init_training(
-            optimizer, scheduler, export_dir, overwrite_export, logps_metrics=False, on_nonfinite=on_nonfinite
+            optimizer, scheduler, export_dir, overwrite_export, on_nonfinite,
+            metrics=functools.partial(PreferenceMetrics, logps=False),  # a reward model has no log-probs
         )
 
     def trained_model(self) -> torch.nn.Module:

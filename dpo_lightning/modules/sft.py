@@ -59,9 +59,7 @@ class SFTModule(AlignmentModule):
         self.model_spec = model
         self.tokenizer = load_tokenizer(model)
         self.policy = load_causal_lm(model, self.tokenizer)
-        self.init_training(optimizer, scheduler, export_dir, overwrite_export, on_nonfinite=on_nonfinite)
-        self.train_metrics = SFTMetrics()
-        self.val_metrics = SFTMetrics()
+        self.init_training(optimizer, scheduler, export_dir, overwrite_export, on_nonfinite, metrics=SFTMetrics)
 
     def trained_model(self) -> torch.nn.Module:
         return self.policy
