@@ -7,7 +7,9 @@ import datasets
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+from ..models import ModelSpec, load_tokenizer
 
 from .collator import PairCollator
 from .loading import load_rows
@@ -106,9 +108,7 @@ class PreferenceDataModule(L.LightningDataModule):
         elif self.tokenizer is None:
             if self.tokenizer_name is None:
                 raise ValueError("data.tokenizer is required when the data module is used without a model")
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer = load_tokenizer(ModelSpec(name_or_path=self.tokenizer_name))
         loss = getattr(module, "loss", None)
         if loss is not None:
             if loss.paired != self.paired:
