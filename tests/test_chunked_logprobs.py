@@ -68,7 +68,13 @@ def test_shared_prompt_equals_the_plain_layout_in_value_and_gradient(tokenizer, 
     grads_plain = torch.autograd.grad(plain.sums.sum(), list(model.parameters()))
     shared = shared_prompt_model_logprobs(model, batch, chunk_size=5)
     grads_shared = torch.autograd.grad(shared.sums.sum(), list(model.parameters()))
-    torch.testing.assert_close(shared.sums, plain.sums, rtol=0, atol=1e-10)
+    # transformers' eager attention takes its softmax in float32 even in a float64 model (and the
+    # two layouts see different padding columns in it), so eager agrees to float32 rounding; sdpa
+    # stays in float64 and agrees to 1e-10
+    if attn == "sdpa":
+        torch.testing.assert_close(shared.sums, plain.sums, rtol=0, atol=1e-10)
+    else:
+        torch.testing.assert_close(shared.sums, plain.sums, rtol=1e-7, atol=1e-6)
     assert torch.equal(shared.counts, plain.counts)
     # Llama's RMSNorm runs in float32 even in a float64 model; the shared prompt's gradient is
     # summed before that float32 step instead of after it, so gradients agree to float32 precision.
