@@ -117,6 +117,7 @@ def run_dpo_lightning(folder: Path, precompute: bool, epochs: int, share_prompt:
         share_prompt=share_prompt,
     )
     data = PreferenceDataModule(train_data=str(folder / "pairs.jsonl"), max_length=MAX_LENGTH, batch_size=BATCH)
+    data.connect(module.tokenizer, module.data_requirements)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+#: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
+SPEC_KEYS = ("model.init_args.model", "model.init_args.reference_model")
 
 
 def check_checkpoint_file(path: str) -> None:
@@ -26,11 +31,38 @@ def check_checkpoint_file(path: str) -> None:
         raise ValueError(f"--ckpt_path {path!r} has no state_dict; it is not a Lightning checkpoint")
 
 
+def connect(model: L.LightningModule, datamodule: L.LightningDataModule | None) -> None:
+    """``datamodule.connect(model.tokenizer, model.data_requirements)`` when both sides speak the
+    contract (:mod:`dpo_lightning.contract`); a user's own classes that do not are left alone."""
+    if datamodule is not None and hasattr(datamodule, "connect") and hasattr(type(model), "data_requirements"):
+        datamodule.connect(model.tokenizer, model.data_requirements)
+
+
+def switch_to_pretrained(config, command_line: list[str]) -> None:
+    """A ``name_or_path`` given on the command line replaces a recipe's from-scratch model.
+
+    ``--model.init_args.model.name_or_path org/name`` on a recipe that builds its model from
+    ``config:`` drops that ``config`` and the recipe's ``tokenizer`` (it belonged to the model
+    built from scratch; the pretrained model brings its own), unless the command line sets them
+    too. The same for ``reference_model``.
+    """
+    given = {a[2:].split("=", 1)[0] for a in command_line if a.startswith("--")}
+    for key in SPEC_KEYS:
+        spec = config.get(key) if f"{key}.name_or_path" in given else None
+        if spec is None or spec.get("config") is None or spec.get("name_or_path") is None:
+            continue
+        spec["config"] = None
+        if f"{key}.tokenizer" not in given:
+            spec["tokenizer"] = None
+        rank_zero_info(f"{key}.name_or_path from the command line: the recipe's from-scratch `config` is not used")
+
+
 class DPOLightningCLI(LightningCLI):
     """LightningCLI with the model and data chosen by ``class_path`` in the recipe.
 
-    The data module takes the tokenizer and the loss's needs from the model at setup, so a
-    recipe names each of them once. After ``fit`` it prints the held-out reward accuracy
+    After building both, it connects them in one call,
+    ``datamodule.connect(model.tokenizer, model.data_requirements)``: the data module gets the
+    model's tokenizer and the loss's batch layout and columns, so a recipe names each once. After ``fit`` it prints the held-out reward accuracy
     before and after training (``val/reward_accuracy: A -> B``) when the recipe validated
     before the first step (``trainer.num_sanity_val_steps: -1``).
     """
@@ -47,6 +79,17 @@ class DPOLightningCLI(LightningCLI):
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
             check_checkpoint_file(ckpt_path)
+
+    def parse_arguments(self, parser, args) -> None:
+        self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        switch_to_pretrained(self.config.get(self.config.get("subcommand") or "", self.config), self.command_line)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        connect(self.model, self.datamodule)
 
     def after_fit(self) -> None:
         history = getattr(self.model, "validation_history", None)

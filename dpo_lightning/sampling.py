@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data.collator import PairCollator
-from .data.tokenization import PairTokenizer, TokenizationSettings
+from .data.collator import pad_sequences
+from .data.tokenization import PairEncoder, TokenizationSettings
 from .models import ModelSpec, load_causal_lm, load_tokenizer
-from .modules.logprobs import model_logprobs
+from .modules.logprobs import LogProbSelector
 
 Scorer = Callable[[str], float]
 
@@ -66,7 +66,7 @@ class Samples:
 @torch.no_grad()
 def sample(model, tokenizer, prompt: str, n: int, max_new_tokens: int) -> Samples:
     """``n`` exact samples (temperature 1, no truncation of the distribution) for ``prompt``."""
-    encoder = PairTokenizer(tokenizer, TokenizationSettings(max_length=10**9))
+    encoder = PairEncoder(tokenizer, TokenizationSettings(max_length=10**9))
     prompt_ids = encoder.encode_prompt(prompt)
     input_ids = torch.tensor([prompt_ids] * n, device=model.device)
     out = model.generate(
@@ -84,11 +84,12 @@ def sample(model, tokenizer, prompt: str, n: int, max_new_tokens: int) -> Sample
 
 
 @torch.no_grad()
-def sequence_logprobs(model, pad_token_id: int, prompt_ids: list[int], completions: list[list[int]]) -> Tensor:
-    """``(n,)`` ``log p(y | x)`` of each completion under ``model`` (teacher forcing)."""
-    batch = PairCollator(pad_token_id).pad([prompt_ids] * len(completions), completions)
+def completion_logprobs(model, pad_token_id: int, prompt_ids: list[int], completions: list[list[int]]) -> Tensor:
+    """``(n,)`` ``log p(y | x)`` of each completion under ``model`` (teacher forcing), by the same
+    log-prob path as training (:class:`~dpo_lightning.modules.LogProbSelector`)."""
+    batch = pad_sequences([prompt_ids] * len(completions), completions, pad_token_id)
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    return model_logprobs(model, batch).sums.double().cpu()
+    return LogProbSelector()(model, batch).sums.double().cpu()
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -137,8 +138,8 @@ def evaluate_policy(
     log_ratios: list[float] = []
     for text in tqdm(read_prompts(prompts), desc="evaluating", unit="prompt"):
         s = sample(pi, tokenizer, text, samples_per_prompt, max_new_tokens)
-        lp = sequence_logprobs(pi, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
-        lr = sequence_logprobs(ref, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
+        lp = completion_logprobs(pi, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
+        lr = completion_logprobs(ref, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
         log_ratios += (lp - lr).tolist()
         rewards += [float(score(t)) for t in s.texts]
     reward, reward_se = mean_and_stderr(rewards)

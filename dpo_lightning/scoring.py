@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
+from .contract import BatchLayout, DataRequirements
 from .data import PreferenceDataModule, load_rows
 from .models import ModelSpec, load_reward_model, load_tokenizer
 
@@ -60,10 +60,10 @@ def score_pairs(
         train_data=data, dataset_config=dataset_config, train_split=split,
         max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size,
     )
-    dm.tokenizer = tokenizer
+    dm.connect(tokenizer, DataRequirements(BatchLayout.PAIRS))
     dm.setup("fit")
     assert dm.train_dataset is not None
-    loader = DataLoader(dm.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=dm.collator())
+    loader = dm.ordered_loader("train")
     chosen: list[float] = []
     rejected: list[float] = []
     for batch in loader:

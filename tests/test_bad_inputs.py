@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from conftest import TOKENIZER_DIR, quickstart_rows, tiny_recipe, tiny_spec, write_jsonl, write_recipe
 from dpo_lightning.cli import run
+from dpo_lightning.contract import DataRequirements
 from dpo_lightning.data import PreferenceDataModule, UnpairedDataModule
 from dpo_lightning.losses import (
     BradleyTerryLoss, DPOLoss, IPOLoss, KTOLoss, ODPOLoss, SimPOLoss, WithChosenNLL,
@@ -31,7 +32,7 @@ def data_setup(tmp_path: Path, rows: list, module=PreferenceDataModule, scores=(
     """Set up a data module on ``rows`` written as jsonl; returns it."""
     def go():
         dm = module(train_data=write_jsonl(tmp_path / "d.jsonl", rows), tokenizer=TOKENIZER_DIR, **kwargs)
-        dm.score_columns = tuple(scores)
+        dm.connect(load_tokenizer(tiny_spec()), DataRequirements(dm.layout, tuple(scores)))
         dm.setup("fit")
         return dm
     return go
@@ -54,8 +55,9 @@ def conversations_without_template(tmp_path: Path):
         rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
                  "rejected": [{"role": "assistant", "content": "b"}]}]
         dm = PreferenceDataModule(train_data=write_jsonl(tmp_path / "c.jsonl", rows))
-        dm.tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-        dm.tokenizer.chat_template = None
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        tokenizer.chat_template = None
+        dm.connect(tokenizer)
         dm.setup("fit")
     return go
 
@@ -94,7 +96,7 @@ def export_exists(tmp_path, pair_files):
 CASES = {
     # --- datasets -------------------------------------------------------------------------
     "missing column": (lambda t, p: data_setup(t, [{"prompt": "p", "answer": " a", "rejected": " b"}]),
-                       ValueError, r"data.train_data: column\(s\) \['chosen'\] missing.*rename"),
+                       ValueError, r"data.init_args.train_data: column\(s\) \['chosen'\] missing.*rename"),
     "wrong type": (lambda t, p: strict_row(t, {"prompt": "p", "chosen": 5, "rejected": " b"}),
                    ValueError, r"row 2 is unusable \(wrong_type\).*strict: false"),
     "empty string": (lambda t, p: strict_row(t, {"prompt": "p", "chosen": "", "rejected": " b"}),
@@ -107,12 +109,12 @@ CASES = {
                                                               max_length=64), ValueError, r"row 2 is unusable \(too_long\)"),
     "non-UTF-8 bytes": (lambda t, p: non_utf8(t), ValueError, r"line 2 is not valid UTF-8 \(byte 0xe9.*iconv"),
     "every row unusable": (lambda t, p: data_setup(t, [{"prompt": "p", "chosen": " x", "rejected": " x"}] * 3),
-                           ValueError, r"data.train_data: no usable rows left"),
+                           ValueError, r"data.init_args.train_data: no usable rows left"),
     "missing data file": (lambda t, p: (lambda: PreferenceDataModule(train_data=str(t / "nope.jsonl"), tokenizer=TOKENIZER_DIR).setup("fit")),
-                          FileNotFoundError, r"data.train_data: no file matches"),
+                          FileNotFoundError, r"data.init_args.train_data: no file matches"),
     "unknown file kind": (lambda t, p: (lambda: (t / "d.txt").write_text("x") and
                                         PreferenceDataModule(train_data=str(t / "d.txt"), tokenizer=TOKENIZER_DIR).setup("fit")),
-                          ValueError, r"data.train_data: files must all be .json/.jsonl, .parquet or .csv"),
+                          ValueError, r"data.init_args.train_data: files must all be .json/.jsonl, .parquet or .csv"),
     "score that is not a number": (lambda t, p: data_setup(t, SCORED[:2] + [{**GOOD[2], "score_chosen": "high", "score_rejected": 1.0}],
                                                            strict=True, scores=("score_chosen", "score_rejected")),
                                    ValueError, r"row 2 is unusable \(wrong_type\)"),
@@ -125,21 +127,21 @@ CASES = {
                                                    module=UnpairedDataModule, batch_size=2),
                            ValueError, r"only desirable; KTO needs both labels"),
     "KTO batch of one": (lambda t, p: (lambda: UnpairedDataModule(train_data="x.jsonl", batch_size=1)),
-                         ValueError, r"data.batch_size and data.eval_batch_size must be >= 2"),
+                         ValueError, r"data.init_args.batch_size and data.init_args.eval_batch_size must be >= 2"),
     "conversations without chat template": (lambda t, p: conversations_without_template(t),
                                             ValueError, r"chat template; set model.tokenizer"),
     "val_fraction out of range": (lambda t, p: (lambda: PreferenceDataModule(train_data="x", val_fraction=1.5)),
-                                  ValueError, r"data.val_fraction must be in \(0, 1\)"),
+                                  ValueError, r"data.init_args.val_fraction must be in \(0, 1\)"),
     "val_data and val_fraction": (lambda t, p: (lambda: PreferenceDataModule(train_data="x", val_data="y", val_fraction=0.1)),
                                   ValueError, r"either val_data or val_fraction"),
     "max_length too small": (lambda t, p: (lambda: PreferenceDataModule(train_data="x", max_length=1)),
-                             ValueError, r"data.max_length must be >= 2"),
+                             ValueError, r"data.init_args.max_length must be >= 2"),
     "max_prompt_length not below max_length": (lambda t, p: (lambda: PreferenceDataModule(train_data="x", max_length=8, max_prompt_length=8)),
-                                               ValueError, r"data.max_prompt_length must be in \[1, max_length=8\)"),
+                                               ValueError, r"data.init_args.max_prompt_length must be in \[1, max_length=8\)"),
     "bad truncation mode": (lambda t, p: (lambda: PreferenceDataModule(train_data="x", truncation_mode="middle")),
-                            ValueError, r"data.truncation_mode must be"),
+                            ValueError, r"data.init_args.truncation_mode must be"),
     "batch_size zero": (lambda t, p: (lambda: PreferenceDataModule(train_data="x", batch_size=0)),
-                        ValueError, r"data.batch_size must be >= 1"),
+                        ValueError, r"data.init_args.batch_size must be >= 1"),
     # --- losses -----------------------------------------------------------------------------
     "beta zero": (lambda t, p: (lambda: DPOLoss(beta=0)), ValueError, r"loss.init_args.beta must be > 0"),
     "beta negative (IPO)": (lambda t, p: (lambda: IPOLoss(beta=-0.1)), ValueError, r"loss.init_args.beta must be > 0"),

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import TOKENIZER_DIR, quickstart_rows, write_jsonl
-from dpo_lightning.data import PairTokenizer, PreferenceDataModule, TokenizationSettings
+from dpo_lightning.data import PairEncoder, PreferenceDataModule, TokenizationSettings
 
 
 def tokenize(tokenizer, row, **settings):
-    return PairTokenizer(tokenizer, TokenizationSettings(**settings))(row, 7)
+    return PairEncoder(tokenizer, TokenizationSettings(**settings))(row, 7)
 
 
 def test_bos_once_and_eos_once(tokenizer) -> None:
@@ -88,13 +88,13 @@ def test_strict_mode_names_the_row(tmp_path) -> None:
 def test_missing_column_names_the_key_and_column(tmp_path) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "preferred": " a", "rejected": " b"}])
     dm = PreferenceDataModule(train_data=path, tokenizer=TOKENIZER_DIR)
-    with pytest.raises(ValueError, match=r"data.train_data: column\(s\) \['chosen'\] missing"):
+    with pytest.raises(ValueError, match=r"data.init_args.train_data: column\(s\) \['chosen'\] missing"):
         dm.setup("fit")
 
 
 def test_missing_file_is_named(tmp_path) -> None:
     dm = PreferenceDataModule(train_data=str(tmp_path / "nope.jsonl"), tokenizer=TOKENIZER_DIR)
-    with pytest.raises(FileNotFoundError, match="data.train_data"):
+    with pytest.raises(FileNotFoundError, match="data.init_args.train_data"):
         dm.setup("fit")
 
 
@@ -122,7 +122,7 @@ def test_parquet_and_csv_sources(tmp_path) -> None:
 def test_collator_masks(tokenizer) -> None:
     from dpo_lightning.data import PairCollator
 
-    batch = PairCollator(pad_token_id=0, score_columns=("score_chosen",))(
+    batch = PairCollator(pad_token_id=0, columns=("score_chosen",))(
         [{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2], "row_id": 4, "score_chosen": 0.5}]
     )
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 0], [1, 5, 7, 8, 2]]
@@ -139,7 +139,7 @@ def test_hub_name_goes_to_load_dataset_with_config_and_split(monkeypatch) -> Non
     calls = []
     rows = datasets.Dataset.from_list(quickstart_rows(5))
     monkeypatch.setattr(loading.datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or rows)
-    out = loading.load_rows("org/prefs", key="data.train_data", config="default", split="train_prefs", max_rows=3)
+    out = loading.load_rows("org/prefs", key="data.init_args.train_data", config="default", split="train_prefs", max_rows=3)
     assert calls == [(("org/prefs",), {"name": "default", "split": "train_prefs"})]
     assert len(out) == 3
 
@@ -153,4 +153,4 @@ def test_several_files_and_globs(tmp_path) -> None:
     with pytest.raises(ValueError, match="one kind"):
         from dpo_lightning.data import load_rows
 
-        load_rows([a, str(tmp_path / "x.txt")], key="data.train_data") if (tmp_path / "x.txt").write_text("x") else None
+        load_rows([a, str(tmp_path / "x.txt")], key="data.init_args.train_data") if (tmp_path / "x.txt").write_text("x") else None

@@ -12,7 +12,7 @@ from conftest import TINY_CONFIG, TOKENIZER_DIR, tiny_recipe, write_jsonl, write
 from dpo_lightning.cli import run
 from dpo_lightning.experiments.sentiment import review, score, sft_rows
 from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
-from dpo_lightning.sampling import evaluate_policy, load_scorer, sample_pairs, sequence_logprobs
+from dpo_lightning.sampling import evaluate_policy, load_scorer, sample_pairs, completion_logprobs
 
 
 def test_scorer_counts_sentiment_words() -> None:
@@ -100,7 +100,7 @@ def test_sequence_logprobs_of_samples_are_teacher_forced_sums(tmp_path) -> None:
     tok = load_tokenizer(ModelSpec(config=TINY_CONFIG, tokenizer=TOKENIZER_DIR))
     model = load_causal_lm(ModelSpec(config=dict(TINY_CONFIG), tokenizer=TOKENIZER_DIR, seed=4), tok).double().eval()
     prompt, completion = [1, 40, 41], [50, 51, 2]
-    got = sequence_logprobs(model, tok.pad_token_id, prompt, [completion, completion[:1]])
+    got = completion_logprobs(model, tok.pad_token_id, prompt, [completion, completion[:1]])
     with torch.no_grad():
         logps = torch.log_softmax(model(input_ids=torch.tensor([prompt + completion])).logits[0], -1)
     expected = sum(logps[len(prompt) + t - 1, tok_id].item() for t, tok_id in enumerate(completion))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import write_jsonl
-from dpo_lightning.data import PairTokenizer, PreferenceDataModule, TokenizationSettings, UnpairedTokenizer
+from dpo_lightning.data import PairEncoder, PreferenceDataModule, TokenizationSettings, UnpairedEncoder
 from dpo_lightning.data.formats import split_message_prefix, split_text_prefix
 from tokenizer_kinds import qwen_like, rewriting_template, shipped, template_without_bos
 
@@ -16,7 +16,7 @@ KINDS = {"shipped": shipped, "template_without_bos": template_without_bos, "qwen
 
 
 def encode(tok, row, has_prompt=True, **settings):
-    return PairTokenizer(tok, TokenizationSettings(**settings), has_prompt=has_prompt)(row, 0)
+    return PairEncoder(tok, TokenizationSettings(**settings), has_prompt=has_prompt)(row, 0)
 
 
 def chat_ids(tok, messages, generation_prompt):
@@ -91,7 +91,7 @@ def test_template_that_rewrites_the_prompt_is_dropped_and_reported(tmp_path) -> 
     assert encode(tok, {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]})["drop_reason"] == "template_mismatch"
     rows = [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}] * 3
     dm = PreferenceDataModule(train_data=write_jsonl(tmp_path / "c.jsonl", rows))
-    dm.tokenizer = tok
+    dm.connect(tok)
     with pytest.raises(ValueError, match="no usable rows"):
         dm.setup("fit")
     assert dm.reports["train"].dropped == {"template_mismatch": 3}
@@ -109,7 +109,7 @@ def test_mixed_kinds_and_bad_messages_are_wrong_type() -> None:
 
 def test_unpaired_conversation() -> None:
     tok = qwen_like()
-    out = UnpairedTokenizer(tok, TokenizationSettings())({"prompt": [USER], "completion": [GOOD], "label": False}, 3)
+    out = UnpairedEncoder(tok, TokenizationSettings())({"prompt": [USER], "completion": [GOOD], "label": False}, 3)
     assert out["prompt_ids"] == chat_ids(tok, [USER], True) and out["label"] is False and out["row_id"] == 3
     assert out["completion_ids"][-1] == tok.eos_token_id
 
@@ -118,8 +118,9 @@ def test_conversational_dataset_end_to_end(tmp_path) -> None:
     rows = [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]},
             {"chosen": None, "prompt": [USER], "rejected": [BAD]}]
     dm = PreferenceDataModule(train_data=write_jsonl(tmp_path / "c.jsonl", rows), batch_size=1)
-    dm.tokenizer = shipped()
-    dm.tokenizer.pad_token = dm.tokenizer.pad_token or dm.tokenizer.eos_token
+    tok = shipped()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    dm.connect(tok)
     dm.setup("fit")
     assert dm.reports["train"].rows_kept == 1 and dm.reports["train"].dropped == {"missing_field": 1}
     batch = next(iter(dm.train_dataloader()))

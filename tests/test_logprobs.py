@@ -6,7 +6,7 @@ import torch
 
 from dpo_lightning.data import PairCollator
 from dpo_lightning.models import load_causal_lm
-from dpo_lightning.modules import model_logprobs, sequence_logprobs
+from dpo_lightning.modules import logits_to_completion_logprobs, model_logprobs
 
 
 def manual_logprob(model, prompt: list[int], completion: list[int]) -> float:
@@ -49,12 +49,12 @@ def test_prompt_and_padding_positions_contribute_nothing() -> None:
     logits = torch.randn(2, 6, 9, generator=g, dtype=torch.float64)
     input_ids = torch.tensor([[1, 3, 4, 5, 2, 0], [1, 3, 6, 2, 0, 0]])
     completion_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]])
-    base = sequence_logprobs(logits, input_ids, completion_mask)
+    base = logits_to_completion_logprobs(logits, input_ids, completion_mask)
     changed = logits.clone()
     changed[:, 0] += 100 * torch.randn(2, 9, generator=g, dtype=torch.float64)  # predicts prompt token 1
     changed[0, 5] += 50.0  # last position (padding) predicts nothing
     changed[1, 3:] -= 7.0  # rows' padding
-    after = sequence_logprobs(changed, input_ids, completion_mask)
+    after = logits_to_completion_logprobs(changed, input_ids, completion_mask)
     torch.testing.assert_close(base.sums, after.sums)
     expected0 = sum(torch.log_softmax(logits[0, t - 1], -1)[input_ids[0, t]].item() for t in (2, 3, 4))
     assert abs(base.sums[0].item() - expected0) < 1e-12

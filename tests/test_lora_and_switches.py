@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_recipe, tiny_spec, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.models import load_causal_lm, load_tokenizer
+from dpo_lightning.modules import AdaptersDisabled
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "merge_on_export": True}
 
@@ -25,7 +26,7 @@ def fit(tmp_path, pair_files, name="r", steps=2, trainer=None, **model_args):
 def test_lora_reference_is_the_adapter_free_policy(tmp_path, pair_files) -> None:
     cli = fit(tmp_path, pair_files, lora=LORA, steps=3)
     module = cli.model
-    assert module.reference is None and module.adapter_reference
+    assert isinstance(module.reference, AdaptersDisabled) and not list(module.reference.parameters())
     assert isinstance(module.policy, PeftModel)
     trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -33,11 +34,11 @@ def test_lora_reference_is_the_adapter_free_policy(tmp_path, pair_files) -> None
     batch = cli.datamodule.collator()([cli.datamodule.train_dataset[i] for i in range(2)])
     module.eval()
     with torch.no_grad():
-        reference = module.reference_logprobs(batch)
+        reference = module.reference.logprobs(module.policy, batch, module.logprobs)
         from dpo_lightning.modules import model_logprobs
 
         expected = model_logprobs(base, batch)
-        trained = module.sequence_logprobs(module.policy, batch)
+        trained = module.logprobs(module.policy, batch)
     torch.testing.assert_close(reference.sums, expected.sums, rtol=0, atol=1e-4)  # base weights untouched
     assert not torch.allclose(trained.sums, expected.sums)  # the adapters moved the policy
     ids = torch.tensor([[1, 40, 50, 60, 70, 2]])
@@ -54,7 +55,7 @@ def test_lora_reference_is_the_adapter_free_policy(tmp_path, pair_files) -> None
 def test_lora_with_precomputed_reference(tmp_path, pair_files) -> None:
     cli = fit(tmp_path, pair_files, lora={**LORA, "merge_on_export": False}, precompute_reference=True,
               reference_cache_dir=str(tmp_path / "cache"))
-    assert cli.model.reference_batches_computed > 0 and cli.trainer.global_step == 2
+    assert cli.model.reference.batches_computed > 0 and cli.trainer.global_step == 2
 
 
 @pytest.mark.parametrize("optimizer", ["bitsandbytes.optim.AdamW8bit", "bitsandbytes.optim.PagedAdamW8bit"])

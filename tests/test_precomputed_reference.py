@@ -19,12 +19,12 @@ def recipe(tmp_path, pair_files, name: str, precompute: bool) -> list[str]:
 def test_precomputed_equals_live_reference_and_second_run_reads_the_cache(tmp_path, pair_files) -> None:
     live = run(recipe(tmp_path, pair_files, "live", precompute=False))
     first = run(recipe(tmp_path, pair_files, "first", precompute=True))
-    assert first.model.reference is None  # freed
-    assert first.model.reference_batches_computed > 0
+    assert first.model.reference.source is None and not list(first.model.reference.parameters())  # freed
+    assert first.model.reference.batches_computed > 0
     dm = first.datamodule
     assert {"reference_chosen", "reference_rejected"} <= set(dm.train_dataset.column_names)
     # the cached values are the reference's log-probs (the initial policy's)
-    initial = live.model.reference
+    initial = live.model.reference.network
     batch = dm.collator()([dm.train_dataset[i] for i in range(3)])
     with torch.no_grad():
         expected = model_logprobs(initial, batch)
@@ -36,5 +36,5 @@ def test_precomputed_equals_live_reference_and_second_run_reads_the_cache(tmp_pa
     for a, b in zip(live.model.policy.parameters(), first.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     second = run(recipe(tmp_path, pair_files, "second", precompute=True))
-    assert second.model.reference_batches_computed == 0 and second.model.reference is None
+    assert second.model.reference.batches_computed == 0 and second.model.reference.source is None
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # train and val

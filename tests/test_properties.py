@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from dpo_lightning.data import DROP_REASONS, PairTokenizer, TokenizationSettings, UnpairedTokenizer
+from dpo_lightning.data import DROP_REASONS, PairEncoder, TokenizationSettings, UnpairedEncoder
 from tokenizer_kinds import qwen_like, shipped
 
 TOKENIZERS = {"shipped": shipped(), "qwen_like": qwen_like()}
@@ -49,7 +49,7 @@ def test_pair_rows(prompt, chosen, rejected, has_prompt, kind, max_length, max_p
     tok = TOKENIZERS[kind]
     cfg = TokenizationSettings(max_length, max_prompt_length, mode)
     row = {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if has_prompt else {})
-    out = PairTokenizer(tok, cfg, has_prompt=has_prompt)(row, 0)
+    out = PairEncoder(tok, cfg, has_prompt=has_prompt)(row, 0)
     check_valid(out, tok, cfg, ("chosen_ids", "rejected_ids"))
     if max_prompt_length is not None and not out["drop_reason"]:
         assert len(out["prompt_ids"]) <= max_prompt_length
@@ -60,5 +60,5 @@ def test_pair_rows(prompt, chosen, rejected, has_prompt, kind, max_length, max_p
 def test_unpaired_rows(prompt, completion, label, kind) -> None:
     tok = TOKENIZERS[kind]
     cfg = TokenizationSettings(32)
-    out = UnpairedTokenizer(tok, cfg)({"prompt": prompt, "completion": completion, "label": label}, 0)
+    out = UnpairedEncoder(tok, cfg)({"prompt": prompt, "completion": completion, "label": label}, 0)
     check_valid(out, tok, cfg, ("completion_ids",))

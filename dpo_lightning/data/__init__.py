@@ -1,24 +1,35 @@
-"""Data: loading, tokenization, collation and the LightningDataModules."""
+"""Data: loading, tokenization, collation and the LightningDataModules (one per batch layout)."""
 
-from .collator import PairCollator
+from .base import TokenizedDataModule
+from .collator import PairCollator, pad_sequences
 from .datamodule import PreferenceDataModule
 from .loading import load_rows
 from .report import DROP_REASONS, DataReport
-from .tokenization import PairTokenizer, TokenizationSettings, UnpairedTokenizer
+from .sft import CompletionCollator, SFTDataModule
+from .tokenization import (
+    CompletionEncoder,
+    PairEncoder,
+    RowEncoder,
+    TokenizationSettings,
+    UnpairedEncoder,
+)
 from .unpaired import UnpairedCollator, UnpairedDataModule
-from .sft import SFTCollator, SFTDataModule
 
 __all__ = [
     "DROP_REASONS",
+    "CompletionCollator",
+    "CompletionEncoder",
     "DataReport",
     "PairCollator",
-    "PairTokenizer",
+    "PairEncoder",
     "PreferenceDataModule",
-    "SFTCollator",
+    "RowEncoder",
     "SFTDataModule",
     "TokenizationSettings",
+    "TokenizedDataModule",
     "UnpairedCollator",
     "UnpairedDataModule",
-    "UnpairedTokenizer",
+    "UnpairedEncoder",
     "load_rows",
+    "pad_sequences",
 ]

@@ -98,13 +98,25 @@ def normalize_pair(row: dict[str, Any], has_prompt: bool) -> tuple[Text, Text, T
     return prompt, chosen, rejected
 
 
-def normalize_unpaired(row: dict[str, Any]) -> tuple[Text, Text, bool] | str:
-    """``(prompt, completion, label)`` with prompt and completion of one kind, or a drop reason."""
-    if any(row.get(f) is None for f in ("prompt", "completion", "label")):
+def normalize_completion(row: dict[str, Any]) -> tuple[Text, Text] | str:
+    """``(prompt, completion)`` of one kind, or a drop reason."""
+    if any(row.get(f) is None for f in ("prompt", "completion")):
         return "missing_field"
     kinds = {kind_of(row["prompt"]), kind_of(row["completion"])}
-    if None in kinds or len(kinds) != 1 or not isinstance(row["label"], bool):
+    if None in kinds or len(kinds) != 1:
         return "wrong_type"
     if is_blank(row["completion"]):
         return "empty_completion"
-    return row["prompt"], row["completion"], row["label"]
+    return row["prompt"], row["completion"]
+
+
+def normalize_unpaired(row: dict[str, Any]) -> tuple[Text, Text, bool] | str:
+    """``(prompt, completion, label)`` with prompt and completion of one kind, or a drop reason."""
+    if row.get("label") is None:
+        return "missing_field"
+    normalized = normalize_completion(row)
+    if isinstance(normalized, str):
+        return normalized
+    if not isinstance(row["label"], bool):
+        return "wrong_type"
+    return normalized[0], normalized[1], row["label"]

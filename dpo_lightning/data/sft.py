@@ -1,57 +1,45 @@
-"""Prompt / completion rows for supervised fine-tuning (the reference policy of an experiment)."""
+"""Prompt / completion rows for supervised fine-tuning, batched in the ``COMPLETIONS`` layout."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
+import datasets
 from torch import Tensor
 
-from .collator import PairCollator
-from .datamodule import PreferenceDataModule
-from .tokenization import PairTokenizer, UnpairedTokenizer
+from ..contract import BatchLayout
+from .base import TokenizedDataModule
+from .collator import carry_columns, pad_sequences
+from .tokenization import CompletionEncoder
 
 
-class CompletionTokenizer(UnpairedTokenizer):
-    """``prompt``, ``completion`` rows (no label); same BOS/EOS and truncation rules."""
-
-    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        return super().__call__({**row, "label": True}, index)
-
-
-class SFTCollator:
-    """``input_ids``, ``attention_mask``, ``completion_mask`` ``(B, T)`` and ``row_id`` ``(B,)``."""
+class CompletionCollator:
+    """The ``COMPLETIONS`` layout: ``input_ids``, ``attention_mask``, ``completion_mask``
+    ``(B, T)`` and ``row_id`` ``(B,)``, one ``prompt + completion`` per row."""
 
     def __init__(self, pad_token_id: int) -> None:
-        self.padder = PairCollator(pad_token_id)
+        self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
-        batch = self.padder.pad([list(r["prompt_ids"]) for r in rows], [list(r["completion_ids"]) for r in rows])
-        batch["row_id"] = torch.tensor([int(r["row_id"]) for r in rows], dtype=torch.long)
-        return batch
+        prompts = [list(r["prompt_ids"]) for r in rows]
+        completions = [list(r["completion_ids"]) for r in rows]
+        return carry_columns(pad_sequences(prompts, completions, self.pad_token_id), rows, ())
 
 
-class SFTDataModule(PreferenceDataModule):
+class SFTDataModule(TokenizedDataModule):
     """``prompt`` and ``completion`` (strings or conversations); the loss is on completion tokens.
 
-    Takes the same arguments as :class:`PreferenceDataModule`.
+    Takes the arguments of :class:`~dpo_lightning.data.base.TokenizedDataModule`.
     """
 
-    paired = True  # SFT has no preference loss to check against
+    layout = BatchLayout.COMPLETIONS
     text_fields = ("prompt", "completion")
-    optional_field = None
     completion_fields = ("completion_ids",)
 
-    def _bind_to_module(self) -> None:
-        loss = getattr(self.trainer.lightning_module, "loss", None) if self.trainer is not None else None
-        if loss is not None:
-            raise ValueError("SFTDataModule goes with SFTModule, which has no preference loss")
-        super()._bind_to_module()
-
-    def row_function(self, rows) -> PairTokenizer:
+    def row_encoder(self, rows: datasets.Dataset) -> CompletionEncoder:
         assert self.tokenizer is not None
-        return CompletionTokenizer(self.tokenizer, self.settings)
+        return CompletionEncoder(self.tokenizer, self.settings)
 
-    def collator(self) -> SFTCollator:
+    def collator(self) -> CompletionCollator:
         assert self.tokenizer is not None
-        return SFTCollator(self.tokenizer.pad_token_id)
+        return CompletionCollator(self.tokenizer.pad_token_id)

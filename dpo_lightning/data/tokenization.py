@@ -37,11 +37,9 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from .formats import normalize_pair, normalize_unpaired
+from .formats import normalize_completion, normalize_pair, normalize_unpaired
 
 TruncationMode = Literal["keep_end", "keep_start"]
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
-UNPAIRED_FIELDS = ("prompt", "completion", "label")
 
 
 @dataclass(frozen=True)
@@ -54,13 +52,13 @@ class TokenizationSettings:
 
     def validate(self) -> None:
         if self.max_length < 2:
-            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
+            raise ValueError(f"data.init_args.max_length must be >= 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(
-                f"data.max_prompt_length must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"
+                f"data.init_args.max_prompt_length must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"
             )
         if self.truncation_mode not in ("keep_end", "keep_start"):
-            raise ValueError(f"data.truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}")
+            raise ValueError(f"data.init_args.truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}")
 
 
 def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -74,14 +72,14 @@ def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list
     return [], []
 
 
-class PairTokenizer:
-    """``datasets.map`` function (``with_indices=True``) for pair rows.
+class RowEncoder:
+    """Turns one normalised row into token ids: the rules every layout shares.
 
-    Rows hold ``chosen`` and ``rejected`` (and ``prompt`` unless ``has_prompt`` is False: then
-    the prompt is their common prefix), all strings or all conversations; see :mod:`.formats`.
-    Returns ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of ints), ``row_id`` and
-    ``drop_reason`` (``""`` when the row is kept; see :data:`report.DROP_REASONS`).
-    ``score_columns`` must hold finite numbers (a NaN or a string is ``wrong_type``).
+    Subclasses are ``datasets.map`` functions (``with_indices=True``) for one row schema
+    (:class:`PairEncoder`, :class:`UnpairedEncoder`, :class:`CompletionEncoder`); each returns
+    the ids, ``row_id`` and ``drop_reason`` (``""`` when the row is kept; see
+    :data:`report.DROP_REASONS`). ``score_columns`` must hold finite numbers (a NaN or a string
+    is ``wrong_type``).
     """
 
     def __init__(
@@ -198,6 +196,16 @@ class PairTokenizer:
             return "too_long"
         return prompt_ids, [ids[:budget] for ids in completion_ids]
 
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class PairEncoder(RowEncoder):
+    """Pair rows: ``chosen`` and ``rejected`` (and ``prompt`` unless ``has_prompt`` is False:
+    then the prompt is their common prefix), all strings or all conversations; see
+    :mod:`.formats`. Returns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``row_id``,
+    ``drop_reason``."""
+
     @staticmethod
     def drop(row_id: int, reason: str) -> dict[str, Any]:
         return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": row_id, "drop_reason": reason}
@@ -220,11 +228,10 @@ class PairTokenizer:
         }
 
 
-class UnpairedTokenizer(PairTokenizer):
-    """``datasets.map`` function for unpaired rows ``prompt``, ``completion``, ``label`` (bool).
+class UnpairedEncoder(RowEncoder):
+    """Unpaired rows ``prompt``, ``completion``, ``label`` (bool), for KTO.
 
-    Returns ``prompt_ids``, ``completion_ids``, ``label``, ``row_id``, ``drop_reason``; same
-    formats, BOS/EOS and truncation rules as :class:`PairTokenizer`.
+    Returns ``prompt_ids``, ``completion_ids``, ``label``, ``row_id``, ``drop_reason``.
     """
 
     @staticmethod
@@ -244,3 +251,20 @@ class UnpairedTokenizer(PairTokenizer):
             "row_id": index,
             "drop_reason": "",
         }
+
+
+class CompletionEncoder(RowEncoder):
+    """``prompt``, ``completion`` rows (SFT). Returns ``prompt_ids``, ``completion_ids``,
+    ``row_id``, ``drop_reason``."""
+
+    @staticmethod
+    def drop(row_id: int, reason: str) -> dict[str, Any]:
+        return {"prompt_ids": [], "completion_ids": [], "row_id": row_id, "drop_reason": reason}
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        normalized = normalize_completion(row)
+        encoded = normalized if isinstance(normalized, str) else self.encode(normalized[0], [normalized[1]])
+        if isinstance(encoded, str):
+            return self.drop(index, encoded)
+        prompt_ids, (completion_ids,) = encoded
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "row_id": index, "drop_reason": ""}

@@ -10,14 +10,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .collator import PairCollator
-from .datamodule import PreferenceDataModule
+from ..contract import BatchLayout
+from .base import TokenizedDataModule
+from .collator import pad_sequences
 from .formats import normalize_pair
-from .tokenization import UNPAIRED_FIELDS, UnpairedTokenizer
+from .tokenization import UnpairedEncoder
 
 
 class UnpairedCollator:
-    """Batch ``B`` labelled completions plus ``B`` mismatched pairs for KTO's KL estimate.
+    """The ``UNPAIRED_WITH_KL`` layout: ``B`` labelled completions plus ``B`` mismatched pairs
+    for KTO's KL estimate.
 
     Output:
 
@@ -30,7 +32,7 @@ class UnpairedCollator:
     """
 
     def __init__(self, pad_token_id: int, max_length: int) -> None:
-        self.padder = PairCollator(pad_token_id)
+        self.pad_token_id = pad_token_id
         self.max_length = max_length
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -38,36 +40,36 @@ class UnpairedCollator:
         if n < 2:
             raise ValueError(
                 "KTO needs at least 2 rows per batch to pair prompts with other rows' completions "
-                "for the KL estimate; set data.batch_size (and eval_batch_size) >= 2"
+                "for the KL estimate; set data.init_args.batch_size (and eval_batch_size) >= 2"
             )
         prompts = [list(r["prompt_ids"]) for r in rows]
         completions = [list(r["completion_ids"]) for r in rows]
         mismatched = [completions[(i + 1) % n][: self.max_length - len(prompts[i])] for i in range(n)]
-        batch = self.padder.pad(prompts + prompts, completions + mismatched)
+        batch = pad_sequences(prompts + prompts, completions + mismatched, self.pad_token_id)
         batch["label"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
         batch["row_id"] = torch.tensor([int(r["row_id"]) for r in rows], dtype=torch.long)
         return batch
 
 
-class UnpairedDataModule(PreferenceDataModule):
+class UnpairedDataModule(TokenizedDataModule):
     """Unpaired ``prompt``, ``completion``, ``label`` (bool) rows, for :class:`KTOLoss`.
 
     A source with ``prompt``/``chosen``/``rejected`` columns instead is unpaired
     automatically: each pair gives a desirable row (chosen) then an undesirable one
     (rejected), so row ``2k`` and ``2k + 1`` of the report come from pair ``k``.
-    Takes the same arguments as :class:`PreferenceDataModule`; ``batch_size`` must be >= 2.
+    Takes the arguments of :class:`~dpo_lightning.data.base.TokenizedDataModule`;
+    ``batch_size`` must be >= 2.
     """
 
-    paired = False
-    text_fields = UNPAIRED_FIELDS
-    optional_field = None
+    layout = BatchLayout.UNPAIRED_WITH_KL
+    text_fields = ("prompt", "completion", "label")
     completion_fields = ("completion_ids",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.batch_size < 2 or self.eval_batch_size < 2:
             raise ValueError(
-                "data.batch_size and data.eval_batch_size must be >= 2 for unpaired (KTO) data: "
+                "data.init_args.batch_size and data.init_args.eval_batch_size must be >= 2 for unpaired (KTO) data: "
                 "the KL estimate pairs each prompt with another row's completion"
             )
 
@@ -105,9 +107,9 @@ class UnpairedDataModule(PreferenceDataModule):
             )
         return tokenized
 
-    def row_function(self, rows: datasets.Dataset) -> UnpairedTokenizer:
+    def row_encoder(self, rows: datasets.Dataset) -> UnpairedEncoder:
         assert self.tokenizer is not None
-        return UnpairedTokenizer(self.tokenizer, self.settings)
+        return UnpairedEncoder(self.tokenizer, self.settings)
 
     def collator(self) -> UnpairedCollator:
         assert self.tokenizer is not None
@@ -127,6 +129,6 @@ class UnpairedDataModule(PreferenceDataModule):
         if self.val_dataset is not None and len(self.val_dataset) % self.eval_batch_size == 1:
             raise ValueError(
                 f"data: {len(self.val_dataset)} validation rows leave a last batch of 1, which KTO cannot "
-                f"score; choose data.eval_batch_size so the remainder is not 1"
+                f"score; choose data.init_args.eval_batch_size so the remainder is not 1"
             )
         return super().val_dataloader()

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..contract import BatchLayout, DataRequirements
+
 
 @dataclass(frozen=True)
 class SequenceLogProbs:
@@ -23,6 +25,12 @@ class SequenceLogProbs:
     Attributes:
         sums: ``(N,)`` sum over completion tokens of ``log pi(y_t | x, y_<t)``.
         counts: ``(N,)`` number of completion tokens in each sequence.
+        tokens: ``(N, T - 1)`` per-token log-probs, column ``t`` scoring token ``t + 1`` of the
+            batch's ``input_ids`` (0 outside completions), or ``None``. Only computed when the
+            loss sets ``needs_token_logprobs`` (LD-DPO, WPO-style weighting): losses that read
+            sums only pay nothing for it.
+        token_mask: ``(N, T - 1)`` bool, True where ``tokens`` holds a completion token; set
+            together with ``tokens``.
 
     For a paired batch ``N = 2B``: rows ``[0, B)`` are the chosen responses and rows
     ``[B, 2B)`` the rejected ones, in the same pair order. For an unpaired (KTO) batch
@@ -32,6 +40,8 @@ class SequenceLogProbs:
 
     sums: Tensor
     counts: Tensor
+    tokens: Tensor | None = None
+    token_mask: Tensor | None = None
 
     @property
     def means(self) -> Tensor:
@@ -89,6 +99,10 @@ class LossOutput:
     rejected_logps: Tensor | None = None
 
 
+#: Where a loss's arguments sit in a recipe, named in error messages.
+LOSS_KEY = "model.init_args.loss.init_args"
+
+
 class PreferenceLoss(nn.Module, ABC):
     """Base class of all preference losses.
 
@@ -98,14 +112,38 @@ class PreferenceLoss(nn.Module, ABC):
     Class attributes:
         needs_reference: build a frozen reference model (or disable LoRA adapters) and pass
             its log-probs as ``reference``. ``False`` means no reference is ever loaded.
-        paired: ``True`` for (chosen, rejected) pairs, ``False`` for unpaired labelled rows.
+        batch_layout: how the batch's rows are laid out (:class:`~dpo_lightning.contract.BatchLayout`):
+            ``PAIRS`` (default) or ``UNPAIRED_WITH_KL`` (KTO). The data module is told this
+            through :attr:`data_requirements` and refuses a layout it does not produce.
         score_columns: dataset columns the loss reads from the batch (e.g. ODPO's scores);
             a dataset without them is rejected at setup.
+        needs_token_logprobs: ask for per-token log-probs (``SequenceLogProbs.tokens``) as
+            well as the sums. Default False.
     """
 
     needs_reference: ClassVar[bool] = True
-    paired: ClassVar[bool] = True
+    batch_layout: ClassVar[BatchLayout] = BatchLayout.PAIRS
     score_columns: ClassVar[tuple[str, ...]] = ()
+    needs_token_logprobs: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "paired" in vars(cls):
+            raise TypeError(
+                f"{cls.__name__} sets `paired`, which was replaced by `batch_layout`: write "
+                "`batch_layout = BatchLayout.UNPAIRED_WITH_KL` (from dpo_lightning.contract) for "
+                "unpaired rows, or nothing for pairs"
+            )
+
+    @property
+    def data_requirements(self) -> DataRequirements:
+        """What this loss needs from the data module (layout and extra columns)."""
+        return DataRequirements(self.batch_layout, tuple(self.score_columns))
+
+    @property
+    def pairwise(self) -> bool:
+        """True when batches hold (chosen, rejected) pairs."""
+        return self.batch_layout == BatchLayout.PAIRS
 
     @abstractmethod
     def forward(
@@ -127,16 +165,14 @@ class PreferenceLoss(nn.Module, ABC):
 def check_positive(name: str, value: float) -> float:
     """Validate a hyperparameter that must be > 0 and return it as float."""
     if not value > 0:
-        raise ValueError(f"loss.init_args.{name} must be > 0, got {value}")
+        raise ValueError(f"{LOSS_KEY}.{name} must be > 0, got {value}")
     return float(value)
 
 
-def check_range(name: str, value: float, low: float, high: float, *, high_open: bool = True) -> float:
-    """Validate ``low <= value < high`` (or ``<= high``) and return it as float."""
-    ok = low <= value < high if high_open else low <= value <= high
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"loss.init_args.{name} must be in [{low}, {high}{bracket}, got {value}")
+def check_range(name: str, value: float, low: float, high: float) -> float:
+    """Validate ``low <= value < high`` and return it as float."""
+    if not low <= value < high:
+        raise ValueError(f"{LOSS_KEY}.{name} must be in [{low}, {high}), got {value}")
     return float(value)
 
 

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..contract import BatchLayout, DataRequirements
 from .base import LossOutput
 
 
@@ -29,18 +30,22 @@ class BradleyTerryLoss(nn.Module):
     """
 
     needs_reference: ClassVar[bool] = False
-    paired: ClassVar[bool] = True
 
     def __init__(self, use_margin: bool = False, center_rewards_coefficient: float = 0.0) -> None:
         super().__init__()
         if not center_rewards_coefficient >= 0:
-            raise ValueError(f"loss.init_args.center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+            raise ValueError(f"model.init_args.loss.init_args.center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         self.use_margin = use_margin
         self.center_rewards_coefficient = float(center_rewards_coefficient)
 
     @property
     def score_columns(self) -> tuple[str, ...]:
         return ("margin",) if self.use_margin else ()
+
+    @property
+    def data_requirements(self) -> DataRequirements:
+        """Pairs, with the ``margin`` column when ``use_margin`` is set."""
+        return DataRequirements(BatchLayout.PAIRS, self.score_columns)
 
     def forward(self, rewards: Tensor, batch: Mapping[str, Any]) -> LossOutput:
         b = rewards.shape[0] // 2

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..contract import BatchLayout
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive
 
 
@@ -45,7 +46,7 @@ class KTOLoss(PreferenceLoss):
             ``w_d * n_d / (w_u * n_u)`` in [1, 4/3].
     """
 
-    paired = False
+    batch_layout = BatchLayout.UNPAIRED_WITH_KL
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
         super().__init__()

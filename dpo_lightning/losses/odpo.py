@@ -46,12 +46,12 @@ class ODPOLoss(PreferenceLoss):
         super().__init__()
         self.beta = check_positive("beta", beta)
         if not alpha >= 0:
-            raise ValueError(f"loss.init_args.alpha must be >= 0, got {alpha}")
+            raise ValueError(f"model.init_args.loss.init_args.alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
         self.min_score_diff = check_positive("min_score_diff", min_score_diff)
         if offset_fn not in ("log", "identity") and not callable(offset_fn):
             raise ValueError(
-                f"loss.init_args.offset_fn must be 'log', 'identity' or a callable, got {offset_fn!r}"
+                f"model.init_args.loss.init_args.offset_fn must be 'log', 'identity' or a callable, got {offset_fn!r}"
             )
         self.offset_fn = offset_fn
 

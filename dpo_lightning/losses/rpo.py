@@ -30,14 +30,15 @@ class WithChosenNLL(PreferenceLoss):
 
     def __init__(self, loss: PreferenceLoss, weight: float = 1.0) -> None:
         super().__init__()
-        if not loss.paired:
-            raise ValueError("loss.init_args.loss must be a pairwise loss; NLL on y_w needs pairs")
+        if not loss.pairwise:
+            raise ValueError("model.init_args.loss.init_args.loss must be a pairwise loss; NLL on y_w needs pairs")
         if not weight >= 0:
-            raise ValueError(f"loss.init_args.weight must be >= 0, got {weight}")
+            raise ValueError(f"model.init_args.loss.init_args.weight must be >= 0, got {weight}")
         self.inner = loss
         self.weight = float(weight)
         self.needs_reference = loss.needs_reference  # type: ignore[misc]
         self.score_columns = loss.score_columns  # type: ignore[misc]
+        self.needs_token_logprobs = loss.needs_token_logprobs  # type: ignore[misc]
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]

@@ -28,7 +28,7 @@ class SimPOLoss(PreferenceLoss):
         super().__init__()
         self.beta = check_positive("beta", beta)
         if not gamma >= 0:
-            raise ValueError(f"loss.init_args.gamma must be >= 0, got {gamma}")
+            raise ValueError(f"model.init_args.loss.init_args.gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
 
     def forward(

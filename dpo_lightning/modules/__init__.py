@@ -1,9 +1,36 @@
-"""LightningModules."""
+"""LightningModules, the reference strategies and the log-prob paths they share."""
 
-from .logprobs import model_logprobs, sequence_logprobs, token_logprobs
 from .base import AlignmentModule
+from .logprobs import LogProbSelector, logits_to_completion_logprobs, model_logprobs, token_logprobs
 from .preference import PreferenceModule
+from .reference import (
+    AdaptersDisabled,
+    FrozenCopy,
+    MovingReference,
+    NoReference,
+    PrecomputedReference,
+    ReferenceStrategy,
+    ReferenceUpdate,
+    SeparateModel,
+)
 from .reward import RewardModule
 from .sft import SFTModule
 
-__all__ = ["AlignmentModule", "PreferenceModule", "RewardModule", "SFTModule", "model_logprobs", "sequence_logprobs", "token_logprobs"]
+__all__ = [
+    "AdaptersDisabled",
+    "AlignmentModule",
+    "FrozenCopy",
+    "LogProbSelector",
+    "MovingReference",
+    "NoReference",
+    "PrecomputedReference",
+    "PreferenceModule",
+    "ReferenceStrategy",
+    "ReferenceUpdate",
+    "RewardModule",
+    "SFTModule",
+    "SeparateModel",
+    "logits_to_completion_logprobs",
+    "model_logprobs",
+    "token_logprobs",
+]

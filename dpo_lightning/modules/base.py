@@ -10,9 +10,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import PreTrainedTokenizerBase
 
+from ..contract import DataRequirements
 from ..export import check_export_target, save_pretrained_atomic
 from ..fingerprints import CHECKPOINT_KEY, check_same_run, run_fingerprint
 from ..metrics import PreferenceMetrics
@@ -40,7 +42,9 @@ class AlignmentModule(L.LightningModule):
     """Base of :class:`PreferenceModule`, :class:`RewardModule` and :class:`SFTModule`.
 
     Subclasses set ``self.tokenizer``, implement :meth:`trained_model` (the network that is
-    optimised and exported) and :meth:`step` and call :meth:`init_training` in ``__init__``.
+    optimised and exported), :meth:`step` and :attr:`data_requirements` (what the data module
+    must produce; the CLI hands it over with ``datamodule.connect(module.tokenizer,
+    module.data_requirements)``) and call :meth:`init_training` in ``__init__``.
 
     Args (shared by all subclasses):
         optimizer: optimizer factory; default ``AdamW(lr=1e-6, weight_decay=0)``.
@@ -83,6 +87,11 @@ class AlignmentModule(L.LightningModule):
         self.validation_history: list[dict[str, Any]] = []
 
     def trained_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def data_requirements(self) -> DataRequirements:
+        """The batch layout and extra columns this module trains on."""
         raise NotImplementedError
 
     def step(self, batch: dict[str, torch.Tensor], metrics: PreferenceMetrics) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -178,7 +187,7 @@ class AlignmentModule(L.LightningModule):
         ``convert_zero_checkpoint_to_fp32_state_dict``.
         """
         strategy = self.trainer.strategy
-        if "FSDP" not in type(strategy).__name__:
+        if not isinstance(strategy, FSDPStrategy):
             return None
         from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
 

@@ -1,13 +1,28 @@
-"""Per-sequence log-probabilities of completion tokens."""
+"""Per-sequence log-probabilities of completion tokens: every module and command computes them
+through :class:`LogProbSelector`, which picks one of three paths.
+
+* :func:`model_logprobs`: the model's full ``(N, T, V)`` logits (any model, any strategy);
+* :func:`chunked_model_logprobs`: the LM head only at completion positions, chunked, with
+  recomputation in backward (plain linear heads; not under FSDP);
+* :func:`shared_prompt_model_logprobs`: as chunked, with each pair's prompt run once.
+
+Each returns :class:`SequenceLogProbs` with ``(N,)`` sums and counts, and, when asked
+(``with_tokens=True``), the ``(N, T - 1)`` per-token values and their mask.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from ..losses.base import SequenceLogProbs
+
+LogProbMode = Literal["auto", "chunked", "full"]
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -25,7 +40,9 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logprobs(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> SequenceLogProbs:
+def logits_to_completion_logprobs(
+    logits: Tensor, input_ids: Tensor, completion_mask: Tensor, with_tokens: bool = False
+) -> SequenceLogProbs:
     """Sum log-probs of completion tokens; prompt and padding contribute nothing.
 
     Position ``t`` of ``logits`` predicts token ``t + 1`` of ``input_ids``.
@@ -34,19 +51,22 @@ def sequence_logprobs(logits: Tensor, input_ids: Tensor, completion_mask: Tensor
         logits: ``(N, T, V)`` model outputs.
         input_ids: ``(N, T)``.
         completion_mask: ``(N, T)``, 1 on completion tokens.
+        with_tokens: also return the ``(N, T - 1)`` per-token values and mask.
     Returns:
         :class:`SequenceLogProbs` with ``(N,)`` sums and counts.
     """
     mask = completion_mask[:, 1:].bool()
-    per_token = token_logprobs(logits[:, :-1], input_ids[:, 1:])
-    sums = per_token.masked_fill(~mask, 0.0).sum(-1)
-    return SequenceLogProbs(sums=sums, counts=mask.sum(-1))
+    per_token = token_logprobs(logits[:, :-1], input_ids[:, 1:]).masked_fill(~mask, 0.0)
+    return SequenceLogProbs(
+        sums=per_token.sum(-1), counts=mask.sum(-1),
+        tokens=per_token if with_tokens else None, token_mask=mask if with_tokens else None,
+    )
 
 
-def model_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> SequenceLogProbs:
+def model_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], with_tokens: bool = False) -> SequenceLogProbs:
     """One forward pass of a causal LM over the whole batch (chosen and rejected together)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return sequence_logprobs(out.logits, batch["input_ids"], batch["completion_mask"])
+    return logits_to_completion_logprobs(out.logits, batch["input_ids"], batch["completion_mask"], with_tokens)
 
 
 class ChunkedTargetLogProbs(torch.autograd.Function):
@@ -116,7 +136,9 @@ def supports_chunked_logprobs(model: torch.nn.Module) -> bool:
     )
 
 
-def chunked_model_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024) -> SequenceLogProbs:
+def chunked_model_logprobs(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024, with_tokens: bool = False
+) -> SequenceLogProbs:
     """Like :func:`model_logprobs`, but the LM head runs only at completion positions, chunked.
 
     The decoder runs once over the batch; of its ``(N, T, H)`` hidden states only the ``M``
@@ -133,7 +155,10 @@ def chunked_model_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], 
     weight = model.get_output_embeddings().weight
     token = ChunkedTargetLogProbs.apply(picked, weight, targets, chunk_size)
     sums = torch.zeros(mask.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
-    return SequenceLogProbs(sums=sums, counts=mask.sum(-1))
+    if not with_tokens:
+        return SequenceLogProbs(sums=sums, counts=mask.sum(-1))
+    tokens = torch.zeros(mask.shape, dtype=token.dtype, device=token.device).masked_scatter(mask, token)
+    return SequenceLogProbs(sums=sums, counts=mask.sum(-1), tokens=tokens, token_mask=mask)
 
 
 def pack_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -188,7 +213,7 @@ def shared_prompt_mask(segment: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def shared_prompt_model_logprobs(
-    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024
+    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024, with_tokens: bool = False
 ) -> SequenceLogProbs:
     """:func:`chunked_model_logprobs` with each pair's prompt computed once instead of twice.
 
@@ -213,4 +238,76 @@ def shared_prompt_model_logprobs(
     counts = torch.zeros(n, dtype=torch.long, device=token.device).index_add(
         0, packed["side"][is_target], torch.ones_like(packed["side"][is_target])
     )
-    return SequenceLogProbs(sums=sums, counts=counts)
+    if not with_tokens:
+        return SequenceLogProbs(sums=sums, counts=counts)
+    # a completion token sits at the same position in the plain layout: column position - 1
+    index = (packed["side"][is_target], packed["positions"][is_target] - 1)
+    shape = (n, batch["input_ids"].shape[1] - 1)
+    tokens = torch.zeros(shape, dtype=token.dtype, device=token.device).index_put(index, token)
+    return SequenceLogProbs(sums=sums, counts=counts, tokens=tokens, token_mask=batch["completion_mask"][:, 1:].bool())
+
+
+@dataclass
+class LogProbSelector:
+    """Chooses and runs the log-prob path for a model and a strategy; the one place that does.
+
+    Args:
+        mode: ``"chunked"`` (LM head only at completion positions, ``chunk_size`` at a time,
+            recomputed in backward: no ``(N, T, V)`` logits are ever held), ``"full"`` (the
+            model's logits), or ``"auto"`` (default): chunked where the model allows it (plain
+            linear head, no logit scaling, see :func:`supports_chunked_logprobs`) and the
+            strategy is not FSDP, whose root unit must run the full forward.
+        chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes).
+        share_prompt: for ``PAIRS`` batches, run each pair's prompt once
+            (:func:`shared_prompt_model_logprobs`); needs the chunked path and ``sdpa`` /
+            ``eager`` attention.
+    """
+
+    mode: LogProbMode = "auto"
+    chunk_size: int = 1024
+    share_prompt: bool = False
+
+    def check(self, model: torch.nn.Module, pairwise: bool = True, key: str = "model.init_args") -> None:
+        """Raise ``ValueError`` naming the recipe key when these settings cannot run on ``model``."""
+        if self.mode not in ("auto", "chunked", "full"):
+            raise ValueError(f"{key}.logprobs must be auto, chunked or full, got {self.mode!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"{key}.logprob_chunk_size must be >= 1, got {self.chunk_size}")
+        if self.mode == "chunked" and not supports_chunked_logprobs(model):
+            raise ValueError(
+                f"{key}.logprobs: chunked needs a plain linear LM head without logit scaling; "
+                "this model has none, use auto or full"
+            )
+        if self.share_prompt:
+            problem = (
+                "a pairwise loss" if not pairwise
+                else "logprobs: auto or chunked" if self.mode == "full"
+                else "a model with a plain linear LM head" if not supports_chunked_logprobs(model)
+                else "sdpa or eager attention" if "flash" in str(getattr(model.config, "_attn_implementation", ""))
+                else None
+            )
+            if problem:
+                raise ValueError(f"{key}.share_prompt needs {problem}")
+
+    def chunked(self, model: torch.nn.Module, strategy: Any = None) -> bool:
+        """Whether :meth:`__call__` takes the chunked path for ``model`` under ``strategy``."""
+        if self.mode != "auto":
+            return self.mode == "chunked"
+        return not isinstance(strategy, FSDPStrategy) and supports_chunked_logprobs(model)
+
+    def __call__(
+        self, model: torch.nn.Module, batch: Mapping[str, Tensor], strategy: Any = None, with_tokens: bool = False
+    ) -> SequenceLogProbs:
+        """Log-probs of ``batch``'s completion tokens under ``model`` (see the module docstring).
+
+        Args:
+            model: a causal LM.
+            batch: ``input_ids``, ``attention_mask``, ``completion_mask`` ``(N, T)``.
+            strategy: the Lightning strategy running the model (FSDP forces the full path).
+            with_tokens: also return per-token values (``(N, T - 1)``).
+        """
+        if not self.chunked(model, strategy):
+            return model_logprobs(model, batch, with_tokens)
+        if self.share_prompt:
+            return shared_prompt_model_logprobs(model, batch, self.chunk_size, with_tokens)
+        return chunked_model_logprobs(model, batch, self.chunk_size, with_tokens)

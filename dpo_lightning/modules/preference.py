@@ -1,8 +1,7 @@
-"""``PreferenceModule``: a policy, a frozen reference and a pluggable preference loss."""
+"""``PreferenceModule``: a policy, a reference strategy and a pluggable preference loss."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import warnings
 from pathlib import Path
@@ -13,32 +12,33 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ..fingerprints import spec_fingerprint, tokenizer_fingerprint
+from ..contract import DataRequirements
+from ..fingerprints import spec_fingerprint
 from ..lora import LoraSpec, add_adapters, save_merged
 from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
-from ..models import ModelSpec, freeze, load_causal_lm, load_tokenizer
+from ..models import ModelSpec, load_causal_lm, load_tokenizer
 from . import reference_cache
 from .base import AlignmentModule
-from .logprobs import (
-    chunked_model_logprobs,
-    model_logprobs,
-    shared_prompt_model_logprobs,
-    supports_chunked_logprobs,
-)
+from .logprobs import LogProbSelector
+from .reference import ReferenceStrategy, ReferenceUpdate, choose_reference
 
 REFERENCE_PREFIX = "reference."
-# The frozen reference is in eval mode on purpose; Lightning's generic warning about it is noise.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# A frozen reference is in eval mode on purpose; Lightning warns about every eval-mode module at
+# the start of training. The filter is set in on_fit_start and removed in on_train_start.
+_EVAL_MODE_WARNING = r".*module\(s\) in eval mode at the start of training.*"
 
 
 class PreferenceModule(AlignmentModule):
-    """Train a causal LM policy on preference pairs with any :class:`PreferenceLoss`.
+    """Train a causal LM policy with any :class:`PreferenceLoss`.
 
-    The reference model is built only when ``loss.needs_reference``: a frozen copy of the
-    initial policy by default, or the model at ``reference_model``. It stays in eval mode,
-    requires no grad, is not in the optimizer, and is left out of checkpoints (it is rebuilt
-    from the recipe on resume).
+    The reference is one :class:`~.reference.ReferenceStrategy` (``self.reference``), chosen
+    from the settings below by :func:`~.reference.choose_reference`: none for reference-free
+    losses, a frozen copy of the initial policy (default), the model at ``reference_model``,
+    the policy with its LoRA adapters disabled, a precomputed cache, or a moving reference
+    (``reference_update``). The module never asks which. Log-probs of policy and reference go
+    through one :class:`~.logprobs.LogProbSelector`. What the data must hold is
+    :attr:`data_requirements` (the loss's), handed to the data module by ``connect``.
 
     Args:
         model: where the policy comes from (hub id / folder, or a config to build).
@@ -66,6 +66,9 @@ class PreferenceModule(AlignmentModule):
         share_prompt: run each pair's prompt once instead of twice: ``[prompt; chosen; rejected]``
             in one row with a 4D attention mask (see :func:`.logprobs.shared_prompt_model_logprobs`).
             Pairwise losses, chunked log-probs and ``sdpa`` / ``eager`` attention only.
+        reference_update: a moving reference (TR-DPO, :class:`~.reference.ReferenceUpdate`):
+            every ``every_n_steps`` optimizer steps ``ref <- alpha * policy + (1 - alpha) * ref``.
+            Saved in checkpoints. Full fine-tuning only; not with ``precompute_reference``.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class PreferenceModule(AlignmentModule):
         reference_cache_dir: str | None = None,
         lora: LoraSpec | None = None,
         share_prompt: bool = False,
+        reference_update: ReferenceUpdate | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
@@ -95,157 +99,68 @@ class PreferenceModule(AlignmentModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.lora = lora
-        self.adapter_reference = bool(
-            lora is not None and self.loss.needs_reference and reference_model is None and not lora.separate_reference
+        self.reference: ReferenceStrategy = choose_reference(
+            needs_reference=self.loss.needs_reference, pairwise=self.loss.pairwise, policy=self.policy,
+            tokenizer=self.tokenizer, reference_model=reference_model, adapters=lora is not None,
+            separate_with_adapters=bool(lora and lora.separate_reference), precompute=precompute_reference,
+            cache_dir=reference_cache_dir or reference_cache.DEFAULT_CACHE_DIR,
+            reference_id=spec_fingerprint(reference_model if reference_model is not None else model),
+            update=reference_update,
         )
-        needs_separate = self.loss.needs_reference and not self.adapter_reference
-        self.reference = self.build_reference(reference_model) if needs_separate else None
         if lora is not None:
             self.policy = add_adapters(self.policy, lora, gradient_checkpointing)
-        if logprobs not in ("auto", "chunked", "full"):
-            raise ValueError(f"model.init_args.logprobs must be auto, chunked or full, got {logprobs!r}")
-        if logprobs == "chunked" and not supports_chunked_logprobs(self.policy):
-            raise ValueError(
-                "model.init_args.logprobs: chunked needs a plain linear LM head without logit scaling; "
-                "this model has none, use auto or full"
-            )
-        self.logprobs_mode = logprobs
-        self.logprob_chunk_size = logprob_chunk_size
-        if share_prompt:
-            problem = (
-                "a pairwise loss" if not self.loss.paired
-                else "logprobs: auto or chunked" if logprobs == "full"
-                else "a model with a plain linear LM head" if not supports_chunked_logprobs(self.policy)
-                else "sdpa or eager attention" if "flash" in str(self.policy.config._attn_implementation)
-                else None
-            )
-            if problem:
-                raise ValueError(f"model.init_args.share_prompt needs {problem}")
-        self.share_prompt = share_prompt
-        if precompute_reference and not (self.loss.needs_reference and self.loss.paired):
-            raise ValueError(
-                "model.init_args.precompute_reference needs a pairwise loss with a reference; "
-                f"{type(self.loss).__name__} has none to precompute"
-            )
-        self.precompute_reference = precompute_reference
-        self.reference_cache_dir = reference_cache_dir or reference_cache.DEFAULT_CACHE_DIR
-        self.reference_id = spec_fingerprint(reference_model if reference_model is not None else model)
-        self.reference_batches_computed = 0
+        self.logprob_selector = LogProbSelector(logprobs, logprob_chunk_size, share_prompt)
+        self.logprob_selector.check(self.policy, pairwise=self.loss.pairwise)
         self.init_training(
             optimizer, scheduler, export_dir, overwrite_export, on_nonfinite,
-            metrics=functools.partial(PreferenceMetrics, paired=self.loss.paired),
+            metrics=functools.partial(PreferenceMetrics, paired=self.loss.pairwise),
         )
 
-    # -- models ---------------------------------------------------------------------------
-    def build_reference(self, spec: ModelSpec | None) -> torch.nn.Module:
-        """Frozen reference: a copy of the initial policy, or loaded from ``spec``."""
-        if spec is None:
-            reference = copy.deepcopy(self.policy)
-        else:
-            spec.validate("model.reference_model")
-            reference = load_causal_lm(spec, self.tokenizer)
-            if reference.config.vocab_size != self.policy.config.vocab_size:
-                raise ValueError(
-                    f"reference_model vocab size {reference.config.vocab_size} != policy's "
-                    f"{self.policy.config.vocab_size}; both must share the tokenizer"
-                )
-        return freeze(reference)
+    @property
+    def data_requirements(self) -> DataRequirements:
+        """What the data module must produce: the loss's batch layout and columns."""
+        return self.loss.data_requirements
 
-    def train(self, mode: bool = True) -> PreferenceModule:
-        """Switch the policy's mode; the reference always stays in eval mode."""
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
-
-    def use_chunked_logprobs(self) -> bool:
-        if self.logprobs_mode != "auto":
-            return self.logprobs_mode == "chunked"
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
-        return "FSDP" not in strategy and supports_chunked_logprobs(self.policy)
-
-    def sequence_logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:
-        """``(2B,)`` log-prob sums and counts of ``model`` on ``batch``, by the configured path."""
-        if self.use_chunked_logprobs():
-            if self.share_prompt:
-                return shared_prompt_model_logprobs(model, batch, self.logprob_chunk_size)
-            return chunked_model_logprobs(model, batch, self.logprob_chunk_size)
-        return model_logprobs(model, batch)
-
-    def reference_logprobs(self, batch: dict[str, Tensor]) -> SequenceLogProbs | None:
-        """``(2B,)`` reference log-probs, or ``None`` when the loss needs no reference."""
-        if not self.loss.needs_reference:
-            return None
-        if "reference_chosen" in batch:  # precomputed
-            counts = batch["completion_mask"][:, 1:].sum(-1)
-            return SequenceLogProbs(torch.cat([batch["reference_chosen"], batch["reference_rejected"]]), counts)
-        with torch.no_grad():
-            if self.adapter_reference:
-                with self.policy.disable_adapter():
-                    return self.sequence_logprobs(self.policy, batch)
-            return self.sequence_logprobs(self.reference, batch)
+    # -- log-probs --------------------------------------------------------------------------
+    def logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:
+        """``(2B,)`` log-prob sums and counts of ``model`` on ``batch`` (per-token values too when
+        the loss asks), by the configured path; the reference strategy uses the same."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return self.logprob_selector(model, batch, strategy, with_tokens=self.loss.needs_token_logprobs)
 
     # -- steps ----------------------------------------------------------------------------
     def trained_model(self) -> torch.nn.Module:
         return self.policy
 
     def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = self.sequence_logprobs(self.policy, batch)
-        reference = self.reference_logprobs(batch)
+        policy = self.logprobs(self.policy, batch)
+        reference = self.reference.logprobs(self.policy, batch, self.logprobs)
         out = self.loss(policy, reference, batch)
         chosen_logps = out.chosen_logps if out.chosen_logps is not None else policy.chosen.detach()
         rejected_logps = out.rejected_logps if out.rejected_logps is not None else policy.rejected.detach()
         metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics)
         values = {}
-        if self.loss.paired:
+        if self.loss.pairwise:
             values["rewards/accuracy"] = (out.chosen_rewards > out.rejected_rewards).float().mean()
         return out.loss, values
 
-    # -- precomputed reference ----------------------------------------------------------------
+    # -- the reference's hooks ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
         # here, not in on_fit_start: Lightning builds the train loader for the scheduler's step
-        # count before on_fit_start, and that loader must already carry the cached columns
-        self.attach_reference_logprobs()
+        # count before on_fit_start, and that loader must already carry precomputed columns
+        self.reference.prepare(self)
 
-    def attach_reference_logprobs(self) -> None:
-        """Give the data module's splits the reference's log-probs, then free the reference."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.precompute_reference or datamodule is None or getattr(datamodule, "reference_attached", False):
-            return
-        if self.reference is None and not self.adapter_reference:
-            raise RuntimeError("the reference model was freed before its log-probs were attached")
-        tokenizer_id = tokenizer_fingerprint(self.tokenizer)
-        device = self.trainer.strategy.root_device  # the module is not moved there yet
-        network = self.policy if self.adapter_reference else self.reference
-        for split in ("train_dataset", "val_dataset"):
-            dataset = getattr(datamodule, split, None)
-            if dataset is None:
-                continue
-            path = reference_cache.cache_path(self.reference_cache_dir, dataset, self.reference_id, tokenizer_id)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.reference.after_optimizer_step(self.policy)
 
-            def compute(dataset=dataset) -> Tensor:
-                collate = datamodule.collator()
-                batches = -(-len(dataset) // datamodule.eval_batch_size)
-                rank_zero_info(f"precomputing reference log-probs for {len(dataset)} rows ({batches} batches)")
-                self.reference_batches_computed += batches
-                was_training = network.training
-                network.to(device).eval()  # no dropout in the reference pass
-                values = reference_cache.compute(
-                    self.reference_logprobs, dataset, collate, datamodule.eval_batch_size, device,
-                )
-                network.train(was_training)
-                return values
+    def on_fit_start(self) -> None:
+        self._warning_filters = list(warnings.filters)
+        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING)
 
-            values, computed = reference_cache.load_or_compute(
-                path, compute, self.trainer.is_global_zero, lambda: self.trainer.strategy.barrier("reference_cache")
-            )
-            rank_zero_info(f"reference log-probs for {split}: {'computed and saved to' if computed else 'read from'} {path}")
-            setattr(datamodule, split, reference_cache.attach(dataset, values))
-        datamodule.carried_columns = reference_cache.COLUMNS
-        datamodule.reference_attached = True
-        self.reference = None  # freed: training runs the policy alone
-        self.adapter_reference = False
+    def on_train_start(self) -> None:
+        warnings.filters[:] = getattr(self, "_warning_filters", warnings.filters)
 
     # -- export -----------------------------------------------------------------------------
     def export(self, path: str, state_dict: dict[str, Tensor] | None = None) -> None:
@@ -257,16 +172,11 @@ class PreferenceModule(AlignmentModule):
             self.tokenizer.save_pretrained(Path(path) / "merged")
             rank_zero_info(f"exported the merged model to {(Path(path) / 'merged').resolve()}")
 
-    # -- checkpoints: never store the reference --------------------------------------------
+    # -- checkpoints: the reference strategy decides what of it is saved ---------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
-            del state[key]
+        self.reference.on_save_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.reference is not None:
-            state = checkpoint["state_dict"]
-            for key, value in self.reference.state_dict(prefix=REFERENCE_PREFIX).items():
-                state.setdefault(key, value)
+        self.reference.on_load_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)

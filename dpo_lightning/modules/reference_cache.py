@@ -29,9 +29,9 @@ def cache_path(cache_dir: str, dataset: datasets.Dataset, reference_id: str, tok
 
 
 @torch.no_grad()
-def compute(logprobs_fn, dataset: datasets.Dataset, collate, batch_size: int, device: torch.device) -> torch.Tensor:
-    """``(N, 2)`` reference sums in row order; ``logprobs_fn(batch) -> SequenceLogProbs``."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+def compute(logprobs_fn, loader: DataLoader, device: torch.device) -> torch.Tensor:
+    """``(N, 2)`` reference sums in row order; ``loader`` yields the split in row order and
+    ``logprobs_fn(batch) -> SequenceLogProbs``."""
     out = []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -55,11 +55,3 @@ def load_or_compute(path: Path, compute_fn, is_writer: bool, barrier) -> tuple[t
         computed = True
     barrier()
     return load_file(str(path))["logps"], computed
-
-
-def attach(dataset: datasets.Dataset, values: torch.Tensor) -> datasets.Dataset:
-    """``dataset`` with the ``reference_chosen`` / ``reference_rejected`` columns set."""
-    if len(values) != len(dataset):
-        raise ValueError(f"reference cache holds {len(values)} rows, the dataset {len(dataset)}; delete the cache file")
-    dataset = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
-    return dataset.add_column(COLUMNS[0], values[:, 0].tolist()).add_column(COLUMNS[1], values[:, 1].tolist())

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from ..contract import DataRequirements
 from ..losses import BradleyTerryLoss
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, load_reward_model, load_tokenizer
@@ -50,6 +51,11 @@ class RewardModule(AlignmentModule):
             optimizer, scheduler, export_dir, overwrite_export, on_nonfinite,
             metrics=functools.partial(PreferenceMetrics, logps=False),  # a reward model has no log-probs
         )
+
+    @property
+    def data_requirements(self) -> DataRequirements:
+        """Pairs, with ``margin`` when the loss uses it."""
+        return self.loss.data_requirements
 
     def trained_model(self) -> torch.nn.Module:
         return self.reward_model

@@ -9,9 +9,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ..contract import BatchLayout, DataRequirements
 from ..models import ModelSpec, load_causal_lm, load_tokenizer
 from .base import AlignmentModule
-from .logprobs import chunked_model_logprobs, model_logprobs, supports_chunked_logprobs
+from .logprobs import LogProbMode, LogProbSelector
 
 
 class SFTMetrics(nn.Module):
@@ -43,6 +44,8 @@ class SFTModule(AlignmentModule):
     Args:
         model: hub id / folder, or a config to build.
         optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see :class:`AlignmentModule`.
+        logprobs / logprob_chunk_size: the log-prob path, as for
+            :class:`~dpo_lightning.modules.PreferenceModule` (:class:`~.logprobs.LogProbSelector`).
     """
 
     def __init__(
@@ -53,20 +56,29 @@ class SFTModule(AlignmentModule):
         export_dir: str | None = None,
         overwrite_export: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        logprobs: LogProbMode = "auto",
+        logprob_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.model_spec = model
         self.tokenizer = load_tokenizer(model)
         self.policy = load_causal_lm(model, self.tokenizer)
+        self.logprob_selector = LogProbSelector(logprobs, logprob_chunk_size)
+        self.logprob_selector.check(self.policy, pairwise=False)
         self.init_training(optimizer, scheduler, export_dir, overwrite_export, on_nonfinite, metrics=SFTMetrics)
+
+    @property
+    def data_requirements(self) -> DataRequirements:
+        """One completion per row (:class:`~dpo_lightning.data.SFTDataModule`)."""
+        return DataRequirements(BatchLayout.COMPLETIONS)
 
     def trained_model(self) -> torch.nn.Module:
         return self.policy
 
     def step(self, batch: dict[str, Tensor], metrics: SFTMetrics) -> tuple[Tensor, dict[str, Tensor]]:
-        fn = chunked_model_logprobs if supports_chunked_logprobs(self.policy) else model_logprobs
-        logps = fn(self.policy, batch)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        logps = self.logprob_selector(self.policy, batch, strategy)
         tokens = logps.counts.sum().clamp(min=1)
         loss = -logps.sums.sum() / tokens
         metrics.update(loss, tokens)

@@ -1,0 +1,54 @@
+"""The one contract between a training module and a data module.
+
+A loss (or a training module without one) states what its batches must hold as
+:class:`DataRequirements`; the data module receives it, together with the model's tokenizer,
+in one call::
+
+    datamodule.connect(module.tokenizer, module.data_requirements)
+
+The CLI makes that call after building both objects; users of the Python API, scoring and
+sampling make the same call. Neither side reads the other's attributes.
+
+Adding a batch layout: a member here, and a data module that declares it as its ``layout``
+(it then appears in the error that points a mismatched recipe to the right class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class BatchLayout(str, Enum):
+    """How the rows of a collated batch are laid out.
+
+    * ``PAIRS``: ``(2B, T)``: rows ``[0, B)`` are ``prompt + chosen``, rows ``[B, 2B)`` are
+      ``prompt + rejected`` of the same pairs (DPO family, reward models).
+    * ``UNPAIRED_WITH_KL``: ``(2B, T)``: rows ``[0, B)`` are ``B`` labelled completions
+      (``label`` ``(B,)`` bool), rows ``[B, 2B)`` pair each prompt with another row's
+      completion, for KTO's KL reference point.
+    * ``COMPLETIONS``: ``(B, T)``: one ``prompt + completion`` per row (SFT).
+    """
+
+    PAIRS = "pairs"
+    UNPAIRED_WITH_KL = "unpaired_with_kl"
+    COMPLETIONS = "completions"
+
+
+@dataclass(frozen=True)
+class DataRequirements:
+    """What a training module needs from its batches.
+
+    Attributes:
+        layout: the batch layout (see :class:`BatchLayout`).
+        columns: extra per-row numeric columns the loss reads from the batch, each collated to
+            ``(B,)`` float32 (e.g. ODPO's ``score_chosen`` / ``score_rejected``, a reward
+            model's ``margin``). A dataset without one of them fails at setup.
+    """
+
+    layout: BatchLayout = BatchLayout.PAIRS
+    columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", BatchLayout(self.layout))
+        object.__setattr__(self, "columns", tuple(self.columns))

@@ -1,0 +1,294 @@
+"""Reference strategies: where ``log pi_ref(y|x)`` comes from, one class each.
+
+Every strategy has the same small interface, and :class:`~.preference.PreferenceModule` holds
+exactly one and never asks which:
+
+* :meth:`ReferenceStrategy.prepare`: before training or validation (at ``setup``);
+* :meth:`ReferenceStrategy.logprobs`: the reference's :class:`SequenceLogProbs` for a batch;
+* :meth:`ReferenceStrategy.after_optimizer_step`: after each optimizer step (a moving reference
+  updates itself here);
+* :meth:`ReferenceStrategy.on_save_checkpoint` / :meth:`on_load_checkpoint`: what of it goes into
+  a checkpoint. A fixed reference is left out (it is rebuilt from the recipe on resume); a
+  moving reference is saved and restored.
+
+Strategies: :class:`NoReference` (SimPO, ORPO), :class:`FrozenCopy` (the initial policy, the
+default), :class:`SeparateModel` (``reference_model``), :class:`AdaptersDisabled` (LoRA: the
+policy with its adapters switched off), :class:`PrecomputedReference` (one pass before
+training, cached on disk; wraps one of the live strategies) and :class:`MovingReference`
+(TR-DPO: soft or hard updates towards the policy). Adding one is a class here plus a line in
+:func:`choose_reference`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from ..fingerprints import tokenizer_fingerprint
+from ..losses import SequenceLogProbs
+from ..models import ModelSpec, freeze, load_causal_lm
+from . import reference_cache
+
+if TYPE_CHECKING:
+    from .preference import PreferenceModule
+
+#: ``compute(network, batch) -> SequenceLogProbs``: the module's log-prob path (:class:`.logprobs.LogProbSelector`)
+LogProbFn = Callable[[nn.Module, Mapping[str, Tensor]], SequenceLogProbs]
+
+
+class ReferenceStrategy(nn.Module):
+    """Base class. Held by the training module as ``module.reference``; its parameters (if any)
+    move with the module, never require grad and are never in the optimizer. It stays in eval
+    mode whatever mode the module is switched to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training = False
+
+    def prepare(self, module: PreferenceModule) -> None:
+        """Called at ``setup`` of every stage, after the data module is set up."""
+
+    def logprobs(self, policy: nn.Module, batch: Mapping[str, Tensor], compute: LogProbFn) -> SequenceLogProbs | None:
+        """``(2B,)`` reference log-probs of ``batch``, or ``None`` (no reference)."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, policy: nn.Module) -> None:
+        """Called after each optimizer step with the (updated) policy."""
+
+    def on_save_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Edit the module's ``state_dict`` before it is saved; default: leave this strategy out."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[key]
+
+    def on_load_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Edit a loaded ``state_dict`` before it is applied; default: keep the current values."""
+        for key, value in self.state_dict(prefix=prefix).items():
+            state_dict.setdefault(key, value)
+
+    def train(self, mode: bool = True) -> ReferenceStrategy:
+        return super().train(False)
+
+
+class NoReference(ReferenceStrategy):
+    """For reference-free losses (``needs_reference = False``): nothing is loaded."""
+
+    def logprobs(self, policy, batch, compute) -> None:
+        return None
+
+
+class FrozenNetwork(ReferenceStrategy):
+    """A frozen causal LM (eval mode, no grad), run under ``no_grad`` with the module's log-prob path."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = freeze(network)
+
+    @torch.no_grad()
+    def logprobs(self, policy, batch, compute) -> SequenceLogProbs:
+        return compute(self.network, batch)
+
+
+class FrozenCopy(FrozenNetwork):
+    """A frozen copy of the initial policy (the default reference of DPO)."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__(copy.deepcopy(policy))
+
+
+class SeparateModel(FrozenNetwork):
+    """A frozen reference loaded from its own spec (``model.init_args.reference_model``)."""
+
+    def __init__(self, spec: ModelSpec, policy: nn.Module, tokenizer: Any) -> None:
+        spec.validate("model.init_args.reference_model")
+        network = load_causal_lm(spec, tokenizer)
+        if network.config.vocab_size != policy.config.vocab_size:
+            raise ValueError(
+                f"model.init_args.reference_model: vocab size {network.config.vocab_size} != policy's "
+                f"{policy.config.vocab_size}; both must share the tokenizer"
+            )
+        super().__init__(network)
+
+
+class AdaptersDisabled(ReferenceStrategy):
+    """LoRA: the policy itself with its adapters switched off; holds no weights of its own."""
+
+    @torch.no_grad()
+    def logprobs(self, policy, batch, compute) -> SequenceLogProbs:
+        with policy.disable_adapter():
+            return compute(policy, batch)
+
+
+@dataclass
+class ReferenceUpdate:
+    """The ``reference_update`` section of a recipe: TR-DPO's moving reference (Gorbatovski et
+    al. 2024, arXiv 2404.09656). Every ``every_n_steps`` optimizer steps::
+
+        theta_ref <- alpha * theta_policy + (1 - alpha) * theta_ref
+
+    ``alpha: 1`` is the hard update (the reference becomes the policy). Defaults as TRL's
+    ``ref_model_mixup_alpha`` / ``ref_model_sync_steps``.
+
+    Attributes:
+        alpha: in (0, 1]. Default 0.6 (the paper's range: 0.5 - 0.8 soft).
+        every_n_steps: >= 1. Default 512 (the paper: 64 - 512).
+    """
+
+    alpha: float = 0.6
+    every_n_steps: int = 512
+
+    def validate(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"model.init_args.reference_update.alpha must be in (0, 1], got {self.alpha}")
+        if self.every_n_steps < 1:
+            raise ValueError(f"model.init_args.reference_update.every_n_steps must be >= 1, got {self.every_n_steps}")
+
+
+class MovingReference(FrozenNetwork):
+    """A reference that moves towards the policy (TR-DPO; see :class:`ReferenceUpdate`).
+
+    Its weights and its optimizer-step counter (a buffer) are saved in checkpoints and
+    restored on resume, so a resumed run updates at the same steps with the same weights.
+    """
+
+    def __init__(self, network: nn.Module, policy: nn.Module, update: ReferenceUpdate) -> None:
+        update.validate()
+        super().__init__(network)
+        names = [n for n, _ in network.named_parameters()]
+        if names != [n for n, _ in policy.named_parameters()]:
+            raise ValueError(
+                "model.init_args.reference_update needs a reference with the policy's architecture "
+                "(its parameters are mixed into the reference)"
+            )
+        self.update = update
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def after_optimizer_step(self, policy: nn.Module) -> None:
+        self.steps += 1
+        if int(self.steps) % self.update.every_n_steps:
+            return
+        for ref, new in zip(self.network.parameters(), policy.parameters()):
+            ref.lerp_(new.detach().to(ref.dtype), self.update.alpha)
+
+    def on_save_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Keep the reference's current weights and step counter in the checkpoint."""
+
+    def on_load_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        missing = [k for k in self.state_dict(prefix=prefix) if k not in state_dict]
+        if missing:
+            raise ValueError(
+                "--ckpt_path: the checkpoint holds no moving reference (it was trained without "
+                "model.init_args.reference_update); resume with the recipe it was trained with"
+            )
+
+
+class PrecomputedReference(ReferenceStrategy):
+    """One pass of a live reference (``source``) over the train and val splits before training,
+    cached on disk (:mod:`.reference_cache`); the source is then freed and the log-probs travel
+    in the batch as ``reference_chosen`` / ``reference_rejected`` columns added to the data
+    module's splits. A later run with the same data, tokenization, reference and tokenizer
+    reads the cache and runs no reference at all. Pairwise losses only.
+
+    Attributes:
+        batches_computed: reference batches run by this process (0 when the cache was read).
+    """
+
+    def __init__(self, source: ReferenceStrategy, cache_dir: str, reference_id: str) -> None:
+        super().__init__()
+        self.source: ReferenceStrategy | None = source
+        self.cache_dir = cache_dir
+        self.reference_id = reference_id
+        self.batches_computed = 0
+
+    def prepare(self, module: PreferenceModule) -> None:
+        trainer = module.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or self.source is None:
+            return
+        tokenizer_id = tokenizer_fingerprint(module.tokenizer)
+        device = trainer.strategy.root_device  # the module is not moved there yet
+        results: dict[str, Tensor] = {}
+        for split, dataset in datamodule.splits.items():
+            path = reference_cache.cache_path(self.cache_dir, dataset, self.reference_id, tokenizer_id)
+
+            def compute(split: str = split) -> Tensor:
+                loader = datamodule.ordered_loader(split)
+                rank_zero_info(f"precomputing reference log-probs for {len(loader.dataset)} rows ({len(loader)} batches)")
+                self.batches_computed += len(loader)
+                self.source.to(device)
+                return reference_cache.compute(
+                    lambda batch: self.source.logprobs(module.policy, batch, module.logprobs), loader, device
+                )
+
+            values, computed = reference_cache.load_or_compute(
+                path, compute, trainer.is_global_zero, lambda: trainer.strategy.barrier("reference_cache")
+            )
+            rank_zero_info(f"reference log-probs for {split}: {'computed and saved to' if computed else 'read from'} {path}")
+            results[split] = values
+        for split, values in results.items():  # after every pass: the passes' batches carry no such columns
+            datamodule.add_columns(split, {name: values[:, i].tolist() for i, name in enumerate(reference_cache.COLUMNS)})
+        self.source = None  # freed: training runs the policy alone
+
+    def logprobs(self, policy, batch, compute) -> SequenceLogProbs:
+        if reference_cache.COLUMNS[0] not in batch:
+            raise RuntimeError(
+                "precompute_reference: this batch has no reference log-probs; the data module must be "
+                "set up through the trainer (trainer.fit / validate) so they can be attached"
+            )
+        counts = batch["completion_mask"][:, 1:].sum(-1)
+        return SequenceLogProbs(torch.cat([batch[c] for c in reference_cache.COLUMNS]), counts)
+
+
+def choose_reference(
+    *,
+    needs_reference: bool,
+    pairwise: bool,
+    policy: nn.Module,
+    tokenizer: Any,
+    reference_model: ModelSpec | None,
+    adapters: bool,
+    separate_with_adapters: bool,
+    precompute: bool,
+    cache_dir: str,
+    reference_id: str,
+    update: ReferenceUpdate | None,
+) -> ReferenceStrategy:
+    """The one place that maps a recipe's reference settings to a strategy.
+
+    Args:
+        needs_reference: the loss's ``needs_reference``.
+        pairwise: the loss trains on pairs (precomputation needs fixed pairs).
+        policy: the initial policy, before LoRA adapters are added.
+        reference_model: ``model.init_args.reference_model`` or ``None``.
+        adapters: LoRA adapters will be added to the policy.
+        separate_with_adapters: ``lora.separate_reference``.
+        precompute / cache_dir / reference_id: ``precompute_reference`` and its cache.
+        update: ``reference_update`` (moving reference) or ``None``.
+    """
+    if not needs_reference:
+        for name, value in (("precompute_reference", precompute), ("reference_update", update), ("reference_model", reference_model)):
+            if value:
+                raise ValueError(f"model.init_args.{name} is set but the loss uses no reference model")
+        return NoReference()
+    if precompute and not pairwise:
+        raise ValueError("model.init_args.precompute_reference needs a pairwise loss (KTO's KL pairs change every batch)")
+    if update is not None:
+        if precompute:
+            raise ValueError("model.init_args: a moving reference (reference_update) cannot be precomputed")
+        if adapters:
+            raise ValueError("model.init_args.reference_update needs full fine-tuning; it cannot move a LoRA reference")
+        network = copy.deepcopy(policy) if reference_model is None else SeparateModel(reference_model, policy, tokenizer).network
+        return MovingReference(network, policy, update)
+    if reference_model is not None:
+        live: ReferenceStrategy = SeparateModel(reference_model, policy, tokenizer)
+    elif adapters and not separate_with_adapters:
+        live = AdaptersDisabled()
+    else:
+        live = FrozenCopy(policy)
+    return PrecomputedReference(live, cache_dir, reference_id) if precompute else live
