@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
-import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
+
 #: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
 SPEC_KEYS = ("model.init_args.model", "model.init_args.reference_model")
-
-
-def check_checkpoint_file(path: str) -> None:
-    """Raise a clear error when ``path`` is not a readable Lightning checkpoint.
-
-    Read with ``weights_only=True``: a checkpoint is tensors and plain values only.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
-        raise ValueError(
-            f"--ckpt_path {path!r} is not a readable checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Point it at a .ckpt written by this trainer, or use "
-            "--ckpt_path last to pick the newest one"
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"--ckpt_path {path!r} has no state_dict; it is not a Lightning checkpoint")
 
 
 def connect(model: L.LightningModule, datamodule: L.LightningDataModule | None) -> None:
@@ -91,6 +77,29 @@ class DPOLightningCLI(LightningCLI):
         super().instantiate_classes()
         connect(self.model, self.datamodule)
 
+    def resolve_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest readable checkpoint of this run, wherever the logger
+        put it (every ``version_N`` folder), or an error saying where it looked. Lightning alone
+        looks only in the new run's folder and trains from scratch when it finds nothing.
+        Checkpoints are always read with ``weights_only=True``."""
+        kwargs = self.config_init[self.subcommand]
+        if "weights_only" in kwargs:
+            kwargs["weights_only"] = True
+        if kwargs.get("ckpt_path") != "last":
+            return
+        roots = [self.trainer.default_root_dir]
+        roots += [cb.dirpath for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        roots += [getattr(logger, "save_dir", None) for logger in self.trainer.loggers]
+        path = find_resumable_checkpoint(r for r in roots if r)
+        rank_zero_info(f"--ckpt_path last: resuming from {path}")
+        kwargs["ckpt_path"] = str(path)
+
+    def before_fit(self) -> None:
+        self.resolve_checkpoint()
+
+    def before_validate(self) -> None:
+        self.resolve_checkpoint()
+
     def after_fit(self) -> None:
         history = getattr(self.model, "validation_history", None)
         if not history or self.trainer.global_rank != 0:
@@ -121,9 +130,26 @@ def run(args: list[str] | None = None) -> DPOLightningCLI:
     )
 
 
+#: errors that carry a message meant for the user: printed as one line, without a traceback
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, ImportError, RuntimeError)
+
+
 def main() -> None:
-    """Console-script entry point ``dpo-lightning``."""
-    run()
+    """Console-script entry point ``dpo-lightning``.
+
+    A configuration, data or checkpoint error ends the run with its message as the last line
+    (``error: ...``) and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1`` shows the traceback.
+    """
+    debug = "--debug" in sys.argv[1:] or os.environ.get("DPO_LIGHTNING_DEBUG", "") not in ("", "0")
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
+    try:
+        run()
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+        print(f"error: {message}  [--debug shows the traceback]", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

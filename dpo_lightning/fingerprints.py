@@ -6,11 +6,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 CHECKPOINT_KEY = "dpo_lightning_run"
+
+
+def code_version(*modules: str) -> str:
+    """sha256 of the source files of ``modules`` (dotted names under ``dpo_lightning``): part of
+    every cache key, so an upgrade that changes how ids or log-probs are produced never reads a
+    cache the old code wrote."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update((root / (name.replace(".", "/") + ".py")).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -45,22 +57,66 @@ def run_fingerprint(module: Any) -> dict[str, str]:
     datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
     if getattr(datamodule, "data_fingerprint", None):
         out["train_data"] = datamodule.data_fingerprint
+    out.update(getattr(module, "optimizer_id", {}) or {})
     return out
+
+
+def _settings(obj: Any, skip: tuple[str, ...] = ()) -> str:
+    """``Class{plain attributes}`` of an optimizer's defaults or a scheduler's settings."""
+    values = obj.defaults if hasattr(obj, "defaults") and isinstance(obj.defaults, dict) else vars(obj)
+    plain = {
+        k: v for k, v in values.items()
+        if not k.startswith("_") and k not in skip and isinstance(v, (int, float, str, bool, tuple, type(None)))
+    }
+    return type(obj).__name__ + json.dumps(plain, sort_keys=True, default=str)
+
+
+def optimizer_fingerprint(optimizer: Any, scheduler: Any) -> dict[str, str]:
+    """``{"optimizer", "scheduler"}``: the classes and settings a run was configured with (the
+    optimizer's constructor defaults: lr, betas, weight decay ...; the scheduler's settings,
+    not its position)."""
+    return {
+        "optimizer": _settings(optimizer),
+        "scheduler": _settings(scheduler, skip=("last_epoch", "base_lrs", "total_steps", "verbose")),
+    }
 
 
 FIXES = {
     "model": "resume with the same model.init_args.model",
     "tokenizer": "resume with the same tokenizer",
     "loss": "resume with the same model.init_args.loss",
-    "train_data": "resume with the same data.train_data and tokenization settings (max_length, ...)",
+    "train_data": "resume with the same data.init_args.train_data and tokenization settings (max_length, ...)",
+    "optimizer": "resume with the same model.init_args.optimizer (class, lr, weight decay, ...)",
+    "scheduler": "resume with the same model.init_args.scheduler",
 }
+
+
+def describe_difference(saved: str, current: str) -> str:
+    """``checkpoint X != now Y`` for two fingerprints, naming only the settings that differ when
+    both are ``Name{json}`` (``lr 0.01 -> 0.5``), else the text around the first difference."""
+    def parse(value: str) -> tuple[str, dict] | None:
+        name, brace, rest = value.partition("{")
+        try:
+            return (name, json.loads(brace + rest)) if brace else None
+        except ValueError:
+            return None
+
+    a, b = parse(saved), parse(current)
+    if a and b and isinstance(a[1], dict) and isinstance(b[1], dict):
+        changes = [f"class {a[0]} -> {b[0]}"] if a[0] != b[0] else []
+        changes += [f"{k} {a[1].get(k)!r} -> {b[1].get(k)!r}" for k in sorted(a[1].keys() | b[1].keys()) if a[1].get(k) != b[1].get(k)]
+        if changes:
+            return "checkpoint -> now: " + ", ".join(changes)
+    i = next((n for n, (x, y) in enumerate(zip(saved, current)) if x != y), min(len(saved), len(current)))
+    start = max(i - 40, 0)
+    return f"checkpoint {saved[start:i + 60]!r} != now {current[start:i + 60]!r}"
 
 
 def check_same_run(saved: dict[str, str], current: dict[str, str]) -> None:
     """Raise ``ValueError`` naming every part of the run that differs from the checkpoint's."""
     differing = [k for k in saved if k in current and saved[k] != current[k]]
     if differing:
-        details = "; ".join(f"{k}: checkpoint {saved[k][:80]!r} != now {current[k][:80]!r} ({FIXES[k]})" for k in differing)
+        details = "; ".join(f"{k}: {describe_difference(saved[k], current[k])} ({FIXES[k]})" for k in differing)
         raise ValueError(
             f"--ckpt_path: this checkpoint comes from a different run. {details}. "
             "Or start a new run without --ckpt_path."

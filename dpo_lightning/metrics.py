@@ -63,7 +63,10 @@ class PreferenceMetrics(nn.Module):
     leaves out the log-prob means.
 
     ``update`` takes ``(B,)`` chosen/rejected rewards and log-probs, the scalar loss and any
-    extra per-batch values; ``compute`` returns ``{name: float}`` synced across processes.
+    extra values; ``compute`` returns ``{name: float}`` synced across processes. Every value is
+    an exact mean over rows, whatever the batch size or the number of processes: the batch's
+    mean loss (and any scalar extra) is weighted by its row count (pairs, or unpaired rows),
+    per-row tensors are averaged element by element.
     """
 
     def __init__(self, paired: bool = True, logps: bool = True) -> None:
@@ -79,6 +82,7 @@ class PreferenceMetrics(nn.Module):
             }
         )
         self.extra = nn.ModuleDict()
+        self.extra_names: dict[str, str] = {}  # ModuleDict key -> the name the loss gave (kept as is)
 
     def update(
         self,
@@ -92,7 +96,8 @@ class PreferenceMetrics(nn.Module):
         if self.paired:
             self.accuracy.update(chosen_rewards, rejected_rewards)
             self.margin.update(chosen_rewards, rejected_rewards)
-        self.means["loss"].update(loss.detach().float())
+        rows = chosen_rewards.numel() + (0 if self.paired else rejected_rewards.numel())
+        self.means["loss"].update(loss.detach().float(), weight=float(rows))
         for name, values in (
             ("rewards_chosen", chosen_rewards), ("rewards_rejected", rejected_rewards),
             ("logps_chosen", chosen_logps), ("logps_rejected", rejected_logps),
@@ -100,10 +105,12 @@ class PreferenceMetrics(nn.Module):
             if values is not None and values.numel():  # an all-desirable KTO batch has no rejected side
                 self.means[name].update(values.detach().float())
         for name, value in (extra or {}).items():
-            key = name.replace("/", "_")
+            key = name.replace(".", "\N{ONE DOT LEADER}")  # a module name cannot hold "."
+            self.extra_names[key] = name
             if key not in self.extra:
                 self.extra[key] = MeanMetric().to(chosen_rewards.device)
-            self.extra[key].update(value.detach().float())
+            value = value.detach().float()
+            self.extra[key].update(value, weight=float(rows) if value.numel() == 1 else 1.0)
 
     def compute(self) -> dict[str, float]:
         """``{"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
@@ -115,7 +122,7 @@ class PreferenceMetrics(nn.Module):
             "loss": self.means["loss"],
             "rewards/chosen": self.means["rewards_chosen"],
             "rewards/rejected": self.means["rewards_rejected"],
-            **dict(self.extra.items()),
+            **{self.extra_names.get(k, k): m for k, m in self.extra.items()},
         }
         if self.track_logps:
             metrics["logps/chosen"] = self.means["logps_chosen"]

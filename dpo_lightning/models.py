@@ -199,6 +199,29 @@ def build_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | No
     return AutoConfig.for_model(model_type, **values)
 
 
+#: float attributes some attention modules read as their dropout probability
+DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout_p")
+
+
+def set_dropout(model: torch.nn.Module, disable: bool) -> torch.nn.Module:
+    """Put ``model`` in train mode, with every dropout switched off when ``disable``.
+
+    Whatever the source (``from_pretrained`` returns a model in eval mode, ``from_config`` in
+    train mode), the trained model then behaves the same. Disabling sets ``p = 0`` on every
+    ``nn.Dropout`` and 0 on the attention modules' own dropout probabilities
+    (``attention_dropout``, ...), as TRL's ``disable_dropout`` does for DPO.
+    """
+    model.train()
+    if disable:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+            for name in DROPOUT_ATTRIBUTES:
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
+    return model
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Put ``model`` in eval mode with no parameter requiring grad; returns it."""
     model.eval()

@@ -174,7 +174,7 @@ CASES = {
     "bad on_nonfinite": (lambda t, p: (lambda: PreferenceModule(model=tiny_spec(), on_nonfinite="ignore")), ValueError,
                          r"model.init_args.on_nonfinite must be 'stop' or 'skip'"),
     "bad scheduler decay": (lambda t, p: (lambda: WarmupDecayLR(__import__("torch").optim.SGD([__import__("torch").zeros(1, requires_grad=True)], lr=1), decay="exp")),
-                            ValueError, r"scheduler.decay must be"),
+                            ValueError, r"model.init_args.scheduler.init_args.decay must be"),
 }
 
 

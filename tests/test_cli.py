@@ -17,7 +17,8 @@ from dpo_lightning.models import load_causal_lm, load_tokenizer
 
 
 def test_fit_two_steps_freezes_reference_and_keeps_it_out_of_checkpoints(tmp_path, pair_files) -> None:
-    recipe = tiny_recipe(tmp_path, *pair_files)
+    constant = {"class_path": "dpo_lightning.optim.WarmupDecayLR", "init_args": {"warmup": 0, "decay": "constant"}}
+    recipe = tiny_recipe(tmp_path, *pair_files, scheduler=constant)  # a schedule that can be extended
     recipe["trainer"]["enable_checkpointing"] = True
     cli = main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
     module = cli.model
@@ -37,7 +38,7 @@ def test_fit_two_steps_freezes_reference_and_keeps_it_out_of_checkpoints(tmp_pat
     assert state and not [k for k in state if k.startswith("reference.")]
     assert any(k.startswith("policy.") for k in state)
     # resume builds the reference from the recipe and loads the policy
-    resumed = tiny_recipe(tmp_path, *pair_files)
+    resumed = tiny_recipe(tmp_path, *pair_files, scheduler=constant)
     resumed["trainer"]["max_steps"] = 3
     resumed["model"]["init_args"]["overwrite_export"] = True
     cli2 = main(["fit", "--config", write_recipe(tmp_path / "r2.yaml", resumed), "--ckpt_path", str(ckpts[0])])

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..contract import BatchLayout, DataRequirements
 from ..models import ModelSpec, load_tokenizer
+from .loader import ResumableDataLoader
 from .loading import load_rows
 from .report import DataReport
 from .samplers import LengthGroupedSampler, ResumableSampler
@@ -276,8 +277,8 @@ class TokenizedDataModule(L.LightningDataModule):
         return [len(p) + max(w[i] for w in widths) for i, p in enumerate(prompts)]
 
     def train_sampler(self) -> ResumableSampler:
-        """Length-grouped (default) or uniformly shuffled order, split across DDP ranks; after a
-        resume from a mid-epoch checkpoint it skips the batches that epoch already trained on."""
+        """Length-grouped (default) or uniformly shuffled order, split across DDP ranks, a
+        function of ``(shuffle_seed, epoch)`` only."""
         assert self.train_dataset is not None, "call setup() first"
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
@@ -287,20 +288,18 @@ class TokenizedDataModule(L.LightningDataModule):
             )
         else:
             sampler = ResumableSampler(len(self.train_dataset), self.batch_size, world, rank, seed=self.shuffle_seed)
-        if self.trainer is not None and self.trainer.fit_loop.restarting:
-            # batches whose training step finished before the checkpoint (saved in on_train_batch_end)
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if 0 < done < len(sampler) // self.batch_size:
-                sampler.set_epoch(self.trainer.current_epoch)
-                sampler.skip_batches(done)
-                rank_zero_info(f"resuming epoch {self.trainer.current_epoch} after its first {done} batches")
         return sampler
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The training loader; stateful, so a resumed run continues mid-epoch (:mod:`.loader`)."""
+        return ResumableDataLoader(
             self.train_dataset, batch_size=self.batch_size, sampler=self.train_sampler(),
-            collate_fn=self.collator(), num_workers=self.num_workers,
+            collate_fn=self.collator(), num_workers=self.num_workers, drop_last=self.drop_last_train_batch(),
         )
+
+    def drop_last_train_batch(self) -> bool:
+        """Whether the last, short training batch is left out (a layout that cannot use it)."""
+        return False
 
     def ordered_loader(self, split: str) -> DataLoader:
         """``split`` in row order, ``eval_batch_size`` rows a batch (validation, precomputation)."""

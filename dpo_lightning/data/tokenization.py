@@ -37,7 +37,12 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from ..fingerprints import code_version
 from .formats import normalize_completion, normalize_pair, normalize_unpaired
+
+#: the code that turns rows into ids; ``datasets.map`` hashes the encoder with it, so the
+#: tokenization cache is keyed by this code as well as by the data and settings
+ENCODING_CODE_VERSION = code_version("data.tokenization", "data.formats")
 
 TruncationMode = Literal["keep_end", "keep_start"]
 
@@ -90,6 +95,7 @@ class RowEncoder:
         has_prompt: bool = True,
     ) -> None:
         settings.validate()
+        self.code_version = ENCODING_CODE_VERSION  # hashed into the datasets cache fingerprint
         self.score_columns = tuple(score_columns)
         self.has_prompt = has_prompt
         if tokenizer.eos_token_id is None:

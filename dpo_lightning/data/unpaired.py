@@ -24,16 +24,30 @@ class UnpairedCollator:
     Output:
 
     * ``input_ids``, ``attention_mask``, ``completion_mask`` ``(2B, T)``: rows ``[0, B)`` are
-      ``prompt_i + completion_i``; rows ``[B, 2B)`` are ``prompt_i + completion_{(i+1) mod B}``
-      (cut to ``max_length``);
+      ``prompt_i + completion_i``; rows ``[B, 2B)`` are ``prompt_i + completion_j`` with ``j``
+      the first of ``i+1, i+2, ...`` (cyclically) whose prompt differs from row ``i``'s, so a KL
+      row never pairs a prompt with one of its own completions (cut to ``max_length``);
     * ``label`` ``(B,)`` bool (True = desirable), ``row_id`` ``(B,)`` long.
 
-    A batch of one row has no mismatched pair: that is an error (use ``batch_size >= 2``).
+    A batch of one row, or whose rows all share one prompt, has no mismatched pair: that is an
+    error (use ``batch_size >= 2``; shuffle the data).
     """
 
     def __init__(self, pad_token_id: int, max_length: int) -> None:
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+
+    @staticmethod
+    def partner(prompts: list[list[int]], i: int) -> int:
+        """The row whose completion row ``i``'s prompt is paired with for the KL estimate."""
+        n = len(prompts)
+        for step in range(1, n):
+            if prompts[(i + step) % n] != prompts[i]:
+                return (i + step) % n
+        raise ValueError(
+            f"KTO: every row of this batch of {n} has the same prompt, so no KL row can pair it with "
+            "another prompt's completion; raise data.init_args.batch_size or shuffle the rows"
+        )
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         n = len(rows)
@@ -44,7 +58,7 @@ class UnpairedCollator:
             )
         prompts = [list(r["prompt_ids"]) for r in rows]
         completions = [list(r["completion_ids"]) for r in rows]
-        mismatched = [completions[(i + 1) % n][: self.max_length - len(prompts[i])] for i in range(n)]
+        mismatched = [completions[self.partner(prompts, i)][: self.max_length - len(prompts[i])] for i in range(n)]
         batch = pad_sequences(prompts + prompts, completions + mismatched, self.pad_token_id)
         batch["label"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
         batch["row_id"] = torch.tensor([int(r["row_id"]) for r in rows], dtype=torch.long)
@@ -115,15 +129,10 @@ class UnpairedDataModule(TokenizedDataModule):
         assert self.tokenizer is not None
         return UnpairedCollator(self.tokenizer.pad_token_id, self.settings.max_length)
 
-    def train_dataloader(self) -> DataLoader:
+    def drop_last_train_batch(self) -> bool:
         # A final batch of one row cannot be paired; skip it. The order differs every epoch,
         # so a different row sits out each time and none is lost for good.
-        sampler = self.train_sampler()
-        drop_last = len(sampler) % self.batch_size == 1
-        return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, sampler=sampler,
-            collate_fn=self.collator(), num_workers=self.num_workers, drop_last=drop_last,
-        )
+        return len(self.train_sampler()) % self.batch_size == 1
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is not None and len(self.val_dataset) % self.eval_batch_size == 1:

@@ -10,13 +10,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import PreTrainedTokenizerBase
 
+from ..checkpoints import AtomicCheckpointIO
 from ..contract import DataRequirements
 from ..export import check_export_target, save_pretrained_atomic
-from ..fingerprints import CHECKPOINT_KEY, check_same_run, run_fingerprint
+from ..fingerprints import CHECKPOINT_KEY, check_same_run, optimizer_fingerprint, run_fingerprint
 from ..metrics import PreferenceMetrics
 from ..optim import WarmupDecayLR
 
@@ -56,8 +58,9 @@ class AlignmentModule(L.LightningModule):
             the batch's row ids; ``"skip"`` drops that optimizer step (no parameter or optimizer
             state changes) and counts it in ``train/nonfinite_skipped``.
 
-    Checkpoints record the model, tokenizer, loss and training-data fingerprints; resuming
-    with any of them changed is an error naming what differs.
+    Checkpoints record the model, tokenizer, loss, optimizer, scheduler and training-data
+    fingerprints; resuming with any of them changed is an error naming what differs. They are
+    written atomically (:class:`~dpo_lightning.checkpoints.AtomicCheckpointIO`).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -85,6 +88,8 @@ class AlignmentModule(L.LightningModule):
         self.train_metrics = metrics()
         self.val_metrics = metrics()
         self.validation_history: list[dict[str, Any]] = []
+        self.optimizer_id: dict[str, str] = {}  # what configure_optimizers built (fingerprinted)
+        self.saved_run: dict[str, str] | None = None  # a resumed checkpoint's fingerprints
 
     def trained_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -104,6 +109,8 @@ class AlignmentModule(L.LightningModule):
         self._rows_since_step += batch["row_id"].tolist()
         batch_size = batch["row_id"].numel()
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=batch_size)
         for name, value in values.items():
             self.log(f"train/{name}_step", value, prog_bar=True, batch_size=batch_size)
         return loss
@@ -150,7 +157,8 @@ class AlignmentModule(L.LightningModule):
         checkpoint["rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_same_run(checkpoint.get(CHECKPOINT_KEY, {}), run_fingerprint(self))
+        self.saved_run = checkpoint.get(CHECKPOINT_KEY, {})
+        check_same_run(self.saved_run, run_fingerprint(self))
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
         if "rng_state" in checkpoint:
             set_rng_state(checkpoint["rng_state"])
@@ -163,14 +171,42 @@ class AlignmentModule(L.LightningModule):
         else:
             optimizer = self.optimizer_factory(params)
         scheduler = WarmupDecayLR(optimizer) if self.scheduler_factory is None else self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupDecayLR) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        # sized in on_train_start, not here: trainer.estimated_stepping_batches builds the train
+        # loader, and a loader built before the checkpoint is restored never gets its position back
+        self.optimizer_id = optimizer_fingerprint(optimizer, scheduler)
+        if self.saved_run is not None:  # DeepSpeed restores after this; the others before
+            check_same_run(self.saved_run, run_fingerprint(self))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, WarmupDecayLR):
+                continue
+            total = int(self.trainer.estimated_stepping_batches)
+            if scheduler.total_steps is None:
+                scheduler.set_total_steps(total)
+            elif scheduler.total_steps != total:
+                # a longer or shorter run is the same run only if the steps taken had the same lr
+                taken = range(scheduler.last_epoch + 1)
+                before = [scheduler.factor(s) for s in taken]
+                saved, scheduler.total_steps = scheduler.total_steps, total
+                if [scheduler.factor(s) for s in taken] != before:
+                    raise ValueError(
+                        f"--ckpt_path: the checkpoint's schedule spans {saved} optimizer steps, this run {total}, "
+                        "and the steps already taken would have had other learning rates; resume with the "
+                        "trainer.max_epochs / max_steps / accumulate_grad_batches it was trained with (a constant "
+                        "schedule without warmup can be extended), or start a new run"
+                    )
+                scheduler.set_total_steps(total)
 
     # -- export ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.export_dir is not None:
             check_export_target(self.export_dir, self.overwrite_export)
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own, nor DeepSpeed's
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_fit_end(self) -> None:
         if self.export_dir is not None:

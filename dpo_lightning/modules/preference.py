@@ -17,7 +17,7 @@ from ..fingerprints import spec_fingerprint
 from ..lora import LoraSpec, add_adapters, save_merged
 from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
-from ..models import ModelSpec, load_causal_lm, load_tokenizer
+from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
 from . import reference_cache
 from .base import AlignmentModule
 from .logprobs import LogProbSelector
@@ -69,6 +69,9 @@ class PreferenceModule(AlignmentModule):
         reference_update: a moving reference (TR-DPO, :class:`~.reference.ReferenceUpdate`):
             every ``every_n_steps`` optimizer steps ``ref <- alpha * policy + (1 - alpha) * ref``.
             Saved in checkpoints. Full fine-tuning only; not with ``precompute_reference``.
+        disable_dropout: switch every dropout of the policy off (LoRA's too), whether the model
+            is loaded or built. Default True, as in TRL's DPO: with dropout the policy's
+            log-probs differ from the reference's at step 0 and the implicit rewards are noise.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class PreferenceModule(AlignmentModule):
         lora: LoraSpec | None = None,
         share_prompt: bool = False,
         reference_update: ReferenceUpdate | None = None,
+        disable_dropout: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
@@ -109,6 +113,7 @@ class PreferenceModule(AlignmentModule):
         )
         if lora is not None:
             self.policy = add_adapters(self.policy, lora, gradient_checkpointing)
+        set_dropout(self.policy, disable_dropout)
         self.logprob_selector = LogProbSelector(logprobs, logprob_chunk_size, share_prompt)
         self.logprob_selector.check(self.policy, pairwise=self.loss.pairwise)
         self.init_training(
@@ -161,6 +166,7 @@ class PreferenceModule(AlignmentModule):
 
     def on_train_start(self) -> None:
         warnings.filters[:] = getattr(self, "_warning_filters", warnings.filters)
+        super().on_train_start()
 
     # -- export -----------------------------------------------------------------------------
     def export(self, path: str, state_dict: dict[str, Tensor] | None = None) -> None:

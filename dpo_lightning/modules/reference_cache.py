@@ -1,8 +1,8 @@
 """Precomputed reference log-probs: one pass of the reference over a split, cached on disk.
 
 The cache file is keyed by the tokenized split's ``datasets`` fingerprint (which covers the
-data and every tokenization setting), the reference model's identity and the tokenizer, so a
-changed input never reads a stale file. Files are safetensors: ``(N, 2)`` float32 sums of the
+data, every tokenization setting and the tokenization code), the reference model's identity,
+the tokenizer and the code that computes log-probs, so a changed input never reads a stale file. Files are safetensors: ``(N, 2)`` float32 sums of the
 reference's log-probs over the chosen and rejected completion tokens, in dataset row order.
 """
 
@@ -18,13 +18,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from ..fingerprints import code_version
+
+#: the code that computes the cached values (part of the key)
+LOGPROB_CODE_VERSION = code_version("modules.logprobs", "modules.reference_cache", "data.collator")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightning", "reference_logps")
 COLUMNS = ("reference_chosen", "reference_rejected")
 
 
 def cache_path(cache_dir: str, dataset: datasets.Dataset, reference_id: str, tokenizer_id: str) -> Path:
     """Where the log-probs of ``dataset`` under the reference are (or will be) stored."""
-    key = json.dumps({"data": dataset._fingerprint, "reference": reference_id, "tokenizer": tokenizer_id}, sort_keys=True)
+    key = json.dumps(
+        {"data": dataset._fingerprint, "reference": reference_id, "tokenizer": tokenizer_id, "code": LOGPROB_CODE_VERSION},
+        sort_keys=True,
+    )
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 

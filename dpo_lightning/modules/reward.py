@@ -12,7 +12,7 @@ from torch import Tensor
 from ..contract import DataRequirements
 from ..losses import BradleyTerryLoss
 from ..metrics import PreferenceMetrics
-from ..models import ModelSpec, load_reward_model, load_tokenizer
+from ..models import ModelSpec, load_reward_model, load_tokenizer, set_dropout
 from .base import AlignmentModule
 
 
@@ -29,6 +29,7 @@ class RewardModule(AlignmentModule):
         model: base model (hub id / folder, or a config); a causal-LM checkpoint gets a new head.
         loss: default ``BradleyTerryLoss()``.
         optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see :class:`AlignmentModule`.
+        disable_dropout: switch every dropout off (default True, as TRL's reward trainer).
     """
 
     def __init__(
@@ -40,12 +41,13 @@ class RewardModule(AlignmentModule):
         export_dir: str | None = None,
         overwrite_export: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        disable_dropout: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.loss = loss if loss is not None else BradleyTerryLoss()
         self.tokenizer = load_tokenizer(model)
-        self.reward_model = load_reward_model(model, self.tokenizer)
+        self.reward_model = set_dropout(load_reward_model(model, self.tokenizer), disable_dropout)
         self.model_spec = model
         self.init_training(
             optimizer, scheduler, export_dir, overwrite_export, on_nonfinite,

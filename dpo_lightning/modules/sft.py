@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ..contract import BatchLayout, DataRequirements
-from ..models import ModelSpec, load_causal_lm, load_tokenizer
+from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
 from .base import AlignmentModule
 from .logprobs import LogProbMode, LogProbSelector
 
@@ -44,6 +44,8 @@ class SFTModule(AlignmentModule):
     Args:
         model: hub id / folder, or a config to build.
         optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see :class:`AlignmentModule`.
+        disable_dropout: switch every dropout off; default False (SFT trains with the model's
+            dropout, whether it is loaded or built).
         logprobs / logprob_chunk_size: the log-prob path, as for
             :class:`~dpo_lightning.modules.PreferenceModule` (:class:`~.logprobs.LogProbSelector`).
     """
@@ -58,12 +60,13 @@ class SFTModule(AlignmentModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
         logprobs: LogProbMode = "auto",
         logprob_chunk_size: int = 1024,
+        disable_dropout: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.model_spec = model
         self.tokenizer = load_tokenizer(model)
-        self.policy = load_causal_lm(model, self.tokenizer)
+        self.policy = set_dropout(load_causal_lm(model, self.tokenizer), disable_dropout)
         self.logprob_selector = LogProbSelector(logprobs, logprob_chunk_size)
         self.logprob_selector.check(self.policy, pairwise=False)
         self.init_training(optimizer, scheduler, export_dir, overwrite_export, on_nonfinite, metrics=SFTMetrics)
