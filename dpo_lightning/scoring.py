@@ -2,10 +2,10 @@
 
 The pipeline reward model -> scores -> ODPO::
 
-    dpo-lightning fit --config recipes/reward_model.yaml         # exports outputs/reward_model/model
+    dpo-lightning fit --config recipes/base.yaml --config recipes/reward_model.yaml         # exports outputs/reward_model/model
     dpo-lightning-score --reward_model outputs/reward_model/model \\
         --data data/quickstart/train.jsonl --output outputs/scored/train.jsonl
-    dpo-lightning fit --config recipes/odpo.yaml --data.init_args.train_data outputs/scored/train.jsonl
+    dpo-lightning fit --config recipes/base.yaml --config recipes/odpo.yaml --data.init_args.train_data outputs/scored/train.jsonl
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
     make experiment          # or: .venv/bin/python scripts/sentiment_frontier.py
 
-1. SFT: a tiny Llama learns the review language of data/sentiment (mixed sentiment);
-   recipes/sft.yaml. It is the reference policy of every run below.
+1. SFT: the tiny Llama (data/tiny-llama) learns the review language of data/sentiment (mixed
+   sentiment); recipes/base.yaml + recipes/sft.yaml. It is the reference policy of every run below.
 2. Pairs: 4 samples per prompt from the SFT model, scored by the ground truth
    (dpo_lightning.experiments.sentiment:score); best vs worst, with their scores (for ODPO).
-3. Sweep: DPO, ODPO and IPO over a few betas (and alphas for ODPO) on the same pairs.
+3. Sweep: DPO, ODPO and IPO (recipes/dpo.yaml; base.yaml + odpo.yaml / ipo.yaml) over a few betas
+   (and alphas for ODPO) on the same pairs.
 4. Evaluation: for SFT and every run, samples on held-out prompts; mean ground-truth reward and
    the Monte-Carlo sequence-level KL(pi || pi_sft).
 5. Result: outputs/frontier/results.csv and docs/frontier.png (plus docs/frontier.csv).
@@ -40,32 +41,41 @@ METRICS = ("reward", "reward_stderr", "kl", "kl_stderr")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.logger", "false"]
 
 
-def fit(config: dict, name: str) -> None:
+def recipe(name: str) -> list[str]:
+    """The ``--config`` arguments of a shipped recipe: dpo.yaml is complete, the others are
+    overlays on base.yaml."""
+    path = str(ROOT / "recipes" / f"{name}.yaml")
+    return ["--config", path] if name == "dpo" else ["--config", str(ROOT / "recipes" / "base.yaml"), "--config", path]
+
+
+def fit(name: str, recipe_name: str, changes: dict) -> None:
+    """Fit a shipped recipe with ``changes`` on top: a config file of their own, merged last."""
     path = OUT / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    run(["fit", "--config", str(path), *QUIET])
+    path.write_text(yaml.safe_dump(changes, sort_keys=False))
+    run(["fit", *recipe(recipe_name), "--config", str(path), *QUIET])
 
 
 def train_sft() -> Path:
-    config = yaml.safe_load((ROOT / "recipes" / "sft.yaml").read_text())
-    config["model"]["init_args"]["export_dir"] = str(OUT / "sft")
-    config["trainer"].update(default_root_dir=str(OUT / "runs" / "sft"), enable_checkpointing=False)
-    fit(config, "sft")
+    fit("sft", "sft", {
+        "trainer": {"default_root_dir": str(OUT / "runs" / "sft"), "enable_checkpointing": False},
+        "model": {"init_args": {"export_dir": str(OUT / "sft")}},
+    })
     return OUT / "sft"
 
 
-def train_preference(recipe: str, loss_args: dict, name: str, sft: Path, pairs: Path) -> Path:
-    config = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
-    args = config["model"]["init_args"]
-    args["model"] = {"name_or_path": str(sft)}  # the SFT model is the initial policy and the reference
-    args["loss"]["init_args"].update(loss_args)
-    args["optimizer"]["init_args"]["lr"] = 3e-4
-    args["export_dir"] = str(OUT / "policies" / name)
-    config["data"]["init_args"].update(train_data=str(pairs), val_data=None, val_fraction=0.1, batch_size=16)
-    config["trainer"].update(default_root_dir=str(OUT / "runs" / name), max_epochs=3, enable_checkpointing=False,
-                             num_sanity_val_steps=0)
-    fit(config, name)
+def train_preference(recipe_name: str, loss_args: dict, name: str, sft: Path, pairs: Path) -> Path:
+    fit(name, recipe_name, {
+        "trainer": {"default_root_dir": str(OUT / "runs" / name), "max_epochs": 3, "enable_checkpointing": False,
+                    "num_sanity_val_steps": 0},
+        "model": {"init_args": {
+            "model": {"name_or_path": str(sft)},  # the SFT model is the initial policy and the reference
+            "loss": {"init_args": loss_args},
+            "optimizer": {"init_args": {"lr": 3e-4}},
+            "export_dir": str(OUT / "policies" / name),
+        }},
+        "data": {"init_args": {"train_data": str(pairs), "val_data": None, "val_fraction": 0.1, "batch_size": 16}},
+    })
     return OUT / "policies" / name
 
 

@@ -1,43 +1,23 @@
-"""Multi-GPU and QLoRA recipes: they parse, and what can be built on CPU is built."""
+"""Multi-GPU and QLoRA recipes (overlays on base.yaml): they parse, and what can be built on CPU is built."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
-
 import pytest
 import torch
-import yaml
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 
-from conftest import ROOT
-from dpo_lightning.cli import run
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.lora import LoraSpec
 from dpo_lightning.losses import DPOLoss
 from dpo_lightning.models import ModelSpec, quantization_config
-
-
-@functools.lru_cache(maxsize=None)
-def _printed(recipe: str) -> str:
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit) as exit_info:
-        run(["fit", "--config", str(ROOT / "recipes" / recipe), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return buffer.getvalue()
-
-
-def print_config(recipe: str) -> dict:
-    """The recipe as LightningCLI parses and validates it (no model is loaded)."""
-    return yaml.safe_load(_printed(recipe))
+from test_recipes import print_config  # base.yaml + the overlay, as LightningCLI parses it (no model is loaded)
 
 
 def model_args(config: dict) -> dict:
     return config["model"]["init_args"]
 
 
-@pytest.mark.parametrize("recipe", ["ddp.yaml", "fsdp.yaml", "deepspeed.yaml", "qlora.yaml", "lora.yaml"])
+@pytest.mark.parametrize("recipe", ["ddp", "fsdp", "deepspeed", "qlora", "lora"])
 def test_recipe_parses_and_its_parts_build_on_cpu(recipe: str) -> None:
     config = print_config(recipe)
     args = model_args(config)
@@ -52,12 +32,12 @@ def test_recipe_parses_and_its_parts_build_on_cpu(recipe: str) -> None:
 
 
 def test_ddp_recipe_settings() -> None:
-    trainer = print_config("ddp.yaml")["trainer"]
+    trainer = print_config("ddp")["trainer"]
     assert trainer["strategy"] == "ddp" and trainer["devices"] == 8 and trainer["num_nodes"] == 1
 
 
 def test_fsdp_strategy_instantiates_and_shards_decoder_layers() -> None:
-    trainer = print_config("fsdp.yaml")["trainer"]
+    trainer = print_config("fsdp")["trainer"]
     init = trainer["strategy"]["init_args"]
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -72,13 +52,13 @@ def test_fsdp_strategy_instantiates_and_shards_decoder_layers() -> None:
 
 
 def test_deepspeed_strategies_are_registered() -> None:
-    assert print_config("deepspeed.yaml")["trainer"]["strategy"] == "deepspeed_stage_2"
+    assert print_config("deepspeed")["trainer"]["strategy"] == "deepspeed_stage_2"
     assert "deepspeed_stage_2" in StrategyRegistry and "deepspeed_stage_3" in StrategyRegistry
-    assert model_args(print_config("deepspeed.yaml"))["precompute_reference"] is True
+    assert model_args(print_config("deepspeed"))["precompute_reference"] is True
 
 
 def test_qlora_asks_for_nf4_double_quantization() -> None:
-    args = model_args(print_config("qlora.yaml"))
+    args = model_args(print_config("qlora"))
     spec = ModelSpec(**{k: v for k, v in args["model"].items() if v is not None or k in ("name_or_path", "config")})
     q = quantization_config(spec)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
@@ -86,3 +66,15 @@ def test_qlora_asks_for_nf4_double_quantization() -> None:
     assert args["optimizer"]["class_path"] == "bitsandbytes.optim.PagedAdamW8bit"
     with pytest.raises(ValueError, match="needs name_or_path"):
         ModelSpec(config={"model_type": "llama"}, tokenizer="t", load_in_4bit=True).validate()
+
+
+@pytest.mark.parametrize("recipe", ["ddp", "fsdp", "deepspeed", "qlora"])
+def test_gpu_overlays_replace_what_base_sets_for_the_tiny_model(recipe: str) -> None:
+    config = print_config(recipe)
+    args, data = model_args(config), config["data"]["init_args"]
+    assert args["model"]["name_or_path"] != "data/tiny-llama" and args["model"]["dtype"] == "bfloat16"
+    assert args["optimizer"]["init_args"]["lr"] <= 5e-6 and args["overwrite_export"] is False
+    assert config["trainer"]["accelerator"] == "gpu" and config["trainer"]["precision"].startswith("bf16")
+    assert "quickstart" not in str(data["train_data"]) and "quickstart" not in str(data["val_data"])
+    assert (data["val_data"] is None) == (data["val_fraction"] is not None)
+    assert data["max_length"] >= 1024 and data["max_prompt_length"] in (None, data["max_length"] // 2)
