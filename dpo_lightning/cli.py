@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
 
 #: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
@@ -96,6 +99,12 @@ class DPOLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.resolve_checkpoint()
+        self.model.recipe = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)  # model card
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        parts = ", ".join(f"{name} {type(child).__name__}" for name, child in self.model.named_children()
+                          if any(True for _ in child.parameters()))
+        rank_zero_info(f"model: {trainable:,} trainable and {frozen:,} frozen parameters ({parts})")
 
     def before_validate(self) -> None:
         self.resolve_checkpoint()
@@ -126,8 +135,36 @@ def run(args: list[str] | None = None) -> DPOLightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"enable_model_summary": False},  # one line instead (before_fit)
         args=args,
     )
+
+
+#: Lightning's start-up lines that say nothing about this run (the rank-zero logger's)
+NOISE_LINES = ("GPU available:", "TPU available:", "HPU available:", "\N{ELECTRIC LIGHT BULB} Tip:")
+#: library warnings that are not the user's to act on in a dpo-lightning run
+NOISE_WARNINGS = (
+    r".*`tensorboardX` has been removed as a dependency.*",  # the CSV logger is the default
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own pytree call
+    r".*is smaller than the logging interval.*",  # small quick runs
+    r".*The dirpath has changed from.*",  # every resume with the default logger
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(NOISE_LINES)
+
+
+def quiet_libraries() -> None:
+    """The terminal of a ``dpo-lightning`` run shows the run: no hardware banner, tips, library
+    deprecations or weight-loading bars (the console script's; the Python API is left alone)."""
+    import transformers
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    transformers.utils.logging.disable_progress_bar()
 
 
 #: errors that carry a message meant for the user: printed as one line, without a traceback
@@ -142,6 +179,7 @@ def main() -> None:
     """
     debug = "--debug" in sys.argv[1:] or os.environ.get("DPO_LIGHTNING_DEBUG", "") not in ("", "0")
     sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
+    quiet_libraries()
     try:
         run()
     except USER_ERRORS as err:

@@ -12,13 +12,23 @@ from transformers import PreTrainedTokenizerBase
 
 
 def check_export_target(path: str | os.PathLike, overwrite: bool, key: str = "model.init_args.export_dir") -> Path:
-    """Fail early (before training) when ``path`` exists and may not be overwritten."""
+    """Fail early (before training) when ``path`` exists and may not be overwritten, or cannot be
+    created: a regular file on the way, or a folder this process may not write to."""
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(
             f"{key}: {str(target)!r} already exists; choose another directory or set "
             f"{key.rsplit('.', 1)[0]}.overwrite_export: true"
         )
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{key}: {str(target)!r} is a file, not a folder; choose another path")
+    ancestor = target.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{key}: {str(ancestor)!r} is a file, so {str(target)!r} cannot be created; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{key}: cannot write under {str(ancestor)!r}; choose a folder you can write to")
     return target
 
 
@@ -35,10 +45,11 @@ def save_pretrained_atomic(
     path: str | os.PathLike,
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    card: str | None = None,
 ) -> Path:
     """``save_pretrained`` (safetensors) model and tokenizer into a temporary sibling folder,
     then move it into place. ``state_dict`` replaces the module's own weights (gathered from a
-    sharded model). Returns the final path."""
+    sharded model); ``card`` is written as the folder's ``README.md``. Returns the final path."""
     target = check_export_target(path, overwrite)
     assert_finite(model)
     if state_dict is not None and not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
@@ -52,6 +63,8 @@ def save_pretrained_atomic(
             model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -51,8 +51,8 @@ class WarmupDecayLR(LambdaLR):
     def set_total_steps(self, total_steps: int) -> None:
         """Size the schedule and re-apply the current step's learning rate."""
         self.total_steps = int(total_steps)
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.last_epoch)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def warmup_steps(self) -> int:

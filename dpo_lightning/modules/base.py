@@ -20,7 +20,32 @@ from ..contract import DataRequirements
 from ..export import check_export_target, save_pretrained_atomic
 from ..fingerprints import CHECKPOINT_KEY, check_same_run, optimizer_fingerprint, run_fingerprint
 from ..metrics import PreferenceMetrics
+from ..model_card import model_card
 from ..optim import WarmupDecayLR
+
+
+def batch_values(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor | None = None,
+    rejected_logps: torch.Tensor | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    paired: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One batch's means under the metric names (``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margins``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``, the loss's
+    extras); a side with no rows (an all-desirable KTO batch) is left out."""
+    values: dict[str, torch.Tensor] = {}
+    for name, tensor in (("rewards/chosen", chosen_rewards), ("rewards/rejected", rejected_rewards),
+                         ("logps/chosen", chosen_logps), ("logps/rejected", rejected_logps)):
+        if tensor is not None and tensor.numel():
+            values[name] = tensor.detach().float().mean()
+    if paired:
+        values["rewards/margins"] = (chosen_rewards - rejected_rewards).detach().float().mean()
+        values["rewards/accuracy"] = (chosen_rewards > rejected_rewards).float().mean()
+    for name, value in (extra or {}).items():
+        values[name] = value.detach().float().mean()
+    return values
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,7 +125,8 @@ class AlignmentModule(L.LightningModule):
         raise NotImplementedError
 
     def step(self, batch: dict[str, torch.Tensor], metrics: PreferenceMetrics) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Compute the loss on ``batch``, update ``metrics``; return the loss and step values to log."""
+        """Compute the loss on ``batch``, update ``metrics``; return the loss and this batch's
+        values to log per training step (``train/<name>``; see :func:`batch_values`)."""
         raise NotImplementedError
 
     # -- loops ----------------------------------------------------------------------------
@@ -108,17 +134,19 @@ class AlignmentModule(L.LightningModule):
         loss, values = self.step(batch, self.train_metrics)
         self._rows_since_step += batch["row_id"].tolist()
         batch_size = batch["row_id"].numel()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)  # short, for the bar
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=batch_size)
         for name, value in values.items():
-            self.log(f"train/{name}_step", value, prog_bar=True, batch_size=batch_size)
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        if "rewards/accuracy" in values:
+            self.log("acc", values["rewards/accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
         return loss
 
     def on_train_epoch_end(self) -> None:
         values = self.train_metrics.compute()
-        values["loss_epoch"] = values.pop("loss")
-        self.log_dict({f"train/{k}": v for k, v in values.items()})
+        self.log_dict({f"train_epoch/{k}": v for k, v in values.items()})
         self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -135,6 +163,9 @@ class AlignmentModule(L.LightningModule):
     # -- non-finite guard ------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.trained_model().parameters() if p.grad is not None]
+        if grads:  # before clipping, as TRL's grad_norm
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+            self.log("train/grad_norm", norm)
         finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
         rows, self._rows_since_step = self._rows_since_step, []
         if finite:
@@ -236,6 +267,7 @@ class AlignmentModule(L.LightningModule):
     def export(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Save the trained model and tokenizer (safetensors); ``from_pretrained(path)`` loads them."""
         target = save_pretrained_atomic(
-            self.trained_model(), self.tokenizer, path, overwrite=self.overwrite_export, state_dict=state_dict
+            self.trained_model(), self.tokenizer, path, overwrite=self.overwrite_export, state_dict=state_dict,
+            card=model_card(self, getattr(self, "recipe", None)),
         )
         rank_zero_info(f"exported {type(self.trained_model()).__name__} and tokenizer to {target.resolve()}")

@@ -19,7 +19,7 @@ from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
 from . import reference_cache
-from .base import AlignmentModule
+from .base import AlignmentModule, batch_values
 from .logprobs import LogProbSelector
 from .reference import ReferenceStrategy, ReferenceUpdate, choose_reference
 
@@ -144,9 +144,7 @@ class PreferenceModule(AlignmentModule):
         chosen_logps = out.chosen_logps if out.chosen_logps is not None else policy.chosen.detach()
         rejected_logps = out.rejected_logps if out.rejected_logps is not None else policy.rejected.detach()
         metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics)
-        values = {}
-        if self.loss.pairwise:
-            values["rewards/accuracy"] = (out.chosen_rewards > out.rejected_rewards).float().mean()
+        values = batch_values(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics, self.loss.pairwise)
         return out.loss, values
 
     # -- the reference's hooks ------------------------------------------------------------------

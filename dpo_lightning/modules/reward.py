@@ -13,7 +13,7 @@ from ..contract import DataRequirements
 from ..losses import BradleyTerryLoss
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, load_reward_model, load_tokenizer, set_dropout
-from .base import AlignmentModule
+from .base import AlignmentModule, batch_values
 
 
 class RewardModule(AlignmentModule):
@@ -70,4 +70,4 @@ class RewardModule(AlignmentModule):
     def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
         out = self.loss(self.rewards(batch), batch)
         metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards)
-        return out.loss, {"rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean()}
+        return out.loss, batch_values(out.chosen_rewards, out.rejected_rewards)
