@@ -27,6 +27,34 @@ def connect(model: L.LightningModule, datamodule: L.LightningDataModule | None) 
         datamodule.connect(model.tokenizer, model.data_requirements)
 
 
+#: jsonargparse parser mode of the CLI: YAML that refuses a key written twice in one mapping
+PARSER_MODE = "yaml_unique_keys"
+
+
+def _yaml_unique_keys(text: str):
+    """jsonargparse's YAML loader, after a pass that refuses a key written twice in one mapping
+    (plain YAML keeps the last silently: a recipe's second ``lr:`` would win unseen)."""
+    import yaml
+    from jsonargparse import get_loader
+
+    class Checker(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # type: ignore[override]
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ValueError(
+                        f"recipe key {key!r} is written twice in one mapping (lines {seen[key]} and "
+                        f"{key_node.start_mark.line + 1}); keep one"
+                    )
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    if isinstance(text, str) and ":" in text:
+        yaml.load(text, Loader=Checker)
+    return get_loader("yaml")(text)
+
+
 def switch_to_pretrained(config, command_line: list[str]) -> None:
     """A ``name_or_path`` given on the command line replaces a recipe's from-scratch model.
 
@@ -129,7 +157,12 @@ class DPOLightningCLI(LightningCLI):
 
 def run(args: list[str] | None = None) -> DPOLightningCLI:
     """Run the CLI and return it; ``args`` replaces ``sys.argv[1:]`` (tests, notebooks)."""
+    import yaml
+    from jsonargparse import set_loader
+
+    set_loader(PARSER_MODE, _yaml_unique_keys, exceptions=(yaml.YAMLError,))
     return DPOLightningCLI(
+        parser_kwargs={"parser_mode": PARSER_MODE},
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,
         subclass_mode_model=True,

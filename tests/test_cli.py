@@ -119,3 +119,11 @@ def test_data_report_is_logged_as_hyperparameters(tmp_path, pair_files) -> None:
     assert logged["data/train/rows_read"] == 32 and logged["data/train/rows_kept"] == 32
     assert logged["data/val/rows_read"] == 16
     assert logged["data/train/prompt_tokens/max"] >= logged["data/train/prompt_tokens/min"] > 0
+
+
+def test_a_recipe_key_written_twice_is_refused(tmp_path, pair_files) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, *pair_files))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  init_args:\n    optimizer:\n      init_args:\n        lr: 0.1\n        lr: 0.2\n")
+    with pytest.raises(ValueError, match=r"recipe key 'lr' is written twice in one mapping \(lines 5 and 6\)"):
+        main(["fit", "--config", recipe, "--config", str(twice)])
