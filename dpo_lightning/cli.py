@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -155,14 +156,16 @@ class DPOLightningCLI(LightningCLI):
             print(f"{label}: {before[key]:.2f} -> {after}" if before else f"{label}: {after}")
 
 
-def run(args: list[str] | None = None) -> DPOLightningCLI:
-    """Run the CLI and return it; ``args`` replaces ``sys.argv[1:]`` (tests, notebooks)."""
+def run(args: list[str] | None = None, exit_on_error: bool = True) -> DPOLightningCLI:
+    """Run the CLI and return it; ``args`` replaces ``sys.argv[1:]`` (tests, notebooks).
+    ``exit_on_error=False`` raises a parse error (``argparse.ArgumentError``) instead of
+    printing the usage and exiting."""
     import yaml
     from jsonargparse import set_loader
 
     set_loader(PARSER_MODE, _yaml_unique_keys, exceptions=(yaml.YAMLError,))
     return DPOLightningCLI(
-        parser_kwargs={"parser_mode": PARSER_MODE},
+        parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": exit_on_error},
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,
         subclass_mode_model=True,
@@ -200,6 +203,25 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def summarize_parse_error(message: str) -> str:
+    """One line from jsonargparse's nested "Does not validate against any of the Union subtypes"
+    report: the recipe key and the innermost reasons (an import error first)."""
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    key = ".init_args.".join(keys) if keys else "the recipe"
+    missing = re.search(r"No module named '[^']+'", message)
+    if missing:
+        problems = re.findall(r"Problem with given class_path '([^']+)'", message)
+        return f"{key}: {problems[-1]!r}: {missing.group(0)} (is the module on PYTHONPATH?)"
+    deepest = message.rsplit('Parser key "', 1)[-1]
+    skip = ("Does not validate", "Subtypes", "Errors:", "Given value type", "Expected a <class 'NoneType'>")
+    reasons = [line.strip(" -") for line in deepest.splitlines()[1:] if line.strip() and not line.strip(" -").startswith(skip)]
+    given = next((r for r in reasons if r.startswith("Given value:")), None)
+    reasons = [r for r in reasons if not r.startswith(("Given value", "Problem with given", "Parser key"))]
+    return f"{key}: " + "; ".join(dict.fromkeys(reasons)) + (f" ({given})" if given else "")
+
+
 #: errors that carry a message meant for the user: printed as one line, without a traceback
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, ImportError, RuntimeError)
 
@@ -214,7 +236,10 @@ def main() -> None:
     sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
     quiet_libraries()
     try:
-        run()
+        run(exit_on_error=debug)
+    except argparse.ArgumentError as err:
+        print(f"error: {summarize_parse_error(str(err))}  [--debug shows the whole report]", file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as err:
         if debug:
             raise

@@ -127,3 +127,18 @@ def test_a_recipe_key_written_twice_is_refused(tmp_path, pair_files) -> None:
     twice.write_text("model:\n  init_args:\n    optimizer:\n      init_args:\n        lr: 0.1\n        lr: 0.2\n")
     with pytest.raises(ValueError, match=r"recipe key 'lr' is written twice in one mapping \(lines 5 and 6\)"):
         main(["fit", "--config", recipe, "--config", str(twice)])
+
+
+def test_console_parse_errors_are_one_line_naming_the_key(tmp_path) -> None:
+    (tmp_path / "broken_loss.py").write_text("import a_dependency_that_is_missing\n")
+    env = dict(__import__("os").environ, PYTHONPATH=str(tmp_path))
+    for args, expected in (
+        (["--model.init_args.loss", "broken_loss.MyLoss"],
+         "error: model.init_args.loss: 'broken_loss.MyLoss': No module named 'a_dependency_that_is_missing'"),
+        (["--trainer.max_epochs", "abc"], "error: trainer.max_epochs: Expected a <class 'int'> (Given value: abc)"),
+    ):
+        out = subprocess.run([sys.executable, "-m", "dpo_lightning.cli", "fit", "--config", "recipes/dpo.yaml", *args],
+                             capture_output=True, text=True, cwd=ROOT, env=env)
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines()[-1].startswith(expected), out.stderr[-1500:]
+        assert "usage:" not in out.stderr and "Traceback" not in out.stderr
