@@ -203,6 +203,18 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def innermost_reasons(message: str) -> str:
+    """The reasons inside jsonargparse's nested "Does not validate against any of the Union
+    subtypes" report (a class's own error raised while it was built), joined on one line;
+    ``message`` itself when it is no such report."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    skip = ("Does not validate", "Expected a <class 'NoneType'>", "Given value", "Subtypes", "Errors:")
+    reasons = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    kept = [r for r in reasons if not r.startswith(skip)]
+    return "; ".join(dict.fromkeys(kept)) or message
+
+
 def summarize_parse_error(message: str) -> str:
     """One line from jsonargparse's nested "Does not validate against any of the Union subtypes"
     report: the recipe key and the innermost reasons (an import error first)."""
@@ -243,7 +255,8 @@ def main() -> None:
     except USER_ERRORS as err:
         if debug:
             raise
-        message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        message = " ".join(innermost_reasons(message).split())
         print(f"error: {message}  [--debug shows the traceback]", file=sys.stderr)
         sys.exit(1)
 

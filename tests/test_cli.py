@@ -142,3 +142,15 @@ def test_console_parse_errors_are_one_line_naming_the_key(tmp_path) -> None:
         assert out.returncode == 2
         assert out.stderr.strip().splitlines()[-1].startswith(expected), out.stderr[-1500:]
         assert "usage:" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_errors_raised_while_building_a_class_end_in_their_own_message(tmp_path) -> None:
+    for args, expected in (
+        (["--trainer.accumulate_grad_batches", "0"], "error: trainer.accumulate_grad_batches must be >= 1, got 0"),
+        (["--model.init_args.optimizer.init_args.lr", "-1"], "error: Invalid learning rate: -1"),
+    ):
+        out = subprocess.run([sys.executable, "-m", "dpo_lightning.cli", "fit", "--config", "recipes/dpo.yaml", *args],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1].startswith(expected), out.stderr[-1500:]
+        assert "Traceback" not in out.stderr and "Union subtypes" not in out.stderr

@@ -235,6 +235,8 @@ class AlignmentModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.export_dir is not None:
             check_export_target(self.export_dir, self.overwrite_export)
+        if self.trainer.accumulate_grad_batches < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {self.trainer.accumulate_grad_batches}")
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own, nor DeepSpeed's
             strategy.checkpoint_io = AtomicCheckpointIO()
