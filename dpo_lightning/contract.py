@@ -15,7 +15,7 @@ Adding a batch layout: a member here, and a data module that declares it as its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -44,11 +44,24 @@ class DataRequirements:
         columns: extra per-row numeric columns the loss reads from the batch, each collated to
             ``(B,)`` float32 (e.g. ODPO's ``score_chosen`` / ``score_rejected``, a reward
             model's ``margin``). A dataset without one of them fails at setup.
+        max_positions: the most positions the model can attend over (its config's
+            ``max_position_embeddings``), or ``None`` when unknown. A data module whose
+            ``max_length`` is larger refuses it at ``connect``. A limit, not a batch property:
+            left out of ``==`` (two requirements that differ only here produce the same batches).
     """
 
     layout: BatchLayout = BatchLayout.PAIRS
     columns: tuple[str, ...] = ()
+    max_positions: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", BatchLayout(self.layout))
         object.__setattr__(self, "columns", tuple(self.columns))
+        if self.max_positions is not None and not (isinstance(self.max_positions, int) and self.max_positions >= 1):
+            raise ValueError(f"DataRequirements.max_positions must be a positive int or None, got {self.max_positions!r}")
+
+    def with_model_limit(self, model: object) -> DataRequirements:
+        """These requirements with ``max_positions`` read from ``model.config.max_position_embeddings``
+        (left ``None`` when the config has no such limit)."""
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        return replace(self, max_positions=limit if isinstance(limit, int) and limit > 0 else None)

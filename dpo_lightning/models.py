@@ -6,6 +6,7 @@ demo build a tiny model from a config dict (``config``). Both go through :func:`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,16 +89,47 @@ def _looks_local(path: str) -> bool:
 
 @contextmanager
 def explain_load_errors(key: str, source: str) -> Iterator[None]:
-    """Turn the hub client's connection / not-found errors into one line naming the key."""
+    """Turn loading failures into one line naming the key: a damaged (truncated) file of a
+    local folder is named; the hub client's connection / not-found errors say where it looked."""
     try:
         yield
-    except OSError as err:
+    except Exception as err:
+        damaged = damaged_file(source)
+        if damaged is not None:
+            path, problem = damaged
+            raise OSError(
+                f"{key}: {path} is damaged or truncated ({problem}); copy or download it again, "
+                "or re-save the model / tokenizer with save_pretrained"
+            ) from err
+        if not isinstance(err, OSError):
+            raise
         where = "no such folder" if not os.path.isdir(source) else "the folder is missing files"
         raise OSError(
             f"{key}: cannot load {source!r} ({where} relative to {os.getcwd()!r}, and the hub "
             f"did not provide it: {str(err).splitlines()[0]}). Give an existing folder written by "
             "save_pretrained, or a hub id reachable from this machine (or cached, with HF_HUB_OFFLINE=1)."
         ) from err
+
+
+def damaged_file(folder: str) -> tuple[str, str] | None:
+    """The first unreadable ``*.safetensors`` / ``*.json`` file of a local ``folder`` and why,
+    or ``None`` (not a folder, or every such file opens)."""
+    if not os.path.isdir(folder):
+        return None
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            elif name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+        except Exception as err:  # noqa: BLE001 - any failure to read the file is the answer
+            return path, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'unreadable'}"
+    return None
 
 
 def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
@@ -184,13 +216,27 @@ def load_model(
     return model.to(dtype) if isinstance(dtype, torch.dtype) else model
 
 
-def build_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> Any:
-    """Make a transformers config from a dict; vocab size and special ids come from the tokenizer."""
+def build_config(
+    config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None, key: str = "model.init_args.model"
+) -> Any:
+    """Make a transformers config from a dict; vocab size and special ids come from the tokenizer.
+
+    Raises:
+        ValueError: no ``model_type``, or a ``vocab_size`` smaller than the tokenizer's (ids it
+            produces would index past the embedding table).
+    """
     values = dict(config)
     model_type = values.pop("model_type", None)
     if model_type is None:
         raise ValueError("model.config needs `model_type` (e.g. 'llama', 'gpt2', 'qwen2')")
     if tokenizer is not None:
+        vocab = values.get("vocab_size")
+        if vocab is not None and vocab < len(tokenizer):
+            raise ValueError(
+                f"{key}.config.vocab_size is {vocab} but the tokenizer has {len(tokenizer)} tokens, so some ids "
+                f"would index past the embedding table; remove vocab_size (it defaults to the tokenizer's) "
+                f"or set it >= {len(tokenizer)}"
+            )
         values.setdefault("vocab_size", len(tokenizer))
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             token_id = getattr(tokenizer, name)

@@ -99,7 +99,11 @@ def test_template_that_rewrites_the_prompt_is_dropped_and_reported(tmp_path) -> 
 
 def test_mixed_kinds_and_bad_messages_are_wrong_type() -> None:
     tok = shipped()
-    assert encode(tok, {"prompt": "text", "chosen": [GOOD], "rejected": [BAD]})["drop_reason"] == "wrong_type"
+    # a string prompt before assistant-only replies is a user turn (see test_data_shapes.py);
+    # mixes that cannot be made one kind are wrong_type
+    assert encode(tok, {"prompt": "text", "chosen": [GOOD], "rejected": " It is poor."})["drop_reason"] == "wrong_type"
+    other_user = {"role": "user", "content": "Another question."}
+    assert encode(tok, {"prompt": "text", "chosen": [other_user, GOOD], "rejected": [USER, BAD]})["drop_reason"] == "wrong_type"
     assert encode(tok, {"prompt": [{"role": "user"}], "chosen": [GOOD], "rejected": [BAD]})["drop_reason"] == "wrong_type"
     assert encode(tok, {"prompt": [USER], "chosen": [], "rejected": [BAD]})["drop_reason"] == "wrong_type"
     blank = {"role": "assistant", "content": "  "}

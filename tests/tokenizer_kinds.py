@@ -43,3 +43,31 @@ def rewriting_template() -> PreTrainedTokenizerBase:
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
     return tok
+
+
+def thinking_template() -> PreTrainedTokenizerBase:
+    """A Qwen3-like template: with ``enable_thinking`` false, an empty think block opens the
+    assistant's reply (after the generation prompt, and in the last assistant message), and the
+    tools' names go in a system header when tools are given."""
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.chat_template = (
+        "{% set no_think = enable_thinking is defined and not enable_thinking %}"
+        "{{ bos_token }}{% if tools %}<|system|>\ntools: {% for t in tools %}{{ t['function']['name'] }} {% endfor %}</s>\n{% endif %}"
+        "{% for message in messages %}<|{{ message['role'] }}|>\n"
+        "{% if message['role'] == 'assistant' and loop.last and no_think %}<think></think>\n{% endif %}"
+        "{{ message['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% if no_think %}<think></think>\n{% endif %}{% endif %}"
+    )
+    return tok
+
+
+def raising_template() -> PreTrainedTokenizerBase:
+    """A template that refuses system messages (as Gemma's does), raising on such a row."""
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.chat_template = (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    return tok

@@ -4,8 +4,9 @@ from .base import TokenizedDataModule
 from .collator import PairCollator, pad_sequences
 from .datamodule import PreferenceDataModule
 from .loading import load_rows
-from .report import DROP_REASONS, DataReport
+from .report import DROP_REASONS, DataReport, SourceCount
 from .sft import CompletionCollator, SFTDataModule
+from .sources import DataSource
 from .tokenization import (
     CompletionEncoder,
     PairEncoder,
@@ -20,11 +21,13 @@ __all__ = [
     "CompletionCollator",
     "CompletionEncoder",
     "DataReport",
+    "DataSource",
     "PairCollator",
     "PairEncoder",
     "PreferenceDataModule",
     "RowEncoder",
     "SFTDataModule",
+    "SourceCount",
     "TokenizationSettings",
     "TokenizedDataModule",
     "UnpairedCollator",

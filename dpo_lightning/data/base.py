@@ -23,11 +23,19 @@ from transformers import PreTrainedTokenizerBase
 
 from ..contract import BatchLayout, DataRequirements
 from ..models import ModelSpec, load_tokenizer
+from .formats import TEXT_FIELDS
 from .loader import ResumableDataLoader
-from .loading import load_rows
-from .report import DataReport
+from .loading import describe, load_rows
+from .sources import (
+    DataSpec, as_sources, check_column_case, check_source, combine, first_rows_by_kind, mixed_kinds_message,
+    rename_columns, sample_rows,
+)
+from .report import DataReport, SourceCount
 from .samplers import LengthGroupedSampler, ResumableSampler
-from .tokenization import RowEncoder, TokenizationSettings, TruncationMode
+from .tokenization import RowEncoder, TokenizationSettings, TruncationMode, check_template_kwargs
+
+#: where the data module's arguments sit in a recipe, named in errors
+DATA_KEY = "data.init_args"
 
 
 def datamodule_for(layout: BatchLayout) -> str:
@@ -47,12 +55,19 @@ class TokenizedDataModule(L.LightningDataModule):
     a row becomes ids (:meth:`row_encoder`) and rows become a batch (:meth:`collator`).
 
     Args:
-        train_data: hub dataset name, local folder, or local .json/.jsonl/.parquet/.csv file(s).
+        train_data: a hub dataset id, a local folder, local .json/.jsonl/.parquet/.csv file(s) or
+            globs, or a weighted mixture (a list of ``{path, fraction | rows, split, config,
+            data_dir, columns}``, see :class:`~.sources.DataSource`); from Python also a
+            ``datasets.Dataset``, a ``DatasetDict`` (split picked by ``train_split``) or a list
+            of row dicts. See :mod:`.loading`.
         val_data: same kinds; ``None`` with ``val_fraction`` splits it off ``train_data``.
         dataset_config: hub dataset configuration name.
-        train_split / val_split: splits to read from a hub name or folder.
+        train_split / val_split: splits to read from a hub id, folder or ``DatasetDict``; may be
+            sliced (``train[:10%]``, ``train[100:200]``), which also applies to files.
         val_fraction: fraction of ``train_data`` held out for validation (seeded by ``split_seed``).
-        max_rows: read at most this many rows per split (quick runs).
+        split_seed: seed of the ``val_fraction`` split and of the weighted sources' sampling.
+        max_rows: read at most this many rows per split (quick runs); with weighted sources,
+            at most this many from each source.
         tokenizer: tokenizer id or folder, only for standalone use (no :meth:`connect` call).
         max_length / max_prompt_length / truncation_mode: see :mod:`.tokenization`.
         batch_size: rows per training batch (a pair counts once; the model sees its two sequences).
@@ -63,6 +78,14 @@ class TokenizedDataModule(L.LightningDataModule):
         shuffle_seed: seed for the training order.
         group_by_length: batch rows of similar length together (:class:`LengthGroupedSampler`),
             which cuts padding; ``False`` shuffles uniformly.
+        columns: rename source columns to the canonical names,
+            ``{question: prompt, response_j: chosen, response_k: rejected}``; a column named here
+            that the data lacks is an error.
+        data_dir: the hub dataset's (or folder's) data folder, passed to ``datasets.load_dataset``.
+        chat_template_kwargs: extra variables for the chat template, passed to every
+            ``apply_chat_template`` call (e.g. ``{enable_thinking: false}``); part of the
+            tokenization cache key.
+        tools: tool (function) schemas passed to every ``apply_chat_template`` call as ``tools``.
     """
 
     #: the batch layout this module's collator produces
@@ -70,13 +93,15 @@ class TokenizedDataModule(L.LightningDataModule):
     #: row fields read from the source; ``optional_field`` may be absent (then derived)
     text_fields: ClassVar[tuple[str, ...]]
     optional_field: ClassVar[str | None] = None
+    #: other source fields this module reads and converts (:meth:`prepare_rows`, the encoder)
+    convertible_fields: ClassVar[tuple[str, ...]] = ()
     #: tokenized columns holding completion ids (for length statistics and grouping)
     completion_fields: ClassVar[tuple[str, ...]]
 
     def __init__(
         self,
-        train_data: str | list[str],
-        val_data: str | list[str] | None = None,
+        train_data: DataSpec,
+        val_data: DataSpec | None = None,
         dataset_config: str | None = None,
         train_split: str = "train",
         val_split: str = "test",
@@ -94,6 +119,10 @@ class TokenizedDataModule(L.LightningDataModule):
         strict: bool = False,
         shuffle_seed: int = 0,
         group_by_length: bool = True,
+        columns: dict[str, str] | None = None,
+        data_dir: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if val_fraction is not None and not 0 < val_fraction < 1:
@@ -102,6 +131,14 @@ class TokenizedDataModule(L.LightningDataModule):
             raise ValueError("data.init_args: set either val_data or val_fraction, not both")
         if batch_size < 1:
             raise ValueError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"data.init_args.eval_batch_size must be >= 1 (or null for batch_size), got {eval_batch_size}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"data.init_args.max_rows must be >= 1 (or null for every row), got {max_rows}")
+        if num_workers < 0:
+            raise ValueError(f"data.init_args.num_workers must be >= 0, got {num_workers}")
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            as_sources(data, f"{DATA_KEY}.{name}")  # a bad weight or key fails here, not at setup
         self.train_data = train_data
         self.val_data = val_data
         self.dataset_config = dataset_config
@@ -120,6 +157,14 @@ class TokenizedDataModule(L.LightningDataModule):
         self.strict = strict
         self.shuffle_seed = shuffle_seed
         self.group_by_length = group_by_length
+        if columns is not None and not (
+            isinstance(columns, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items())
+        ):
+            raise ValueError(f"{DATA_KEY}.columns must map column names to column names, e.g. {{question: prompt}}; got {columns!r}")
+        self.column_map = dict(columns or {})
+        self.data_dir = data_dir
+        self.chat_template_kwargs = check_template_kwargs(chat_template_kwargs, f"{DATA_KEY}.chat_template_kwargs")
+        self.tools = list(tools) if tools else None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.requirements = DataRequirements(self.layout)
         self.added_columns: tuple[str, ...] = ()
@@ -145,13 +190,20 @@ class TokenizedDataModule(L.LightningDataModule):
                 f"{type(self).__name__} produces {self.layout.value!r}; set data.class_path: "
                 f"dpo_lightning.data.{datamodule_for(requirements.layout)}"
             )
+        limit = requirements.max_positions
+        if limit is not None and self.settings.max_length > limit:
+            raise ValueError(
+                f"data.init_args.max_length is {self.settings.max_length} but the model attends over at most {limit} "
+                f"positions (its config's max_position_embeddings); longer rows would fail inside the model. "
+                f"Set data.init_args.max_length <= {limit}"
+            )
         if self.splits and (tokenizer is not self.tokenizer or requirements != self.requirements):
             self.splits, self.reports, self.added_columns = {}, {}, ()  # tokenized for another model
         self.tokenizer = tokenizer
         self.requirements = requirements
 
     @property
-    def columns(self) -> tuple[str, ...]:
+    def batch_columns(self) -> tuple[str, ...]:
         """Per-row numeric columns carried into batches: the loss's, then any added ones."""
         return self.requirements.columns + tuple(c for c in self.added_columns if c not in self.requirements.columns)
 
@@ -167,24 +219,18 @@ class TokenizedDataModule(L.LightningDataModule):
                     "set data.init_args.tokenizer to use the data module on its own"
                 )
             self.connect(load_tokenizer(ModelSpec(name_or_path=self.tokenizer_name)))
-        train_rows = self.prepare_rows(load_rows(
-            self.train_data, key="data.init_args.train_data", config=self.dataset_config,
-            split=self.train_split, max_rows=self.max_rows,
-        ), "data.init_args.train_data")
+        train_key, val_key = f"{DATA_KEY}.train_data", f"{DATA_KEY}.val_data"
+        train_rows, train_sources = self.load_split(self.train_data, train_key, self.train_split)
+        val_rows, val_sources = None, []
         if self.val_fraction is not None:
             parts = train_rows.train_test_split(test_size=self.val_fraction, seed=self.split_seed)
             train_rows, val_rows = parts["train"], parts["test"]
         elif self.val_data is not None:
-            val_rows = self.prepare_rows(load_rows(
-                self.val_data, key="data.init_args.val_data", config=self.dataset_config,
-                split=self.val_split, max_rows=self.max_rows,
-            ), "data.init_args.val_data")
-        else:
-            val_rows = None
-        self.splits["train"] = self.tokenize(train_rows, "train", key="data.init_args.train_data")
+            val_rows, val_sources = self.load_split(self.val_data, val_key, self.val_split)
+        self.splits["train"] = self.tokenize(train_rows, "train", key=train_key, sources=train_sources)
         self.data_fingerprint = self.splits["train"]._fingerprint  # before any column is added
         if val_rows is not None:
-            self.splits["val"] = self.tokenize(val_rows, "val", key="data.init_args.val_data")
+            self.splits["val"] = self.tokenize(val_rows, "val", key=val_key, sources=val_sources)
         logger = self.trainer.logger if self.trainer is not None else None
         if logger is not None:
             logger.log_hyperparams({k: v for r in self.reports.values() for k, v in r.as_dict().items()})
@@ -215,6 +261,70 @@ class TokenizedDataModule(L.LightningDataModule):
                 self.added_columns += (name,)
         self.splits[split] = dataset
 
+    # -- loading -------------------------------------------------------------------------
+    def load_split(self, data: DataSpec, key: str, split: str) -> tuple[datasets.Dataset, list[SourceCount]]:
+        """Rows of one split in this module's schema, and (for a weighted mixture) how many rows
+        each source gave.
+
+        Each source is read (:func:`.loading.load_rows`), renamed (its own ``columns``, then
+        ``data.init_args.columns``), checked (no ``Prompt``-for-``prompt`` column, one kind of
+        row), sampled (``fraction`` / ``rows``, seeded by ``split_seed``) and converted
+        (:meth:`prepare_rows`); the sources are then concatenated in order.
+        """
+        sources = as_sources(data, key)
+        if sources is None:
+            rows = load_rows(data, key=key, config=self.dataset_config, split=split, max_rows=self.max_rows,
+                             data_dir=self.data_dir)
+            rows, _ = self.checked_source(rows, key, describe(data))
+            return self.prepare_rows(rows, key), []
+        parts, counts, kinds = [], [], []
+        for i, source in enumerate(sources):
+            where = f"{key}[{i}]"
+            check_source(source, where)
+            rows = load_rows(
+                source.path, key=f"{where}.path", config=source.config or self.dataset_config,
+                split=source.split or split, data_dir=source.data_dir or self.data_dir,
+            )
+            rows = rename_columns(rows, source.columns, f"{where}.columns", source.describe())
+            rows, kind = self.checked_source(rows, where, source.describe())
+            kinds.append(kind)
+            taken = sample_rows(rows, source, self.split_seed, where)
+            if self.max_rows is not None and len(taken) > self.max_rows:
+                taken = taken.select(range(self.max_rows))
+            counts.append(SourceCount(source.describe(), len(rows), len(taken)))
+            taken = self.prepare_rows(taken, where)
+            self.check_columns(taken, where)
+            parts.append(taken.select_columns([c for c in taken.column_names if c in self.source_columns()]))
+        self.check_sources_agree(kinds, sources, key)
+        return combine(parts, [s.describe() for s in sources], key), counts
+
+    def checked_source(self, rows: datasets.Dataset, key: str, name: str) -> tuple[datasets.Dataset, dict[str, int]]:
+        """``rows`` renamed by ``data.init_args.columns``, after checking that no column is named
+        like a canonical one but for case, and that the rows are of one kind; with the first
+        row of that kind (:func:`.sources.first_rows_by_kind`)."""
+        rows = rename_columns(rows, self.column_map, f"{DATA_KEY}.columns", f"{key} ({name})")
+        check_column_case(rows, self.source_columns(), key)
+        text_fields = tuple(c for c in self.source_columns() if c in TEXT_FIELDS)
+        return rows, first_rows_by_kind(rows, key, text_fields)
+
+    def source_columns(self) -> tuple[str, ...]:
+        """The source columns this module reads: its fields, the ones it converts from
+        (:attr:`convertible_fields`) and the loss's columns."""
+        return self.text_fields + self.convertible_fields + self.requirements.columns
+
+    @staticmethod
+    def check_sources_agree(kinds: list[dict[str, int]], sources: list, key: str) -> None:
+        """The sources of a mixture are all plain strings or all conversations."""
+        def first(kind: str) -> str | None:
+            for i, found in enumerate(kinds):
+                if kind in found:
+                    return f"row {found[kind]} of {key}[{i}] ({sources[i].describe()})"
+            return None
+
+        text, conversation = first("text"), first("conversation")
+        if text is not None and conversation is not None:
+            raise ValueError(mixed_kinds_message(key, text, conversation))
+
     # -- what a layout defines ------------------------------------------------------------
     def prepare_rows(self, rows: datasets.Dataset, key: str) -> datasets.Dataset:
         """Hook to convert a source's rows to this module's schema before validation."""
@@ -228,20 +338,53 @@ class TokenizedDataModule(L.LightningDataModule):
         """The ``collate_fn`` that turns tokenized rows into one batch of this layout."""
         raise NotImplementedError
 
+    def needed_columns(self, rows: datasets.Dataset) -> tuple[str, ...]:
+        """The text columns ``rows`` must hold for this layout (the optional one only if present)."""
+        return tuple(c for c in self.text_fields if c in rows.column_names or c != self.optional_field)
+
+    def columns_hint(self) -> str:
+        """What this layout reads, for the missing-column error."""
+        optional = f" ({self.optional_field!r} optional)" if self.optional_field else ""
+        return f"{type(self).__name__} reads {list(self.text_fields)}{optional}"
+
     def check_columns(self, rows: datasets.Dataset, key: str) -> None:
-        """Fail at setup, naming the key and the columns, when a required column is absent."""
-        needed = tuple(c for c in self.text_fields if c in rows.column_names or c != self.optional_field)
-        needed += self.requirements.columns
-        missing = [c for c in needed if c not in rows.column_names]
-        if missing:
-            raise ValueError(
-                f"{key}: column(s) {missing} missing; found {rows.column_names}. {type(self).__name__} "
-                f"needs {list(needed)} (rename columns with Dataset.rename_column, or add the scores)"
+        """Fail at setup, naming the key and the columns, when a required column is absent; the
+        fix depends on the column (rename a text column, add the loss's scores)."""
+        text = [c for c in self.needed_columns(rows) if c not in rows.column_names]
+        scores = [c for c in self.requirements.columns if c not in rows.column_names]
+        if not text and not scores:
+            return
+        fixes = []
+        if text:
+            mapping = f"{key}.columns" if key.endswith("]") else f"{DATA_KEY}.columns"  # a weighted source's own
+            fixes.append(
+                f"{self.columns_hint()}: rename the data's columns with {mapping}, e.g. {{your_name: {text[0]}}}"
             )
+        if scores:
+            fixes.append(
+                f"the loss reads {list(self.requirements.columns)} from every row: add the scores "
+                "(dpo-lightning-score writes score_chosen / score_rejected with a reward model)"
+            )
+        raise ValueError(
+            f"{key}: column(s) {text + scores} missing; found {rows.column_names}. " + "; ".join(fixes)
+        )
+
+    def encoder_options(self) -> dict[str, Any]:
+        """Keyword arguments every :class:`RowEncoder` of this module gets (chat template options)."""
+        return {"chat_template_kwargs": self.chat_template_kwargs, "tools": self.tools}
 
     # -- tokenization -------------------------------------------------------------------
-    def tokenize(self, rows: datasets.Dataset, split: str, key: str) -> datasets.Dataset:
-        """Tokenize once with ``datasets.map`` (fingerprint-cached), record and drop bad rows."""
+    def tokenize(
+        self, rows: datasets.Dataset, split: str, key: str, sources: list[SourceCount] | None = None
+    ) -> datasets.Dataset:
+        """Tokenize once with ``datasets.map`` (fingerprint-cached), record and drop bad rows.
+
+        Args:
+            rows: the split's rows in this module's schema.
+            split: ``"train"`` / ``"val"``.
+            key: the config key the rows came from (named in errors).
+            sources: rows per source of a weighted mixture, recorded in the report.
+        """
         self.check_columns(rows, key)
         keep = list(self.requirements.columns)
         tokenized = rows.map(
@@ -251,15 +394,16 @@ class TokenizedDataModule(L.LightningDataModule):
             num_proc=self.num_proc,
             desc=f"tokenizing {split}",
         )
-        report = DataReport(split=split, rows_read=len(rows))
-        for reason, row_id in zip(tokenized["drop_reason"], tokenized["row_id"]):
+        report = DataReport(split=split, rows_read=len(rows), sources=list(sources or []))
+        for reason, detail, row_id in zip(tokenized["drop_reason"], tokenized["drop_detail"], tokenized["row_id"]):
             if reason:
                 if self.strict:
+                    said = f": {detail}" if detail else ""
                     raise ValueError(
-                        f"{key}: row {row_id} is unusable ({reason}); fix or remove it, or set "
+                        f"{key}: row {row_id} is unusable ({reason}{said}); fix or remove it, or set "
                         "data.init_args.strict: false to drop and count such rows"
                     )
-                report.record_drop(reason, row_id)
+                report.record_drop(reason, row_id, detail=detail)
         kept = tokenized.filter(lambda r: r == "", input_columns="drop_reason") if report.dropped else tokenized
         report.prompt_lengths = [len(x) for x in kept["prompt_ids"]]
         report.completion_lengths = [len(x) for column in self.completion_fields for x in kept[column]]
@@ -267,7 +411,7 @@ class TokenizedDataModule(L.LightningDataModule):
         rank_zero_info(report.format())
         if len(kept) == 0:
             raise ValueError(f"{key}: no usable rows left after validation; see the report above")
-        return kept.remove_columns("drop_reason")
+        return kept.remove_columns(["drop_reason", "drop_detail"])
 
     # -- loaders ------------------------------------------------------------------------
     def row_lengths(self, rows: datasets.Dataset) -> list[int]:

@@ -77,6 +77,7 @@ class UnpairedDataModule(TokenizedDataModule):
 
     layout = BatchLayout.UNPAIRED_WITH_KL
     text_fields = ("prompt", "completion", "label")
+    convertible_fields = ("chosen", "rejected")
     completion_fields = ("completion_ids",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -86,6 +87,12 @@ class UnpairedDataModule(TokenizedDataModule):
                 "data.init_args.batch_size and data.init_args.eval_batch_size must be >= 2 for unpaired (KTO) data: "
                 "the KL estimate pairs each prompt with another row's completion"
             )
+
+    def columns_hint(self) -> str:
+        return (
+            f"{type(self).__name__} reads ['prompt', 'completion', 'label'] "
+            "(or paired 'chosen' / 'rejected' rows, which it unpairs)"
+        )
 
     def prepare_rows(self, rows: datasets.Dataset, key: str) -> datasets.Dataset:
         columns = set(rows.column_names)
@@ -110,8 +117,8 @@ class UnpairedDataModule(TokenizedDataModule):
 
         return rows.map(unpair, batched=True, remove_columns=rows.column_names, desc="unpairing")
 
-    def tokenize(self, rows: datasets.Dataset, split: str, key: str) -> datasets.Dataset:
-        tokenized = super().tokenize(rows, split, key)
+    def tokenize(self, rows: datasets.Dataset, split: str, key: str, **kwargs: Any) -> datasets.Dataset:
+        tokenized = super().tokenize(rows, split, key, **kwargs)
         labels = set(tokenized["label"])
         if split == "train" and len(labels) == 1:
             only = "desirable" if labels.pop() else "undesirable"
@@ -123,7 +130,7 @@ class UnpairedDataModule(TokenizedDataModule):
 
     def row_encoder(self, rows: datasets.Dataset) -> UnpairedEncoder:
         assert self.tokenizer is not None
-        return UnpairedEncoder(self.tokenizer, self.settings)
+        return UnpairedEncoder(self.tokenizer, self.settings, **self.encoder_options())
 
     def collator(self) -> UnpairedCollator:
         assert self.tokenizer is not None

@@ -8,6 +8,7 @@ class attributes below to know what to build and what the data must carry.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -163,15 +164,22 @@ class PreferenceLoss(nn.Module, ABC):
 
 
 def check_positive(name: str, value: float) -> float:
-    """Validate a hyperparameter that must be > 0 and return it as float."""
-    if not value > 0:
-        raise ValueError(f"{LOSS_KEY}.{name} must be > 0, got {value}")
+    """Validate a hyperparameter that must be finite and > 0 and return it as float."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{LOSS_KEY}.{name} must be > 0 and finite, got {value}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """Validate a hyperparameter that must be finite and >= 0 and return it as float."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{LOSS_KEY}.{name} must be >= 0 and finite, got {value}")
     return float(value)
 
 
 def check_range(name: str, value: float, low: float, high: float) -> float:
-    """Validate ``low <= value < high`` and return it as float."""
-    if not low <= value < high:
+    """Validate ``low <= value < high`` (finite bounds) and return it as float."""
+    if not (low <= value < high and math.isfinite(value)):
         raise ValueError(f"{LOSS_KEY}.{name} must be in [{low}, {high}), got {value}")
     return float(value)
 
@@ -198,6 +206,7 @@ __all__ = [
     "LossOutput",
     "PreferenceLoss",
     "SequenceLogProbs",
+    "check_nonnegative",
     "check_positive",
     "check_range",
     "implicit_rewards",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import BatchLayout, DataRequirements
-from .base import LossOutput
+from .base import LossOutput, check_nonnegative
 
 
 class BradleyTerryLoss(nn.Module):
@@ -33,10 +33,8 @@ class BradleyTerryLoss(nn.Module):
 
     def __init__(self, use_margin: bool = False, center_rewards_coefficient: float = 0.0) -> None:
         super().__init__()
-        if not center_rewards_coefficient >= 0:
-            raise ValueError(f"model.init_args.loss.init_args.center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         self.use_margin = use_margin
-        self.center_rewards_coefficient = float(center_rewards_coefficient)
+        self.center_rewards_coefficient = check_nonnegative("center_rewards_coefficient", center_rewards_coefficient)
 
     @property
     def score_columns(self) -> tuple[str, ...]:

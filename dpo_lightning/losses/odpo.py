@@ -8,7 +8,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, implicit_rewards, log_ratio_margin
+from .base import (
+    LossOutput, PreferenceLoss, SequenceLogProbs, check_nonnegative, check_positive, implicit_rewards, log_ratio_margin,
+)
 
 OffsetFn = Callable[[Tensor], Tensor]
 
@@ -45,9 +47,7 @@ class ODPOLoss(PreferenceLoss):
     ) -> None:
         super().__init__()
         self.beta = check_positive("beta", beta)
-        if not alpha >= 0:
-            raise ValueError(f"model.init_args.loss.init_args.alpha must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = check_nonnegative("alpha", alpha)
         self.min_score_diff = check_positive("min_score_diff", min_score_diff)
         if offset_fn not in ("log", "identity") and not callable(offset_fn):
             raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_nonnegative
 
 
 class WithChosenNLL(PreferenceLoss):
@@ -32,10 +32,8 @@ class WithChosenNLL(PreferenceLoss):
         super().__init__()
         if not loss.pairwise:
             raise ValueError("model.init_args.loss.init_args.loss must be a pairwise loss; NLL on y_w needs pairs")
-        if not weight >= 0:
-            raise ValueError(f"model.init_args.loss.init_args.weight must be >= 0, got {weight}")
         self.inner = loss
-        self.weight = float(weight)
+        self.weight = check_nonnegative("weight", weight)
         self.needs_reference = loss.needs_reference  # type: ignore[misc]
         self.score_columns = loss.score_columns  # type: ignore[misc]
         self.needs_token_logprobs = loss.needs_token_logprobs  # type: ignore[misc]

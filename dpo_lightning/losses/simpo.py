@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_nonnegative, check_positive
 
 
 class SimPOLoss(PreferenceLoss):
@@ -27,9 +27,7 @@ class SimPOLoss(PreferenceLoss):
     def __init__(self, beta: float = 2.0, gamma: float = 1.0) -> None:
         super().__init__()
         self.beta = check_positive("beta", beta)
-        if not gamma >= 0:
-            raise ValueError(f"model.init_args.loss.init_args.gamma must be >= 0, got {gamma}")
-        self.gamma = float(gamma)
+        self.gamma = check_nonnegative("gamma", gamma)
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]

@@ -123,8 +123,9 @@ class PreferenceModule(AlignmentModule):
 
     @property
     def data_requirements(self) -> DataRequirements:
-        """What the data module must produce: the loss's batch layout and columns."""
-        return self.loss.data_requirements
+        """What the data module must produce: the loss's batch layout and columns, and the
+        policy's position limit (``max_position_embeddings``)."""
+        return self.loss.data_requirements.with_model_limit(self.policy)
 
     # -- log-probs --------------------------------------------------------------------------
     def logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:

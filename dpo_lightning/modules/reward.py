@@ -56,8 +56,8 @@ class RewardModule(AlignmentModule):
 
     @property
     def data_requirements(self) -> DataRequirements:
-        """Pairs, with ``margin`` when the loss uses it."""
-        return self.loss.data_requirements
+        """Pairs, with ``margin`` when the loss uses it, and the model's position limit."""
+        return self.loss.data_requirements.with_model_limit(self.reward_model)
 
     def trained_model(self) -> torch.nn.Module:
         return self.reward_model

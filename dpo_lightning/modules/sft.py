@@ -73,8 +73,9 @@ class SFTModule(AlignmentModule):
 
     @property
     def data_requirements(self) -> DataRequirements:
-        """One completion per row (:class:`~dpo_lightning.data.SFTDataModule`)."""
-        return DataRequirements(BatchLayout.COMPLETIONS)
+        """One completion per row (:class:`~dpo_lightning.data.SFTDataModule`), within the
+        model's position limit."""
+        return DataRequirements(BatchLayout.COMPLETIONS).with_model_limit(self.policy)
 
     def trained_model(self) -> torch.nn.Module:
         return self.policy
