@@ -359,3 +359,51 @@ def test_cli_parser_takes_the_new_options(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         run(["fit", "--config", str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"), "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["train_data"] == "data/quickstart/train.jsonl"
+
+
+# --- every shape trains through the Python API too ---------------------------------------------
+def python_api_shapes(tmp_path) -> dict:
+    """``{name: (module class name, data module class, data-module kwargs)}``."""
+    rows = quickstart_rows(12)
+    messages = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"].strip()}]}
+                for r in rows]
+    a, b = two_sources(tmp_path)
+    folder = tmp_path / "folder"
+    write_jsonl(folder / "train.jsonl", rows)
+    return {
+        "ultrafeedback": ("PreferenceModule", PreferenceDataModule, {"train_data": ultrafeedback(rows)}),
+        "sft messages": ("SFTModule", SFTDataModule, {"train_data": datasets.Dataset.from_list(messages)}),
+        "columns mapping": ("PreferenceModule", PreferenceDataModule, {"train_data": se_rows(12), "columns": MAPPING}),
+        "weighted sources": ("PreferenceModule", PreferenceDataModule,
+                             {"train_data": [{"path": a, "fraction": 0.5}, {"path": b, "rows": 6}]}),
+        "sliced split of a folder": ("PreferenceModule", PreferenceDataModule,
+                                     {"train_data": str(folder), "train_split": "train[:50%]"}),
+        "chat template kwargs": ("PreferenceModule", PreferenceDataModule,
+                                 {"train_data": ultrafeedback(rows), "chat_template_kwargs": {"enable_thinking": False}}),
+        "in-memory Dataset": ("PreferenceModule", PreferenceDataModule, {"train_data": datasets.Dataset.from_list(rows)}),
+        "DatasetDict": ("PreferenceModule", PreferenceDataModule,
+                        {"train_data": datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})}),
+        "KTO on UltraFeedback rows": ("PreferenceModule", UnpairedDataModule, {"train_data": ultrafeedback(rows)}),
+    }
+
+
+@pytest.mark.parametrize("shape", ["ultrafeedback", "sft messages", "columns mapping", "weighted sources",
+                                   "sliced split of a folder", "chat template kwargs", "in-memory Dataset",
+                                   "DatasetDict", "KTO on UltraFeedback rows"])
+def test_every_shape_trains_through_the_python_api(tmp_path, shape) -> None:
+    import lightning as L
+
+    from conftest import tiny_spec
+    from dpo_lightning import modules
+    from dpo_lightning.losses import KTOLoss
+
+    module_name, data_class, kwargs = python_api_shapes(tmp_path)[shape]
+    extra = {"loss": KTOLoss()} if data_class is UnpairedDataModule else {}
+    module = getattr(modules, module_name)(model=tiny_spec(), **extra)
+    data = data_class(max_length=64, batch_size=2, **kwargs)
+    data.connect(module.tokenizer, module.data_requirements)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    assert data.reports["train"].rows_kept >= 2
