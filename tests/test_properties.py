@@ -16,7 +16,12 @@ junk = st.none() | st.integers() | st.floats(allow_nan=True) | st.booleans() | s
 field = text | conversation | junk
 
 
-def check_valid(out: dict, tok, cfg: TokenizationSettings, completion_keys: tuple[str, ...]) -> None:
+def check_valid(
+    out: dict, tok, cfg: TokenizationSettings, completion_keys: tuple[str, ...], max_turns: int = 1,
+    eos_in_content: bool = False,
+) -> None:
+    """``max_turns``: the most messages a completion can hold (a template whose end-of-turn token
+    is the EOS ends each of them with one); plain text holds one EOS."""
     if out["drop_reason"]:
         assert out["drop_reason"] in DROP_REASONS
         return
@@ -24,7 +29,9 @@ def check_valid(out: dict, tok, cfg: TokenizationSettings, completion_keys: tupl
     for key in completion_keys:
         ids = out[key]
         assert ids and len(out["prompt_ids"]) + len(ids) <= cfg.max_length
-        assert ids.count(tok.eos_token_id) <= 1
+        assert ids.count(tok.eos_token_id) <= max(max_turns, 1)
+        if not eos_in_content:
+            assert all(not (a == b == tok.eos_token_id) for a, b in zip(ids, ids[1:])), "EOS doubled"
         untruncated = len(out["prompt_ids"]) + len(ids) < cfg.max_length
         if untruncated:
             assert ids[-1] == tok.eos_token_id
@@ -50,7 +57,13 @@ def test_pair_rows(prompt, chosen, rejected, has_prompt, kind, max_length, max_p
     cfg = TokenizationSettings(max_length, max_prompt_length, mode)
     row = {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if has_prompt else {})
     out = PairEncoder(tok, cfg, has_prompt=has_prompt)(row, 0)
-    check_valid(out, tok, cfg, ("chosen_ids", "rejected_ids"))
+    turns = max(len(v) if isinstance(v, list) else 1 for v in (chosen, rejected))
+    # conversations go through the chat template as text, so an EOS written inside a message's
+    # content is an EOS token there too (as with apply_chat_template): count those as well
+    turns += sum(m.get("content", "").count(tok.eos_token) for v in (chosen, rejected) if isinstance(v, list)
+                 for m in v if isinstance(m, dict) and isinstance(m.get("content"), str))
+    check_valid(out, tok, cfg, ("chosen_ids", "rejected_ids"), max_turns=turns,
+                eos_in_content=turns > max(len(v) if isinstance(v, list) else 1 for v in (chosen, rejected)))
     if max_prompt_length is not None and not out["drop_reason"]:
         assert len(out["prompt_ids"]) <= max_prompt_length
 
@@ -61,4 +74,4 @@ def test_unpaired_rows(prompt, completion, label, kind) -> None:
     tok = TOKENIZERS[kind]
     cfg = TokenizationSettings(32)
     out = UnpairedEncoder(tok, cfg)({"prompt": prompt, "completion": completion, "label": label}, 0)
-    check_valid(out, tok, cfg, ("completion_ids",))
+    check_valid(out, tok, cfg, ("completion_ids",), max_turns=len(completion) if isinstance(completion, list) else 1)
