@@ -4,7 +4,6 @@ rows, the learning-rate schedule, cache keys that cover the code."""
 from __future__ import annotations
 
 import csv
-import math
 
 import lightning as L
 import pytest

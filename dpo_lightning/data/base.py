@@ -436,13 +436,15 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         """The training loader; stateful, so a resumed run continues mid-epoch (:mod:`.loader`)."""
+        sampler = self.train_sampler()
         return ResumableDataLoader(
-            self.train_dataset, batch_size=self.batch_size, sampler=self.train_sampler(),
-            collate_fn=self.collator(), num_workers=self.num_workers, drop_last=self.drop_last_train_batch(),
+            self.train_dataset, batch_size=self.batch_size, sampler=sampler,
+            collate_fn=self.collator(), num_workers=self.num_workers, drop_last=self.drop_last_train_batch(len(sampler)),
         )
 
-    def drop_last_train_batch(self) -> bool:
-        """Whether the last, short training batch is left out (a layout that cannot use it)."""
+    def drop_last_train_batch(self, rows_per_epoch: int) -> bool:
+        """Whether the last, short training batch is left out (a layout that cannot use it);
+        ``rows_per_epoch``: this process's rows an epoch (the sampler's length)."""
         return False
 
     def ordered_loader(self, split: str) -> DataLoader:

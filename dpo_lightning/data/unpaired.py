@@ -136,10 +136,10 @@ class UnpairedDataModule(TokenizedDataModule):
         assert self.tokenizer is not None
         return UnpairedCollator(self.tokenizer.pad_token_id, self.settings.max_length)
 
-    def drop_last_train_batch(self) -> bool:
+    def drop_last_train_batch(self, rows_per_epoch: int) -> bool:
         # A final batch of one row cannot be paired; skip it. The order differs every epoch,
         # so a different row sits out each time and none is lost for good.
-        return len(self.train_sampler()) % self.batch_size == 1
+        return rows_per_epoch % self.batch_size == 1
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is not None and len(self.val_dataset) % self.eval_batch_size == 1:
