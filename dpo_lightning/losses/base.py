@@ -12,8 +12,10 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import BatchLayout, DataRequirements
@@ -87,6 +89,9 @@ class LossOutput:
         metrics: extra detached scalars or ``(B,)`` tensors to log (averaged over the batch).
         chosen_logps / rejected_logps: policy log-probs to log for each side; ``None`` means
             the first / second half of the policy's sums (set them for unpaired losses).
+        per_pair: ``(B,)`` the loss of each pair before the batch mean (``loss ==
+            per_pair.mean()``), carrying the graph; ``None`` when the loss is not a mean over
+            pairs (AOT sorts its pairs, KTO averages rows). Wrappers that weight pairs (WPO) need it.
 
     For unpaired losses (KTO) the "chosen" side is the desirable rows and the "rejected" side
     the undesirable ones; their lengths may differ and reward accuracy is then not defined.
@@ -98,6 +103,7 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     chosen_logps: Tensor | None = None
     rejected_logps: Tensor | None = None
+    per_pair: Tensor | None = None
 
 
 #: Where a loss's arguments sit in a recipe, named in error messages.
@@ -195,20 +201,78 @@ def implicit_rewards(
     return chosen.detach(), rejected.detach()
 
 
-def log_ratio_margin(policy: SequenceLogProbs, reference: SequenceLogProbs | None) -> Tensor:
-    """``d = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``, ``(B,)``."""
+#: The f-divergence regularisers of f-DPO (Wang et al., 2023, arXiv 2309.16240), by name.
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+#: Largest exponent :func:`divergence_scores` passes to ``exp`` (as TRL: exp(80) is finite in float32).
+_MAX_EXPONENT = 80.0
+
+
+def check_divergence(divergence: str, alpha: float) -> tuple[str, float]:
+    """Validate an f-divergence name and its alpha (``0 < alpha <= 1``); return them."""
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"{LOSS_KEY}.divergence must be one of {', '.join(F_DIVERGENCES)}, got {divergence!r}")
+    if not (0 < alpha <= 1 and math.isfinite(alpha)):
+        raise ValueError(f"{LOSS_KEY}.divergence_alpha must be in (0, 1], got {alpha}")
+    return divergence, float(alpha)
+
+
+def divergence_scores(logratios: Tensor, divergence: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+    r"""``f'(u)`` at ``u = pi(y|x) / pi_ref(y|x)``, given ``log u`` ``(N,)``; returns ``(N,)``.
+
+    f-DPO replaces DPO's ``beta * log u`` by ``beta * f'(u)``; the normaliser ``log Z(x)`` still
+    cancels in the chosen-minus-rejected difference, so only losses built on that difference
+    accept a divergence other than reverse KL. Constants of ``f'`` are kept as in TRL so that
+    per-side length normalisation (``sigmoid_norm``, IPO) gives TRL's numbers::
+
+        reverse_kl        log u                       (DPO)
+        forward_kl        1 - 1/u
+        js_divergence     log 2 + log sigmoid(log u)  = log(2u / (1 + u))
+        alpha_divergence  (1 - u^(-alpha)) / alpha    (paper's convention: alpha -> 0 is reverse
+                                                       KL, alpha = 1 is forward KL)
+
+    TRL's ``f_alpha_divergence_coef = c`` computes ``(u^(c-1) - 1) / (c - 1)``, which is this
+    with ``alpha = 1 - c``; the two agree at the shared default 0.5. Exponents are clamped at
+    80 so that a very negative log-ratio gives a large finite score, never ``inf``.
+    """
+    if divergence == "reverse_kl":
+        return logratios
+    if divergence == "forward_kl":
+        return 1 - torch.exp((-logratios).clamp(max=_MAX_EXPONENT))
+    if divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if divergence == "alpha_divergence":
+        return (1 - torch.exp((-alpha * logratios).clamp(max=_MAX_EXPONENT))) / alpha
+    raise ValueError(f"{LOSS_KEY}.divergence must be one of {', '.join(F_DIVERGENCES)}, got {divergence!r}")
+
+
+def log_ratio_margin(
+    policy: SequenceLogProbs,
+    reference: SequenceLogProbs | None,
+    divergence: str = "reverse_kl",
+    alpha: float = 0.5,
+) -> Tensor:
+    """``d = f'(u_w) - f'(u_l)`` with ``u = pi(y|x) / pi_ref(y|x)``, ``(B,)``. With the default
+    reverse KL this is DPO's ``(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``."""
     if reference is None:
         raise ValueError("this loss needs reference log-probs but none were given")
-    return (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+    chosen = divergence_scores(policy.chosen - reference.chosen, divergence, alpha)
+    rejected = divergence_scores(policy.rejected - reference.rejected, divergence, alpha)
+    return chosen - rejected
 
 
 __all__ = [
+    "F_DIVERGENCES",
+    "FDivergence",
     "LossOutput",
     "PreferenceLoss",
     "SequenceLogProbs",
     "check_nonnegative",
     "check_positive",
+    "check_divergence",
     "check_range",
+    "divergence_scores",
     "implicit_rewards",
     "log_ratio_margin",
 ]

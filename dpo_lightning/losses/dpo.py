@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import (
+    FDivergence,
     LossOutput,
     PreferenceLoss,
     SequenceLogProbs,
+    check_divergence,
     check_positive,
     check_range,
     implicit_rewards,
@@ -30,18 +32,31 @@ class DPOLoss(PreferenceLoss):
     ``eps = 0`` is DPO; ``eps > 0`` is conservative DPO (cDPO, Mitchell 2023): labels are
     assumed flipped with probability ``eps``.
 
+    f-DPO (Wang et al., 2023, arXiv 2309.16240): ``divergence`` replaces the reverse KL that
+    DPO regularises with by another f-divergence; ``d`` becomes ``f'(u_w) - f'(u_l)``
+    (:func:`~dpo_lightning.losses.base.divergence_scores`). The default ``reverse_kl`` is DPO.
+
     Args:
         beta: KL-penalty strength, > 0. Default 0.1; typical 0.01 to 0.5.
         label_smoothing: cDPO's ``eps`` in [0, 0.5). Default 0.
+        divergence: ``reverse_kl`` (default), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``.
+        divergence_alpha: alpha of ``alpha_divergence``, in (0, 1]. Default 0.5.
 
     Shapes: ``policy``/``reference`` hold ``(2B,)`` sums; the rewards returned are ``(B,)``
     implicit rewards ``beta * (log pi - log pi_ref)``, detached.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        divergence: FDivergence = "reverse_kl",
+        divergence_alpha: float = 0.5,
+    ) -> None:
         super().__init__()
         self.beta = check_positive("beta", beta)
         self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+        self.divergence, self.divergence_alpha = check_divergence(divergence, divergence_alpha)
 
     def pair_losses(self, logits: Tensor) -> Tensor:
         """``(B,)`` losses from ``logits = beta * d``, ``(B,)``."""
@@ -51,9 +66,10 @@ class DPOLoss(PreferenceLoss):
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
     ) -> LossOutput:
-        losses = self.pair_losses(self.beta * log_ratio_margin(policy, reference))
+        margin = log_ratio_margin(policy, reference, self.divergence, self.divergence_alpha)
+        losses = self.pair_losses(self.beta * margin)
         chosen, rejected = implicit_rewards(self.beta, policy, reference)
-        return LossOutput(losses.mean(), chosen, rejected)
+        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)
 
 
 class RobustDPOLoss(DPOLoss):
@@ -69,10 +85,17 @@ class RobustDPOLoss(DPOLoss):
     Args:
         beta: > 0, default 0.1.
         label_smoothing: the flip rate ``eps`` in [0, 0.5). Default 0.1 (0 gives DPO).
+        divergence / divergence_alpha: as in :class:`DPOLoss`.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
-        super().__init__(beta=beta, label_smoothing=label_smoothing)
+    def __init__(
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.1,
+        divergence: FDivergence = "reverse_kl",
+        divergence_alpha: float = 0.5,
+    ) -> None:
+        super().__init__(beta, label_smoothing, divergence, divergence_alpha)
 
     def pair_losses(self, logits: Tensor) -> Tensor:
         eps = self.label_smoothing
@@ -87,15 +110,18 @@ class HingeLoss(PreferenceLoss):
 
     Args:
         beta: > 0, default 0.1 (``1/beta`` is the margin in log-ratio units).
+        divergence / divergence_alpha: f-DPO's regulariser, as in :class:`DPOLoss`.
     """
 
-    def __init__(self, beta: float = 0.1) -> None:
+    def __init__(self, beta: float = 0.1, divergence: FDivergence = "reverse_kl", divergence_alpha: float = 0.5) -> None:
         super().__init__()
         self.beta = check_positive("beta", beta)
+        self.divergence, self.divergence_alpha = check_divergence(divergence, divergence_alpha)
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
     ) -> LossOutput:
-        losses = F.relu(1 - self.beta * log_ratio_margin(policy, reference))
+        margin = log_ratio_margin(policy, reference, self.divergence, self.divergence_alpha)
+        losses = F.relu(1 - self.beta * margin)
         chosen, rejected = implicit_rewards(self.beta, policy, reference)
-        return LossOutput(losses.mean(), chosen, rejected)
+        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)

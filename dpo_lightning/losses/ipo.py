@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive
+from .base import FDivergence, LossOutput, PreferenceLoss, SequenceLogProbs, check_divergence, check_positive, divergence_scores
 
 
 class IPOLoss(PreferenceLoss):
@@ -17,29 +17,44 @@ class IPOLoss(PreferenceLoss):
 
         L = (d' - 1 / (2 * beta)) ** 2
 
+    With an f-divergence (f-DPO, arXiv 2309.16240) each side's summed log-ratio ``log u`` is
+    replaced by ``f'(u)`` before the division by its length, as TRL does.
+
     Args:
         beta: the regularisation ``tau`` > 0. Default 0.1 (target margin ``1/(2 beta) = 5``).
         length_normalize: use per-token means (default ``True``) or sums.
+        divergence / divergence_alpha: as in :class:`~dpo_lightning.losses.DPOLoss`.
 
     The implicit rewards logged are ``beta * (log pi - log pi_ref)`` on the same (mean or sum)
     log-probs, ``(B,)`` each, detached.
     """
 
-    def __init__(self, beta: float = 0.1, length_normalize: bool = True) -> None:
+    def __init__(
+        self,
+        beta: float = 0.1,
+        length_normalize: bool = True,
+        divergence: FDivergence = "reverse_kl",
+        divergence_alpha: float = 0.5,
+    ) -> None:
         super().__init__()
         self.beta = check_positive("beta", beta)
         self.length_normalize = length_normalize
+        self.divergence, self.divergence_alpha = check_divergence(divergence, divergence_alpha)
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
     ) -> LossOutput:
         if reference is None:
             raise ValueError("IPOLoss needs reference log-probs")
-        if self.length_normalize:
+        if self.length_normalize and self.divergence == "reverse_kl":
             h_w = policy.chosen_means - reference.chosen_means
             h_l = policy.rejected_means - reference.rejected_means
         else:
-            h_w = policy.chosen - reference.chosen
-            h_l = policy.rejected - reference.rejected
+            h_w = divergence_scores(policy.chosen - reference.chosen, self.divergence, self.divergence_alpha)
+            h_l = divergence_scores(policy.rejected - reference.rejected, self.divergence, self.divergence_alpha)
+            if self.length_normalize:
+                b = h_w.shape[0]
+                h_w = h_w / policy.counts[:b].clamp(min=1).to(h_w.dtype)
+                h_l = h_l / policy.counts[b:].clamp(min=1).to(h_l.dtype)
         losses = (h_w - h_l - 1 / (2 * self.beta)) ** 2
-        return LossOutput(losses.mean(), (self.beta * h_w).detach(), (self.beta * h_l).detach())
+        return LossOutput(losses.mean(), (self.beta * h_w).detach(), (self.beta * h_l).detach(), per_pair=losses)

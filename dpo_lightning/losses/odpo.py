@@ -9,7 +9,15 @@ import torch
 from torch import Tensor
 
 from .base import (
-    LossOutput, PreferenceLoss, SequenceLogProbs, check_nonnegative, check_positive, implicit_rewards, log_ratio_margin,
+    FDivergence,
+    LossOutput,
+    PreferenceLoss,
+    SequenceLogProbs,
+    check_divergence,
+    check_nonnegative,
+    check_positive,
+    implicit_rewards,
+    log_ratio_margin,
 )
 
 OffsetFn = Callable[[Tensor], Tensor]
@@ -24,16 +32,27 @@ class ODPOLoss(PreferenceLoss):
     responses, read from the batch columns ``score_chosen`` / ``score_rejected`` (from the
     dataset, or written by ``dpo-lightning-score`` with a trained reward model).
 
-    ``f`` is ``"log"`` (default, the paper's choice), ``"identity"``, or any callable on a
-    ``(B,)`` tensor. ``log`` is undefined for ``s_w - s_l <= 0``: the difference is clamped
-    at ``min_score_diff`` first, so a tie or an inverted pair gets the most negative offset
-    ``alpha * log(min_score_diff)`` (a bonus, never NaN). With ``alpha = 0`` the loss is DPO.
+    The offset takes one of three forms (``offset_fn``):
+
+    * ``"log"`` (default, the paper's eq. 9): ``alpha * log(s_w - s_l)``. ``log`` is undefined for
+      ``s_w - s_l <= 0``: the difference is clamped at ``min_score_diff`` first, so a tie or an
+      inverted pair gets the most negative offset ``alpha * log(min_score_diff)`` (a bonus, never NaN).
+    * ``"log_ratio"`` (the paper's other form, used in its code for positive scores such as
+      sentiment probabilities): ``alpha * log(s_w / s_l)``, computed as
+      ``log(max(s_w, m)) - log(max(s_l, m))`` with ``m = min_score_diff``: defined for any
+      scores, never NaN; an inverted pair gets a negative offset.
+    * ``"identity"``: ``alpha * (s_w - s_l)``; or any callable on the ``(B,)`` difference.
+
+    With ``alpha = 0`` the loss is DPO.
 
     Args:
         beta: > 0, default 0.1.
         alpha: offset scale >= 0, default 1.0 (paper sweeps 0.0 to 1.0 or more).
-        offset_fn: ``"log"``, ``"identity"`` or a callable. Default ``"log"``.
-        min_score_diff: clamp for ``s_w - s_l`` before ``log``, > 0. Default 1e-3.
+        offset_fn: ``"log"``, ``"log_ratio"``, ``"identity"`` or a callable. Default ``"log"``.
+        min_score_diff: floor applied before ``log`` (to ``s_w - s_l``, or to each score for
+            ``"log_ratio"``), > 0. Default 1e-3.
+        divergence / divergence_alpha: f-DPO's regulariser on ``d``, as in
+            :class:`~dpo_lightning.losses.DPOLoss`. Default reverse KL.
     """
 
     score_columns = ("score_chosen", "score_rejected")
@@ -42,21 +61,28 @@ class ODPOLoss(PreferenceLoss):
         self,
         beta: float = 0.1,
         alpha: float = 1.0,
-        offset_fn: Literal["log", "identity"] | OffsetFn = "log",
+        offset_fn: Literal["log", "log_ratio", "identity"] | OffsetFn = "log",
         min_score_diff: float = 1e-3,
+        divergence: FDivergence = "reverse_kl",
+        divergence_alpha: float = 0.5,
     ) -> None:
         super().__init__()
         self.beta = check_positive("beta", beta)
         self.alpha = check_nonnegative("alpha", alpha)
         self.min_score_diff = check_positive("min_score_diff", min_score_diff)
-        if offset_fn not in ("log", "identity") and not callable(offset_fn):
+        if offset_fn not in ("log", "log_ratio", "identity") and not callable(offset_fn):
             raise ValueError(
-                f"model.init_args.loss.init_args.offset_fn must be 'log', 'identity' or a callable, got {offset_fn!r}"
+                "model.init_args.loss.init_args.offset_fn must be 'log', 'log_ratio', 'identity' or a callable, "
+                f"got {offset_fn!r}"
             )
         self.offset_fn = offset_fn
+        self.divergence, self.divergence_alpha = check_divergence(divergence, divergence_alpha)
 
     def offset(self, score_chosen: Tensor, score_rejected: Tensor) -> Tensor:
-        """``Delta = alpha * f(s_w - s_l)``, ``(B,)``."""
+        """``Delta``, ``(B,)``: ``alpha * f(s_w - s_l)``, or ``alpha * log(s_w / s_l)`` for ``"log_ratio"``."""
+        if self.offset_fn == "log_ratio":
+            floor = self.min_score_diff
+            return self.alpha * (torch.log(score_chosen.clamp(min=floor)) - torch.log(score_rejected.clamp(min=floor)))
         diff = score_chosen - score_rejected
         if self.offset_fn == "log":
             return self.alpha * torch.log(diff.clamp(min=self.min_score_diff))
@@ -70,10 +96,10 @@ class ODPOLoss(PreferenceLoss):
         for column in self.score_columns:
             if column not in batch:
                 raise KeyError(f"ODPOLoss needs the batch column {column!r}; add scores to the dataset")
-        margin = log_ratio_margin(policy, reference)
+        margin = log_ratio_margin(policy, reference, self.divergence, self.divergence_alpha)
         delta = self.offset(batch["score_chosen"], batch["score_rejected"]).to(margin.dtype)
         losses = -torch.nn.functional.logsigmoid(self.beta * margin - delta)
         chosen, rejected = implicit_rewards(self.beta, policy, reference)
-        return LossOutput(losses.mean(), chosen, rejected, {"offset": delta.detach()})
+        return LossOutput(losses.mean(), chosen, rejected, {"offset": delta.detach()}, per_pair=losses)
 
 

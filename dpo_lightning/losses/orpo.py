@@ -47,6 +47,8 @@ class ORPOLoss(PreferenceLoss):
         odds_ratio = log_odds(chosen_mean) - log_odds(rejected_mean)
         or_loss = -F.logsigmoid(odds_ratio)
         nll = -chosen_mean
-        loss = (nll + self.lam * or_loss).mean()
+        per_pair = nll + self.lam * or_loss
         metrics = {"nll": nll.detach(), "log_odds_ratio": odds_ratio.detach()}
-        return LossOutput(loss, (self.lam * chosen_mean).detach(), (self.lam * rejected_mean).detach(), metrics)
+        return LossOutput(
+            per_pair.mean(), (self.lam * chosen_mean).detach(), (self.lam * rejected_mean).detach(), metrics, per_pair=per_pair
+        )

@@ -35,4 +35,4 @@ class SimPOLoss(PreferenceLoss):
         chosen = self.beta * policy.chosen_means
         rejected = self.beta * policy.rejected_means
         losses = -F.logsigmoid(chosen - rejected - self.gamma)
-        return LossOutput(losses.mean(), chosen.detach(), rejected.detach())
+        return LossOutput(losses.mean(), chosen.detach(), rejected.detach(), per_pair=losses)
