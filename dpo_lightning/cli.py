@@ -231,7 +231,25 @@ def summarize_parse_error(message: str) -> str:
     reasons = [line.strip(" -") for line in deepest.splitlines()[1:] if line.strip() and not line.strip(" -").startswith(skip)]
     given = next((r for r in reasons if r.startswith("Given value:")), None)
     reasons = [r for r in reasons if not r.startswith(("Given value", "Problem with given", "Parser key"))]
-    return f"{key}: " + "; ".join(dict.fromkeys(reasons)) + (f" ({given})" if given else "")
+    summary = f"{key}: " + "; ".join(dict.fromkeys(reasons)) + (f" ({given})" if given else "")
+    if re.search(r"Option 'divergence(_alpha)?' is not accepted", message):
+        summary += (
+            "; f-divergences apply only to losses built on the chosen-minus-rejected log-ratio difference: "
+            + ", ".join(divergence_losses())
+        )
+    return summary
+
+
+def divergence_losses() -> list[str]:
+    """Names of the library's losses that accept ``divergence`` (f-DPO), sorted."""
+    import inspect
+
+    from . import losses
+
+    return sorted(
+        name for name in losses.__all__
+        if inspect.isclass(cls := getattr(losses, name)) and "divergence" in inspect.signature(cls.__init__).parameters
+    )
 
 
 #: errors that carry a message meant for the user: printed as one line, without a traceback
