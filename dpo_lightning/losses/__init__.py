@@ -1,26 +1,45 @@
 """Preference losses. Each family lives in its own file; all share :class:`PreferenceLoss`."""
 
+from .aot import AOTLoss, AOTUnpairedLoss
+from .apo import APODownLoss, APOZeroLoss
 from .bradley_terry import BradleyTerryLoss
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs
-from .dpo import DPOLoss, HingeLoss, RobustDPOLoss
+from .cpo import CPOLoss
+from .discopop import DiscoPOPLoss
+from .dpo import DPOLoss, HingeLoss, NormalizedDPOLoss, RobustDPOLoss
+from .dpop import DPOPLoss
+from .exo import EXOLoss
 from .ipo import IPOLoss
 from .kto import KTOLoss
+from .nca import NCALoss
 from .odpo import ODPOLoss
 from .orpo import ORPOLoss
 from .rpo import WithChosenNLL
 from .simpo import SimPOLoss
+from .sppo import SPPOHardLoss
 
 __all__ = [
+    "AOTLoss",
+    "AOTUnpairedLoss",
+    "APODownLoss",
+    "APOZeroLoss",
     "BradleyTerryLoss",
+    "CPOLoss",
     "DPOLoss",
+    "DPOPLoss",
+    "DiscoPOPLoss",
+    "EXOLoss",
     "HingeLoss",
     "IPOLoss",
     "KTOLoss",
     "LossOutput",
+    "NCALoss",
+    "NormalizedDPOLoss",
     "ODPOLoss",
     "ORPOLoss",
     "PreferenceLoss",
     "RobustDPOLoss",
+    "SPPOHardLoss",
     "SequenceLogProbs",
     "SimPOLoss",
     "WithChosenNLL",

@@ -1,4 +1,5 @@
-"""The DPO family with a reference model: sigmoid DPO / conservative DPO, robust DPO, hinge."""
+"""The DPO family with a reference model: sigmoid DPO / conservative DPO, robust DPO, hinge,
+length-normalised DPO."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .base import (
     check_divergence,
     check_positive,
     check_range,
+    divergence_scores,
     implicit_rewards,
     log_ratio_margin,
 )
@@ -123,5 +125,50 @@ class HingeLoss(PreferenceLoss):
     ) -> LossOutput:
         margin = log_ratio_margin(policy, reference, self.divergence, self.divergence_alpha)
         losses = F.relu(1 - self.beta * margin)
+        chosen, rejected = implicit_rewards(self.beta, policy, reference)
+        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)
+
+
+class NormalizedDPOLoss(PreferenceLoss):
+    r"""DPO (arXiv 2305.18290, eq. 7) on per-token MEAN log-ratios; TRL's ``loss_type="sigmoid_norm"``.
+
+    With ``|y|`` the number of completion tokens of ``y`` and
+    ``d' = [log pi(y_w|x) - log pi_ref(y_w|x)] / |y_w| - [log pi(y_l|x) - log pi_ref(y_l|x)] / |y_l|``::
+
+        L = -log sigmoid(beta * d')
+
+    This is the length-normalised DPO of Tülu 3 (Lambert et al., 2024, arXiv 2411.15124); the DPO
+    paper itself uses sums. With an f-divergence (f-DPO, arXiv 2309.16240) each side's summed
+    log-ratio ``log u`` is replaced by ``f'(u)`` *before* the division by its length, exactly as
+    TRL computes ``chosen_avg_score = chosen_scores / |y_w|`` (so for ``reverse_kl`` ``d'`` is
+    the difference of per-token mean log-ratios). Lengths are the policy's completion-token
+    counts, clamped at 1.
+
+    Args:
+        beta: > 0, default 0.1 (TRL's). On per-token means the logit ``beta * d'`` is about
+            ``1 / length`` of DPO's at the same beta.
+        divergence / divergence_alpha: as in :class:`DPOLoss`.
+
+    Shapes: ``policy``/``reference`` hold ``(2B,)`` sums and counts; ``per_pair`` is ``(B,)``.
+    The rewards logged are ``beta * (log pi - log pi_ref)`` on summed log-probs (as TRL logs
+    them), ``(B,)`` each, detached.
+    """
+
+    def __init__(self, beta: float = 0.1, divergence: FDivergence = "reverse_kl", divergence_alpha: float = 0.5) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+        self.divergence, self.divergence_alpha = check_divergence(divergence, divergence_alpha)
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        if reference is None:
+            raise ValueError("NormalizedDPOLoss needs reference log-probs")
+        h_w = divergence_scores(policy.chosen - reference.chosen, self.divergence, self.divergence_alpha)
+        h_l = divergence_scores(policy.rejected - reference.rejected, self.divergence, self.divergence_alpha)
+        b = h_w.shape[0]
+        h_w = h_w / policy.counts[:b].clamp(min=1).to(h_w.dtype)
+        h_l = h_l / policy.counts[b:].clamp(min=1).to(h_l.dtype)
+        losses = -F.logsigmoid(self.beta * (h_w - h_l))
         chosen, rejected = implicit_rewards(self.beta, policy, reference)
         return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)

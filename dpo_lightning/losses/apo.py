@@ -1,0 +1,82 @@
+"""APO: anchored preference optimisation (APO-zero, APO-down)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, implicit_rewards
+
+
+class _Anchored(PreferenceLoss):
+    """Shared argument of the APO losses and the rewards ``r = beta * log(pi / pi_ref)`` they act on."""
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+
+    def rewards(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None) -> tuple[Tensor, Tensor]:
+        """``(r_w, r_l)``, each ``(B,)``, carrying the graph."""
+        if reference is None:
+            raise ValueError(f"{type(self).__name__} needs reference log-probs")
+        return self.beta * (policy.chosen - reference.chosen), self.beta * (policy.rejected - reference.rejected)
+
+
+class APOZeroLoss(_Anchored):
+    r"""APO-zero (D'Oosterlinck et al., 2024, arXiv 2408.06266), eq. 7; TRL's ``loss_type="apo_zero"``.
+
+    With ``r_w = beta * [log pi(y_w|x) - log pi_ref(y_w|x)]`` and ``r_l`` likewise (summed over
+    completion tokens), the paper's loss is ``-sigmoid(r_w) + sigmoid(r_l)``. TRL, and this
+    class, add the constant 1 (so the loss lies in ``(0, 2)``; gradients are the paper's)::
+
+        L = [1 - sigmoid(r_w)] + sigmoid(r_l)
+
+    Anchored to the reference: raises the chosen likelihood and lowers the rejected one, each
+    in absolute terms. Use it when the chosen responses are better than the model's own outputs.
+    No f-divergence (the loss acts on each reward, not on their difference).
+
+    Args:
+        beta: > 0, default 0.1.
+
+    Shapes: ``policy``/``reference`` hold ``(2B,)`` sums; ``per_pair`` and the implicit rewards
+    ``r_w``, ``r_l`` (detached) are ``(B,)``.
+    """
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        r_w, r_l = self.rewards(policy, reference)
+        losses = (1 - torch.sigmoid(r_w)) + torch.sigmoid(r_l)
+        chosen, rejected = implicit_rewards(self.beta, policy, reference)
+        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)
+
+
+class APODownLoss(_Anchored):
+    r"""APO-down (D'Oosterlinck et al., 2024, arXiv 2408.06266), eq. 8; TRL's ``loss_type="apo_down"``.
+
+    With ``r_w``, ``r_l`` as in :class:`APOZeroLoss`, the paper's loss is
+    ``sigmoid(r_w) - sigmoid(r_w - r_l)``. TRL, and this class, add the constant 1 (loss in
+    ``(0, 2)``; gradients are the paper's)::
+
+        L = sigmoid(r_w) + [1 - sigmoid(r_w - r_l)]
+
+    Lowers the chosen likelihood and the rejected one more. Use it when the chosen responses are
+    worse than the model's own outputs (the pair still says which of the two is better).
+
+    Args:
+        beta: > 0, default 0.1.
+
+    Shapes: ``policy``/``reference`` hold ``(2B,)`` sums; ``per_pair`` and the implicit rewards
+    ``r_w``, ``r_l`` (detached) are ``(B,)``.
+    """
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        r_w, r_l = self.rewards(policy, reference)
+        losses = torch.sigmoid(r_w) + (1 - torch.sigmoid(r_w - r_l))
+        chosen, rejected = implicit_rewards(self.beta, policy, reference)
+        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)
