@@ -27,12 +27,19 @@ class BatchLayout(str, Enum):
     * ``UNPAIRED_WITH_KL``: ``(2B, T)``: rows ``[0, B)`` are ``B`` labelled completions
       (``label`` ``(B,)`` bool), rows ``[B, 2B)`` pair each prompt with another row's
       completion, for KTO's KL reference point.
+    * ``UNPAIRED``: ``(B, T)``: ``B`` labelled completions (``label`` ``(B,)`` bool, True =
+      desirable) and nothing else, for unpaired losses without a KL estimate (BCO): no
+      mismatched rows, so no forward pass is spent on them.
     * ``COMPLETIONS``: ``(B, T)``: one ``prompt + completion`` per row (SFT).
+    * ``PROMPTS``: ``(B, T)``: prompts alone, left-padded for generation (online training
+      samples the completions itself).
     """
 
     PAIRS = "pairs"
     UNPAIRED_WITH_KL = "unpaired_with_kl"
+    UNPAIRED = "unpaired"
     COMPLETIONS = "completions"
+    PROMPTS = "prompts"
 
 
 @dataclass(frozen=True)

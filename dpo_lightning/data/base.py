@@ -43,7 +43,7 @@ def datamodule_for(layout: BatchLayout) -> str:
     pending = list(TokenizedDataModule.__subclasses__())
     while pending:
         cls = pending.pop(0)
-        if cls.__dict__.get("layout") == layout:
+        if cls.__dict__.get("layout") == layout or layout in cls.__dict__.get("layouts", ()):
             return cls.__name__
         pending += cls.__subclasses__()
     return "a data module with that layout"

@@ -1,8 +1,9 @@
-"""Unpaired rows (``prompt``, ``completion``, ``label``) for KTO, with mismatched KL pairs."""
+"""Unpaired rows (``prompt``, ``completion``, ``label``): for KTO with mismatched KL pairs
+(``UNPAIRED_WITH_KL``), for BCO without them (``UNPAIRED``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import torch
@@ -10,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..contract import BatchLayout
+from ..contract import BatchLayout, DataRequirements
 from .base import TokenizedDataModule
 from .collator import pad_sequences
 from .formats import normalize_pair
@@ -18,24 +19,27 @@ from .tokenization import UnpairedEncoder
 
 
 class UnpairedCollator:
-    """The ``UNPAIRED_WITH_KL`` layout: ``B`` labelled completions plus ``B`` mismatched pairs
-    for KTO's KL estimate.
+    """The ``UNPAIRED_WITH_KL`` layout (``with_kl=True``, default): ``B`` labelled completions plus
+    ``B`` mismatched pairs for KTO's KL estimate; the ``UNPAIRED`` layout (``with_kl=False``):
+    the ``B`` labelled completions only.
 
     Output:
 
-    * ``input_ids``, ``attention_mask``, ``completion_mask`` ``(2B, T)``: rows ``[0, B)`` are
-      ``prompt_i + completion_i``; rows ``[B, 2B)`` are ``prompt_i + completion_j`` with ``j``
-      the first of ``i+1, i+2, ...`` (cyclically) whose prompt differs from row ``i``'s, so a KL
-      row never pairs a prompt with one of its own completions (cut to ``max_length``);
+    * ``input_ids``, ``attention_mask``, ``completion_mask``: with KL rows ``(2B, T)``: rows
+      ``[0, B)`` are ``prompt_i + completion_i``; rows ``[B, 2B)`` are ``prompt_i + completion_j``
+      with ``j`` the first of ``i+1, i+2, ...`` (cyclically) whose prompt differs from row ``i``'s,
+      so a KL row never pairs a prompt with one of its own completions (cut to ``max_length``).
+      Without: ``(B, T)``, row ``i`` is ``prompt_i + completion_i``;
     * ``label`` ``(B,)`` bool (True = desirable), ``row_id`` ``(B,)`` long.
 
-    A batch of one row, or whose rows all share one prompt, has no mismatched pair: that is an
-    error (use ``batch_size >= 2``; shuffle the data).
+    With KL rows, a batch of one row, or whose rows all share one prompt, has no mismatched pair:
+    that is an error (use ``batch_size >= 2``; shuffle the data). Without, any batch is fine.
     """
 
-    def __init__(self, pad_token_id: int, max_length: int) -> None:
+    def __init__(self, pad_token_id: int, max_length: int, with_kl: bool = True) -> None:
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+        self.with_kl = with_kl
 
     @staticmethod
     def partner(prompts: list[list[int]], i: int) -> int:
@@ -51,6 +55,12 @@ class UnpairedCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         n = len(rows)
+        if not self.with_kl:
+            batch = pad_sequences([list(r["prompt_ids"]) for r in rows], [list(r["completion_ids"]) for r in rows],
+                                  self.pad_token_id)
+            batch["label"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
+            batch["row_id"] = torch.tensor([int(r["row_id"]) for r in rows], dtype=torch.long)
+            return batch
         if n < 2:
             raise ValueError(
                 "KTO needs at least 2 rows per batch to pair prompts with other rows' completions "
@@ -66,7 +76,13 @@ class UnpairedCollator:
 
 
 class UnpairedDataModule(TokenizedDataModule):
-    """Unpaired ``prompt``, ``completion``, ``label`` (bool) rows, for :class:`KTOLoss`.
+    """Unpaired ``prompt``, ``completion``, ``label`` (bool) rows, for :class:`KTOLoss` and
+    :class:`~dpo_lightning.losses.bco.BCOLoss`.
+
+    It produces either of two layouts, the one the loss asks for at :meth:`connect`:
+    ``UNPAIRED_WITH_KL`` (KTO; also the layout before ``connect``) adds a mismatched
+    prompt/completion row per row for the KL estimate; ``UNPAIRED`` (BCO) holds the labelled
+    rows only (see :class:`UnpairedCollator`).
 
     A source with ``prompt``/``chosen``/``rejected`` columns instead is unpaired
     automatically: each pair gives a desirable row (chosen) then an undesirable one
@@ -76,6 +92,8 @@ class UnpairedDataModule(TokenizedDataModule):
     """
 
     layout = BatchLayout.UNPAIRED_WITH_KL
+    #: every layout this module produces; :attr:`layout` is the one ``connect`` was asked for
+    layouts: ClassVar[tuple[BatchLayout, ...]] = (BatchLayout.UNPAIRED_WITH_KL, BatchLayout.UNPAIRED)
     text_fields = ("prompt", "completion", "label")
     convertible_fields = ("chosen", "rejected")
     completion_fields = ("completion_ids",)
@@ -87,6 +105,18 @@ class UnpairedDataModule(TokenizedDataModule):
                 "data.init_args.batch_size and data.init_args.eval_batch_size must be >= 2 for unpaired (KTO) data: "
                 "the KL estimate pairs each prompt with another row's completion"
             )
+
+    def connect(self, tokenizer: Any, requirements: DataRequirements | None = None) -> None:
+        """As :meth:`TokenizedDataModule.connect`; ``requirements.layout`` may be ``UNPAIRED_WITH_KL``
+        or ``UNPAIRED``, and picks the layout of the batches from then on."""
+        if requirements is not None and requirements.layout in self.layouts:
+            self.layout = requirements.layout
+        super().connect(tokenizer, requirements)
+
+    @property
+    def with_kl(self) -> bool:
+        """Whether batches carry KTO's mismatched KL rows (the ``UNPAIRED_WITH_KL`` layout)."""
+        return self.layout == BatchLayout.UNPAIRED_WITH_KL
 
     def columns_hint(self) -> str:
         return (
@@ -122,8 +152,9 @@ class UnpairedDataModule(TokenizedDataModule):
         labels = set(tokenized["label"])
         if split == "train" and len(labels) == 1:
             only = "desirable" if labels.pop() else "undesirable"
+            loss = "KTO needs" if self.with_kl else "an unpaired loss (BCO: a desirable / undesirable classifier) needs"
             raise ValueError(
-                f"{key}: after validation the rows are only {only}; KTO needs both labels "
+                f"{key}: after validation the rows are only {only}; {loss} both labels "
                 "(True and False) in the training data"
             )
         return tokenized
@@ -134,15 +165,15 @@ class UnpairedDataModule(TokenizedDataModule):
 
     def collator(self) -> UnpairedCollator:
         assert self.tokenizer is not None
-        return UnpairedCollator(self.tokenizer.pad_token_id, self.settings.max_length)
+        return UnpairedCollator(self.tokenizer.pad_token_id, self.settings.max_length, with_kl=self.with_kl)
 
     def drop_last_train_batch(self, rows_per_epoch: int) -> bool:
-        # A final batch of one row cannot be paired; skip it. The order differs every epoch,
-        # so a different row sits out each time and none is lost for good.
-        return rows_per_epoch % self.batch_size == 1
+        # With KL rows, a final batch of one row cannot be paired; skip it. The order differs
+        # every epoch, so a different row sits out each time and none is lost for good.
+        return self.with_kl and rows_per_epoch % self.batch_size == 1
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_dataset is not None and len(self.val_dataset) % self.eval_batch_size == 1:
+        if self.with_kl and self.val_dataset is not None and len(self.val_dataset) % self.eval_batch_size == 1:
             raise ValueError(
                 f"data: {len(self.val_dataset)} validation rows leave a last batch of 1, which KTO cannot "
                 f"score; choose data.init_args.eval_batch_size so the remainder is not 1"

@@ -4,6 +4,7 @@ from .aot import AOTLoss, AOTUnpairedLoss
 from .apo import APODownLoss, APOZeroLoss
 from .bradley_terry import BradleyTerryLoss
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs
+from .bco import BCOLoss, BCOPairLoss
 from .cpo import CPOLoss
 from .discopop import DiscoPOPLoss
 from .dpo import DPOLoss, HingeLoss, NormalizedDPOLoss, RobustDPOLoss
@@ -11,20 +12,26 @@ from .dpop import DPOPLoss
 from .exo import EXOLoss
 from .ipo import IPOLoss
 from .kto import KTOLoss
+from .length import LengthDesensitized
+from .mixture import MixtureLoss
 from .nca import NCALoss
 from .odpo import ODPOLoss
 from .orpo import ORPOLoss
-from .rpo import WithChosenNLL
+from .rpo import ChosenNLLLoss, WithChosenNLL
 from .simpo import SimPOLoss
 from .sppo import SPPOHardLoss
+from .weighting import WPOWeighted
 
 __all__ = [
     "AOTLoss",
     "AOTUnpairedLoss",
     "APODownLoss",
     "APOZeroLoss",
+    "BCOLoss",
+    "BCOPairLoss",
     "BradleyTerryLoss",
     "CPOLoss",
+    "ChosenNLLLoss",
     "DPOLoss",
     "DPOPLoss",
     "DiscoPOPLoss",
@@ -32,7 +39,9 @@ __all__ = [
     "HingeLoss",
     "IPOLoss",
     "KTOLoss",
+    "LengthDesensitized",
     "LossOutput",
+    "MixtureLoss",
     "NCALoss",
     "NormalizedDPOLoss",
     "ODPOLoss",
@@ -42,5 +51,6 @@ __all__ = [
     "SPPOHardLoss",
     "SequenceLogProbs",
     "SimPOLoss",
+    "WPOWeighted",
     "WithChosenNLL",
 ]

@@ -30,15 +30,17 @@ class SequenceLogProbs:
         counts: ``(N,)`` number of completion tokens in each sequence.
         tokens: ``(N, T - 1)`` per-token log-probs, column ``t`` scoring token ``t + 1`` of the
             batch's ``input_ids`` (0 outside completions), or ``None``. Only computed when the
-            loss sets ``needs_token_logprobs`` (LD-DPO, WPO-style weighting): losses that read
-            sums only pay nothing for it.
+            loss sets ``needs_token_logprobs`` (LD-DPO): losses that read sums only pay
+            nothing for it.
         token_mask: ``(N, T - 1)`` bool, True where ``tokens`` holds a completion token; set
             together with ``tokens``.
 
     For a paired batch ``N = 2B``: rows ``[0, B)`` are the chosen responses and rows
-    ``[B, 2B)`` the rejected ones, in the same pair order. For an unpaired (KTO) batch
-    rows ``[0, B)`` are the labelled completions and ``[B, 2B)`` the mismatched
-    prompt/completion pairs used for the KL estimate.
+    ``[B, 2B)`` the rejected ones, in the same pair order. For an unpaired batch with KL rows
+    (KTO) rows ``[0, B)`` are the labelled completions and ``[B, 2B)`` the mismatched
+    prompt/completion pairs used for the KL estimate. For an unpaired batch without them
+    (BCO, ``BatchLayout.UNPAIRED``) ``N = B`` labelled completions: read ``sums`` directly,
+    ``chosen`` / ``rejected`` (halves) mean nothing there.
     """
 
     sums: Tensor
@@ -120,18 +122,21 @@ class PreferenceLoss(nn.Module, ABC):
         needs_reference: build a frozen reference model (or disable LoRA adapters) and pass
             its log-probs as ``reference``. ``False`` means no reference is ever loaded.
         batch_layout: how the batch's rows are laid out (:class:`~dpo_lightning.contract.BatchLayout`):
-            ``PAIRS`` (default) or ``UNPAIRED_WITH_KL`` (KTO). The data module is told this
+            ``PAIRS`` (default), ``UNPAIRED_WITH_KL`` (KTO) or ``UNPAIRED`` (BCO). The data module is told this
             through :attr:`data_requirements` and refuses a layout it does not produce.
         score_columns: dataset columns the loss reads from the batch (e.g. ODPO's scores);
             a dataset without them is rejected at setup.
         needs_token_logprobs: ask for per-token log-probs (``SequenceLogProbs.tokens``) as
             well as the sums. Default False.
+        needs_reference_tokens: the per-token values are read from the reference too (LD-DPO);
+            a precomputed reference, which caches sums only, is then refused at construction.
     """
 
     needs_reference: ClassVar[bool] = True
     batch_layout: ClassVar[BatchLayout] = BatchLayout.PAIRS
     score_columns: ClassVar[tuple[str, ...]] = ()
     needs_token_logprobs: ClassVar[bool] = False
+    needs_reference_tokens: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ..contract import DataRequirements
+from ..contract import BatchLayout, DataRequirements
 from ..fingerprints import spec_fingerprint
 from ..lora import LoraSpec, add_adapters, save_merged
 from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
@@ -109,7 +109,7 @@ class PreferenceModule(AlignmentModule):
             separate_with_adapters=bool(lora and lora.separate_reference), precompute=precompute_reference,
             cache_dir=reference_cache_dir or reference_cache.DEFAULT_CACHE_DIR,
             reference_id=spec_fingerprint(reference_model if reference_model is not None else model),
-            update=reference_update,
+            update=reference_update, reference_tokens=self.loss.needs_reference_tokens,
         )
         if lora is not None:
             self.policy = add_adapters(self.policy, lora, gradient_checkpointing)
@@ -142,11 +142,23 @@ class PreferenceModule(AlignmentModule):
         policy = self.logprobs(self.policy, batch)
         reference = self.reference.logprobs(self.policy, batch, self.logprobs)
         out = self.loss(policy, reference, batch)
-        chosen_logps = out.chosen_logps if out.chosen_logps is not None else policy.chosen.detach()
-        rejected_logps = out.rejected_logps if out.rejected_logps is not None else policy.rejected.detach()
+        chosen_logps, rejected_logps = out.chosen_logps, out.rejected_logps
+        if chosen_logps is None or rejected_logps is None:
+            default_chosen, default_rejected = self.logged_logps(policy, batch)
+            chosen_logps = default_chosen if chosen_logps is None else chosen_logps
+            rejected_logps = default_rejected if rejected_logps is None else rejected_logps
         metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics)
         values = batch_values(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics, self.loss.pairwise)
         return out.loss, values
+
+    def logged_logps(self, policy: SequenceLogProbs, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The policy log-probs logged for each side when the loss's output leaves them out:
+        the desirable / undesirable rows of an ``UNPAIRED`` batch (``(B,)`` sums split by
+        ``label``), otherwise the first / second half of the sums."""
+        if self.loss.batch_layout == BatchLayout.UNPAIRED:
+            label = batch["label"].bool()
+            return policy.sums[label].detach(), policy.sums[~label].detach()
+        return policy.chosen.detach(), policy.rejected.detach()
 
     # -- the reference's hooks ------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -258,6 +258,7 @@ def choose_reference(
     cache_dir: str,
     reference_id: str,
     update: ReferenceUpdate | None,
+    reference_tokens: bool = False,
 ) -> ReferenceStrategy:
     """The one place that maps a recipe's reference settings to a strategy.
 
@@ -270,6 +271,7 @@ def choose_reference(
         separate_with_adapters: ``lora.separate_reference``.
         precompute / cache_dir / reference_id: ``precompute_reference`` and its cache.
         update: ``reference_update`` (moving reference) or ``None``.
+        reference_tokens: the loss reads per-token reference log-probs (``needs_reference_tokens``).
     """
     if not needs_reference:
         for name, value in (("precompute_reference", precompute), ("reference_update", update), ("reference_model", reference_model)):
@@ -277,7 +279,16 @@ def choose_reference(
                 raise ValueError(f"model.init_args.{name} is set but the loss uses no reference model")
         return NoReference()
     if precompute and not pairwise:
-        raise ValueError("model.init_args.precompute_reference needs a pairwise loss (KTO's KL pairs change every batch)")
+        raise ValueError(
+            "model.init_args.precompute_reference needs a pairwise loss: the cache holds one chosen and one "
+            "rejected log-prob per pair (KTO's KL pairs change every batch; unpaired rows, as BCOLoss trains on, "
+            "are not cached); set it to false"
+        )
+    if precompute and reference_tokens:
+        raise ValueError(
+            "model.init_args.precompute_reference caches per-sequence sums only, but the loss reads per-token "
+            "reference log-probs (LD-DPO's LengthDesensitized); set it to false"
+        )
     if update is not None:
         if precompute:
             raise ValueError("model.init_args: a moving reference (reference_update) cannot be precomputed")

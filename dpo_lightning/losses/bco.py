@@ -1,0 +1,207 @@
+"""BCO: binary classifier optimisation, paired (``BCOPairLoss``) and on unpaired rows (``BCOLoss``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..contract import BatchLayout
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, implicit_rewards
+
+
+def global_mean(values: Tensor) -> Tensor:
+    """Detached float64 mean of ``values`` ``(N,)`` over every row of every DDP rank (sum and
+    count all-reduced, as :func:`~dpo_lightning.losses.kto.estimate_kl`); a scalar."""
+    values = values.detach().double()
+    total = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return total[0] / total[1].clamp(min=1)
+
+
+class RunningMean(nn.Module):
+    """The running reward shift ``delta``: the mean, over the updates so far, of one scalar per
+    update (each training step's batch-mean reward). ``delta = 0`` before the first update.
+
+    Buffers (saved in ``state_dict``, hence in Lightning checkpoints, and restored on resume):
+        mean: ``()`` float64, the running mean.
+        count: ``()`` float64, the number of updates.
+
+    The buffers stay float64 whatever dtype the module is cast to (``.half()``, ``.to(torch.bfloat16)``,
+    a ``*-true`` precision plugin, DeepSpeed): a cast would round the mean and stop ``count`` at
+    256 in bf16. Device moves apply as usual. Not covered: FSDP's mixed precision casts buffers
+    itself (Lightning sets its ``buffer_dtype`` to the precision's dtype), so under FSDP the
+    shift is held in that dtype.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RunningMean:
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)  # the device move only, exactly
+        return self
+
+    @torch.no_grad()
+    def update(self, value: Tensor) -> None:
+        """Fold one scalar into the mean: ``count += 1; mean += (value - mean) / count``.
+        A non-finite value is skipped (it would poison every later step)."""
+        value = value.detach().to(self.mean)
+        if not bool(torch.isfinite(value)):
+            return
+        self.count += 1
+        self.mean += (value - self.mean) / self.count
+
+
+class _RewardShift(PreferenceLoss):
+    """Shared by the BCO losses: the running reward shift, updated in training mode only."""
+
+    shift: RunningMean | None
+
+    def running_shift(self, rewards: Tensor) -> Tensor:
+        """``delta`` for this step, a detached scalar in ``rewards``' dtype: in training mode
+        the batch mean of ``rewards`` (``beta * h`` of every row, both classes, all DDP ranks)
+        is folded into the running mean first; in eval mode the running mean is only read."""
+        if self.shift is None:
+            return rewards.new_zeros(())
+        if self.training:
+            self.shift.update(global_mean(rewards))
+        return self.shift.mean.detach().to(device=rewards.device, dtype=rewards.dtype)
+
+
+class BCOPairLoss(_RewardShift):
+    r"""BCO on pairs (Jung et al., 2024, arXiv 2404.04656; TRL's ``loss_type="bco_pair"``).
+
+    The chosen response is classified as desirable and the rejected one as undesirable, with
+    the implicit reward ``r = beta * h``, ``h = log pi(y|x) - log pi_ref(y|x)`` (summed over
+    completion tokens) as the classifier's logit::
+
+        L = -log sigmoid(beta * h_w - delta) - log sigmoid(-(beta * h_l - delta)),  mean over pairs
+
+    ``reward_shift=False`` (default): ``delta = 0``, exactly TRL 1.16's ``bco_pair``.
+    ``reward_shift=True``: ``delta`` is the paper's reward shift, the running mean over training
+    steps of each step's batch-mean reward (chosen and rejected rewards together, all DDP ranks),
+    updated before it is used in that step and only in training mode (see :class:`BCOLoss`);
+    it is logged as ``reward_shift``.
+
+    Args:
+        beta: > 0, default 0.1; typical 0.01 to 0.5.
+        reward_shift: use the running reward shift ``delta``. Default False.
+
+    Shapes: ``policy``/``reference`` hold ``(2B,)`` sums (chosen then rejected); the rewards
+    returned are ``(B,)`` implicit rewards ``beta * h`` (without ``delta``), detached;
+    ``per_pair`` is ``(B,)``.
+    """
+
+    def __init__(self, beta: float = 0.1, reward_shift: bool = False) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+        self.reward_shift = bool(reward_shift)
+        self.shift = RunningMean() if reward_shift else None
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        if reference is None:
+            raise ValueError("BCOPairLoss needs reference log-probs")
+        chosen = self.beta * (policy.chosen - reference.chosen)
+        rejected = self.beta * (policy.rejected - reference.rejected)
+        delta = self.running_shift(torch.cat([chosen, rejected]))
+        losses = -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+        chosen_rewards, rejected_rewards = implicit_rewards(self.beta, policy, reference)
+        metrics = {"reward_shift": delta.detach()} if self.shift is not None else {}
+        return LossOutput(losses.mean(), chosen_rewards, rejected_rewards, metrics, per_pair=losses)
+
+
+class BCOLoss(_RewardShift):
+    r"""BCO (Jung et al., 2024, arXiv 2404.04656) on unpaired desirable / undesirable rows.
+
+    A binary classifier whose logit is the implicit reward ``r = beta * h``, ``h = log pi(y|x) -
+    log pi_ref(y|x)`` (summed over completion tokens), shifted by ``delta``::
+
+        desirable   y:  w_d * -log sigmoid(beta * h - delta)
+        undesirable y:  w_u * -log sigmoid(-(beta * h - delta))
+        L = mean over the batch's rows
+
+    ``delta`` is the paper's reward shift: the running mean, over training steps so far, of
+    each step's batch-mean reward ``beta * h`` (both classes together; under DDP the batch mean
+    is taken over every rank's rows, so all ranks hold the same ``delta``). It is updated
+    before it is used in that step's loss (as TRL's former ``BCOTrainer`` with
+    ``RunningMoments``) and only in training mode: validation reads it and never moves it. Each
+    training forward (a micro-batch, under gradient accumulation) counts as one step, as in
+    TRL; a non-finite batch mean is not folded in. Its state lives in the buffers
+    ``shift.mean`` / ``shift.count`` (:class:`RunningMean`, float64), so it is saved in
+    checkpoints and restored on resume. It is logged as ``reward_shift``.
+
+    Not implemented: the paper's optional underlying distribution matching (UDM), which
+    reweights rows by a density ratio from a classifier over prompt embeddings and needs an
+    embedding model.
+
+    Batch layout ``UNPAIRED`` (from :class:`~dpo_lightning.data.UnpairedDataModule`, which
+    unpairs a paired dataset into one desirable and one undesirable row per pair): the
+    log-probs are ``(B,)``, one per labelled completion, and the batch holds ``label`` ``(B,)``
+    bool. There are no KL rows. A batch that is all desirable or all undesirable is fine.
+
+    Args:
+        beta: > 0, default 0.1; typical 0.01 to 0.5.
+        desirable_weight: ``w_d`` > 0, default 1.0.
+        undesirable_weight: ``w_u`` > 0, default 1.0; raise the smaller class's weight when the
+            classes are unbalanced.
+
+    Returns rewards ``beta * h`` (without ``delta``), detached: ``(n_d,)`` for the desirable
+    rows as ``chosen_rewards`` and ``(n_u,)`` for the undesirable ones as ``rejected_rewards``,
+    and the matching policy log-probs as ``chosen_logps`` / ``rejected_logps``.
+    """
+
+    batch_layout = BatchLayout.UNPAIRED
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+        self.desirable_weight = check_positive("desirable_weight", desirable_weight)
+        self.undesirable_weight = check_positive("undesirable_weight", undesirable_weight)
+        self.shift = RunningMean()
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        if reference is None:
+            raise ValueError("BCOLoss needs reference log-probs")
+        if "label" not in batch:
+            raise KeyError("BCOLoss needs the batch column 'label'; use UnpairedDataModule")
+        label = batch["label"].bool()
+        if policy.sums.shape != label.shape or reference.sums.shape != label.shape:
+            raise ValueError(
+                f"BCOLoss expects one log-prob per labelled row (the 'unpaired' layout): got policy "
+                f"{tuple(policy.sums.shape)}, reference {tuple(reference.sums.shape)} for {label.numel()} labels; "
+                "connect the data module with module.data_requirements"
+            )
+        rewards = self.beta * (policy.sums - reference.sums)
+        delta = self.running_shift(rewards)
+        logits = rewards - delta
+        desirable = -self.desirable_weight * F.logsigmoid(logits)
+        undesirable = -self.undesirable_weight * F.logsigmoid(-logits)
+        losses = torch.where(label, desirable, undesirable)
+        detached = rewards.detach()
+        return LossOutput(
+            losses.mean(),
+            detached[label],
+            detached[~label],
+            {"reward_shift": delta.detach()},
+            chosen_logps=policy.sums[label].detach(),
+            rejected_logps=policy.sums[~label].detach(),
+        )
+
+
+__all__ = ["BCOLoss", "BCOPairLoss", "RunningMean", "global_mean"]

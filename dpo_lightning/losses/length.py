@@ -1,0 +1,115 @@
+"""LD-DPO: length-desensitised log-probs for any pairwise loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .base import LOSS_KEY, LossOutput, PreferenceLoss, SequenceLogProbs
+
+
+def require_tokens(logps: SequenceLogProbs, side: str) -> None:
+    """Raise a clear error when ``logps`` carries no per-token values."""
+    if logps.tokens is None or logps.token_mask is None:
+        hint = (
+            " model.init_args.precompute_reference caches per-sequence sums only: train LengthDesensitized "
+            "with a live reference (precompute_reference: false)"
+            if side == "reference" else ""
+        )
+        raise ValueError(f"LengthDesensitized needs per-token {side} log-probs (SequenceLogProbs.tokens), got none.{hint}")
+
+
+def length_desensitized(logps: SequenceLogProbs, ld_alpha: float, side: str = "policy") -> SequenceLogProbs:
+    r"""LD-DPO's log-probs (Liu et al. 2024, arXiv 2409.06411), from per-token values.
+
+    For pair ``i`` let ``l_p = min(|y_w|, |y_l|)``. Of each response, the first ``l_p``
+    completion tokens count fully and the ones beyond (the "verbose" part of the longer one)
+    weigh ``ld_alpha``::
+
+        log pi_LD(y|x) = sum_{t <= l_p} log pi(y_t|...) + ld_alpha * sum_{t > l_p} log pi(y_t|...)
+
+    Args:
+        logps: a paired batch's log-probs with ``tokens`` / ``token_mask`` ``(2B, T - 1)``.
+        ld_alpha: weight of the tokens beyond the shared length, in [0, 1].
+        side: ``"policy"`` or ``"reference"``, named in the error when tokens are missing.
+
+    Returns:
+        The same :class:`SequenceLogProbs` with ``sums`` ``(2B,)`` replaced; ``counts``,
+        ``tokens`` and ``token_mask`` unchanged (so per-token means divide by the full length,
+        as TRL does).
+    """
+    require_tokens(logps, side)
+    mask = logps.token_mask.bool()
+    n = mask.shape[0]
+    if n % 2:
+        raise ValueError(f"expected an even number of sequences (2B), got {n}")
+    position = mask.long().cumsum(-1)  # 1 at the first completion token, whatever the padding side
+    lengths = mask.sum(-1)
+    shared = torch.minimum(lengths[: n // 2], lengths[n // 2 :]).repeat(2)
+    tail = mask & (position > shared[:, None])
+    head = mask & ~tail
+    sums = (logps.tokens * head).sum(-1) + ld_alpha * (logps.tokens * tail).sum(-1)
+    return SequenceLogProbs(sums, logps.counts, logps.tokens, logps.token_mask)
+
+
+class LengthDesensitized(PreferenceLoss):
+    r"""LD-DPO (Liu et al. 2024, arXiv 2409.06411): desensitise a pairwise loss to response length.
+
+    The policy's and the reference's per-response log-probs are replaced by
+    :func:`length_desensitized`'s: in each pair the tokens beyond the shorter response's length
+    weigh ``ld_alpha``; then the inner loss runs on them. As TRL 1.16's ``ld_alpha`` (which also
+    reweights both the policy's and the reference's log-probs). ``ld_alpha = 1`` is the inner
+    loss exactly (the log-probs are passed through untouched); ``ld_alpha = 0`` truncates both
+    responses to the shared length.
+
+    Reference-free inner losses (SimPO, ORPO) are accepted: the reweighting is defined on the
+    policy's log-probs alone. Per-token means (SimPO, IPO) keep dividing by the full length.
+
+    Needs per-token log-probs (``needs_token_logprobs``), of the reference too: a precomputed
+    reference (``precompute_reference: true``) caches sums only and is refused with an error
+    at the first batch.
+
+    The logged ``logps/chosen`` / ``logps/rejected`` stay the policy's plain log-probs; the
+    rewards are the inner loss's, computed on the reweighted values.
+
+    Args:
+        loss: the pairwise loss to wrap.
+        ld_alpha: weight of the tokens beyond the shared length, in [0, 1]. Default 1.0 (no
+            change); the paper tunes it per model, lower is more length-desensitised.
+    """
+
+    needs_token_logprobs = True
+
+    def __init__(self, loss: PreferenceLoss, ld_alpha: float = 1.0) -> None:
+        super().__init__()
+        if not loss.pairwise:
+            raise ValueError(
+                f"{LOSS_KEY}.loss must be a pairwise loss; LD-DPO weighs each response against its pair's shorter one"
+            )
+        if not (0.0 <= ld_alpha <= 1.0 and math.isfinite(ld_alpha)):
+            raise ValueError(f"{LOSS_KEY}.ld_alpha must be in [0, 1], got {ld_alpha}")
+        self.inner = loss
+        self.ld_alpha = float(ld_alpha)
+        self.needs_reference = loss.needs_reference  # type: ignore[misc]
+        self.score_columns = loss.score_columns  # type: ignore[misc]
+        #: per-token reference log-probs are needed: a precomputed reference holds sums only
+        self.needs_reference_tokens = loss.needs_reference
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        uses_reference = self.inner.needs_reference and reference is not None
+        if self.ld_alpha == 1.0:  # no change; tokens still checked so that errors do not depend on alpha
+            require_tokens(policy, "policy")
+            if uses_reference:
+                require_tokens(reference, "reference")
+            return self.inner(policy, reference, batch)
+        ld_policy = length_desensitized(policy, self.ld_alpha, "policy")
+        ld_reference = length_desensitized(reference, self.ld_alpha, "reference") if uses_reference else reference
+        return self.inner(ld_policy, ld_reference, batch)
+
+
+__all__ = ["LengthDesensitized", "length_desensitized", "require_tokens"]
