@@ -149,6 +149,8 @@ class DPOLightningCLI(LightningCLI):
             names = {"rewards/accuracy": "val/reward_accuracy"}
         elif "rewards/chosen" in history[-1]:  # unpaired (KTO): show both sides' mean implicit rewards
             names = {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}
+        elif "completion_length" in history[-1]:  # online: the judge's score and the KL of the policy's samples
+            names = {k: f"val/{k}" for k in ("score", "kl") if k in history[-1]}
         else:  # SFT
             names = {"loss": "val/loss"}
         for key, label in names.items():

@@ -148,7 +148,7 @@ CASES = {
     "label_smoothing 0.5": (lambda t, p: (lambda: DPOLoss(label_smoothing=0.5)), ValueError, r"label_smoothing must be in \[0.0, 0.5\)"),
     "label_smoothing negative": (lambda t, p: (lambda: DPOLoss(label_smoothing=-0.1)), ValueError, r"label_smoothing must be in"),
     "ODPO alpha negative": (lambda t, p: (lambda: ODPOLoss(alpha=-1)), ValueError, r"loss.init_args.alpha must be >= 0"),
-    "ODPO unknown offset": (lambda t, p: (lambda: ODPOLoss(offset_fn="sqrt")), ValueError, r"offset_fn must be 'log', 'identity'"),
+    "ODPO unknown offset": (lambda t, p: (lambda: ODPOLoss(offset_fn="sqrt")), ValueError, r"offset_fn must be 'log', 'log_ratio', 'identity'"),
     "SimPO gamma negative": (lambda t, p: (lambda: SimPOLoss(gamma=-1)), ValueError, r"loss.init_args.gamma must be >= 0"),
     "NLL around an unpaired loss": (lambda t, p: (lambda: WithChosenNLL(KTOLoss())), ValueError, r"must be a pairwise loss"),
     "KTO weight zero": (lambda t, p: (lambda: KTOLoss(desirable_weight=0)), ValueError, r"desirable_weight must be > 0"),

@@ -206,7 +206,8 @@ def test_composed_config_is_base_plus_the_overlay(recipe: str) -> None:
 
 def test_class_path_changes_leak_nothing_and_carry_shared_init_args(tmp_path: Path) -> None:
     ipo = print_config("ipo")["model"]["init_args"]["loss"]
-    assert ipo == {"class_path": "dpo_lightning.losses.IPOLoss", "init_args": {"beta": 0.1, "length_normalize": True}}
+    assert ipo == {"class_path": "dpo_lightning.losses.IPOLoss", "init_args": {
+        "beta": 0.1, "length_normalize": True, "divergence": "reverse_kl", "divergence_alpha": 0.5}}
     sft = print_config("sft")
     assert sft["model"]["class_path"] == "dpo_lightning.modules.SFTModule"
     assert "loss" not in sft["model"]["init_args"] and "reference_model" not in sft["model"]["init_args"]
@@ -223,7 +224,7 @@ def test_class_path_changes_leak_nothing_and_carry_shared_init_args(tmp_path: Pa
     assert print_config("robust_dpo")["model"]["init_args"]["loss"]["init_args"]["label_smoothing"] == 0.1
     bare = write_recipe(tmp_path / "bare.yaml", {"model": {"init_args": {"loss": {"class_path": "dpo_lightning.losses.RobustDPOLoss"}}}})
     loss = yaml.safe_load(_printed("--config", str(RECIPES / "base.yaml"), "--config", bare))["model"]["init_args"]["loss"]
-    assert loss["init_args"] == {"beta": 0.1, "label_smoothing": 0.0}
+    assert loss["init_args"] == {"beta": 0.1, "label_smoothing": 0.0, "divergence": "reverse_kl", "divergence_alpha": 0.5}
 
 
 def test_real_model_overlay_parses() -> None:

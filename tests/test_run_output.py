@@ -69,7 +69,7 @@ def test_export_has_a_model_card(tmp_path, pair_files) -> None:
     cli, _ = logged_run(tmp_path, pair_files)
     card = (tmp_path / "export" / "README.md").read_text()
     assert "# LlamaForCausalLM trained with dpo-lightning" in card
-    assert '`DPOLoss` {"beta": 0.1, "label_smoothing": 0.0}' in card
+    assert '`DPOLoss` {"beta": 0.1, "label_smoothing": 0.0, "divergence": "reverse_kl", "divergence_alpha": 0.5}' in card
     assert "8 optimizer steps" in card and "train: 32 rows read, 32 kept" in card
     assert cli.datamodule.data_fingerprint in card
     val = cli.model.validation_history[-1]

@@ -148,3 +148,30 @@ def test_tokenization_and_reference_caches_are_keyed_by_their_code(tmp_path, mon
     monkeypatch.setattr(reference_cache, "LOGPROB_CODE_VERSION", "changed")
     assert reference_cache.cache_path(str(tmp_path), dataset, "ref", "tok") != before
     assert isinstance(dataset, datasets.Dataset)
+
+
+def test_validate_then_fit_on_the_same_module(tmp_path) -> None:
+    """A notebook's order: measure the start with trainer.validate, then train. The validation
+    metrics reset under validate's inference mode must still accept fit's updates, and fit's
+    validation starts from zero (its figures are those of a fresh module)."""
+    path = write_jsonl(tmp_path / "v.jsonl", quickstart_rows(8))
+
+    def fresh() -> tuple[PreferenceModule, PreferenceDataModule]:
+        module = PreferenceModule(model=tiny_spec(seed=4), loss=DPOLoss(beta=0.5))
+        data = PreferenceDataModule(train_data=path, val_data=path, max_length=64, batch_size=4, eval_batch_size=4)
+        data.connect(module.tokenizer, module.data_requirements)
+        return module, data
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, max_steps=2, num_sanity_val_steps=0, default_root_dir=tmp_path)
+
+    module, data = fresh()
+    (before,) = trainer().validate(module, data, verbose=False)
+    assert before["val/rewards/accuracy"] == 0.0  # policy == reference: every pair a tie
+    fitted = trainer()
+    fitted.fit(module, data)
+    alone_module, alone_data = fresh()
+    alone = trainer()
+    alone.fit(alone_module, alone_data)
+    assert fitted.callback_metrics["val/loss"].item() == pytest.approx(alone.callback_metrics["val/loss"].item(), abs=1e-6)

@@ -4,6 +4,7 @@ from .base import TokenizedDataModule
 from .collator import PairCollator, pad_sequences
 from .datamodule import PreferenceDataModule
 from .loading import load_rows
+from .prompts import PromptCollator, PromptDataModule, PromptEncoder
 from .report import DROP_REASONS, DataReport, SourceCount
 from .sft import CompletionCollator, SFTDataModule
 from .sources import DataSource
@@ -25,6 +26,9 @@ __all__ = [
     "PairCollator",
     "PairEncoder",
     "PreferenceDataModule",
+    "PromptCollator",
+    "PromptDataModule",
+    "PromptEncoder",
     "RowEncoder",
     "SFTDataModule",
     "SourceCount",

@@ -111,6 +111,8 @@ class DataReport:
             if reason in self.details:
                 lines.append(f"           first: {self.details[reason]}")
         for name, values in (("prompt tokens", self.prompt_lengths), ("completion tokens", self.completion_lengths)):
+            if name == "completion tokens" and not any(values):  # prompt-only rows (online training)
+                continue
             s = self._stats(values)
             lines.append(
                 f"  {name:<18} min {s['min']}  median {s['median']:.0f}  p95 {s['p95']:.0f}  max {s['max']}"

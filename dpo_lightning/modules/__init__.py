@@ -2,6 +2,7 @@
 
 from .base import AlignmentModule
 from .logprobs import LogProbSelector, logits_to_completion_logprobs, model_logprobs, token_logprobs
+from .online import OnlinePreferenceModule
 from .preference import PreferenceModule
 from .reference import (
     AdaptersDisabled,
@@ -23,6 +24,7 @@ __all__ = [
     "LogProbSelector",
     "MovingReference",
     "NoReference",
+    "OnlinePreferenceModule",
     "PrecomputedReference",
     "PreferenceModule",
     "ReferenceStrategy",

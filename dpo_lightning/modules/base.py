@@ -147,14 +147,18 @@ class AlignmentModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         values = self.train_metrics.compute()
         self.log_dict({f"train_epoch/{k}": v for k, v in values.items()})
-        self.train_metrics.reset()
+        with torch.inference_mode(False):  # fresh states must not be inference tensors (see below)
+            self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
-        self.val_metrics.reset()
+        # trainer.validate runs this under inference mode: states reset there would be inference
+        # tensors, and a later trainer.fit on the same module could not update them in place
+        with torch.inference_mode(False):
+            self.val_metrics.reset()
         self.log_dict({f"val/{k}": v for k, v in values.items()})
         self.validation_history.append(
             {"step": self.global_step, "sanity_check": bool(self.trainer.sanity_checking), **values}
