@@ -2,6 +2,7 @@
 
 from .base import AlignmentModule
 from .logprobs import LogProbSelector, logits_to_completion_logprobs, model_logprobs, token_logprobs
+from .iterative import IterativePreferenceModule, RoundReference
 from .online import OnlinePreferenceModule
 from .preference import PreferenceModule
 from .reference import (
@@ -21,6 +22,7 @@ __all__ = [
     "AdaptersDisabled",
     "AlignmentModule",
     "FrozenCopy",
+    "IterativePreferenceModule",
     "LogProbSelector",
     "MovingReference",
     "NoReference",
@@ -29,6 +31,7 @@ __all__ = [
     "PreferenceModule",
     "ReferenceStrategy",
     "ReferenceUpdate",
+    "RoundReference",
     "RewardModule",
     "SFTModule",
     "SeparateModel",

@@ -1,0 +1,136 @@
+"""dpo-lightning-sample-pairs and dpo-lightning-evaluate: conversational prompts through the chat
+template, judges as scorers, and the saved samples."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_CONFIG, TOKENIZER_DIR, write_jsonl
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.judges import FunctionJudge
+from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
+from dpo_lightning.sampling import encode_prompt, main_evaluate, main_sample_pairs, sample, sample_pairs
+
+POLICY = str(ROOT / "data" / "tiny-llama")  # ships its tokenizer with a chat template
+CHAT = [{"role": "system", "content": "You write reviews."}, {"role": "user", "content": "Review the lamp."}]
+PROMPTS = [{"prompt": "Write a short review of the kettle."}, {"prompt": CHAT},
+           {"prompt": [{"role": "user", "content": "What do you think of this desk?"}]}]
+
+
+def with_prompt(prompt, completion) -> float:
+    """A (prompt, completion) scorer: length, plus 100 after a conversation."""
+    return float(len(completion)) + (100.0 if isinstance(prompt, list) else 0.0)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def command(monkeypatch, main, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning-command", *args])
+    main()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("reference")
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=POLICY))
+    model = load_causal_lm(ModelSpec(config=dict(TINY_CONFIG), tokenizer=TOKENIZER_DIR, seed=5), tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_conversational_prompts_get_the_chat_template_with_the_generation_prompt() -> None:
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=POLICY))
+    rendered = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tokenizer, CHAT) == expected and expected.count(tokenizer.bos_token_id) == 1
+    assert encode_prompt(tokenizer, "Review the lamp.") == tokenizer("Review the lamp.")["input_ids"]
+    model = load_causal_lm(ModelSpec(name_or_path=POLICY), tokenizer).eval()
+    torch.manual_seed(0)
+    samples = sample(model, tokenizer, CHAT, 3, 6)
+    assert samples.prompt_ids == expected and len(samples.texts) == 3
+    assert all(len(c) <= 6 for c in samples.completion_ids)
+
+
+def test_sample_pairs_with_conversations_saves_its_scored_samples(tmp_path, monkeypatch) -> None:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    out, saved = tmp_path / "pairs.jsonl", tmp_path / "samples.jsonl"
+    command(monkeypatch, main_sample_pairs, "--policy", POLICY, "--prompts", prompts, "--output", str(out),
+            "--scorer", "test_sampling_commands:with_prompt", "--samples_per_prompt", "4", "--max_new_tokens", "8",
+            "--save_samples", str(saved))
+    samples = read_jsonl(saved)
+    assert len(samples) == 3 * 4 and [s["prompt"] for s in samples[::4]] == [p["prompt"] for p in PROMPTS]
+    for s in samples:
+        assert s["score"] == pytest.approx(with_prompt(s["prompt"], s["completion"]))
+    pairs = read_jsonl(out)
+    assert 1 <= len(pairs) <= 3
+    for row in pairs:
+        texts = [s for s in samples if s["prompt"] == row["prompt"]]
+        best = max(texts, key=lambda s: s["score"])
+        if isinstance(row["prompt"], list):  # after a conversation, one assistant message each
+            assert row["chosen"] == [{"role": "assistant", "content": best["completion"]}]
+            assert row["rejected"][0]["role"] == "assistant" and len(row["rejected"]) == 1
+        else:
+            assert row["chosen"] == best["completion"]
+        assert row["score_chosen"] == pytest.approx(best["score"]) and row["score_chosen"] > row["score_rejected"]
+    # the conversational pairs are a dataset the pair data module reads (all rows kept; a dataset
+    # holds one kind of row, so they are read apart from the string ones)
+    conversations = [r for r in pairs if isinstance(r["prompt"], list)]
+    assert conversations
+    dm = PreferenceDataModule(train_data=write_jsonl(tmp_path / "chat_pairs.jsonl", conversations), tokenizer=POLICY,
+                              max_length=128, batch_size=2)
+    dm.setup("fit")
+    assert dm.reports["train"].rows_kept == len(conversations)
+
+
+def test_evaluate_with_conversations_saves_log_ratios(tmp_path, monkeypatch, reference) -> None:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    result, saved = tmp_path / "result.json", tmp_path / "samples.jsonl"
+    command(monkeypatch, main_evaluate, "--policy", POLICY, "--reference", reference, "--prompts", prompts,
+            "--judge", "dpo_lightning.judges.FunctionJudge", "--judge.path", "test_sampling_commands:with_prompt",
+            "--samples_per_prompt", "3", "--max_new_tokens", "6", "--output", str(result), "--save_samples", str(saved))
+    summary = json.loads(result.read_text())
+    samples = read_jsonl(saved)
+    assert summary["samples"] == len(samples) == 9
+    assert set(samples[0]) == {"prompt", "completion", "score", "log_ratio", "logp_policy", "logp_reference"}
+    for s in samples:
+        assert s["score"] == pytest.approx(with_prompt(s["prompt"], s["completion"]))
+        assert s["log_ratio"] == pytest.approx(s["logp_policy"] - s["logp_reference"], abs=1e-9)
+    assert summary["kl"] == pytest.approx(sum(s["log_ratio"] for s in samples) / 9)
+    assert summary["reward"] == pytest.approx(sum(s["score"] for s in samples) / 9)
+    assert any(s["log_ratio"] != 0 for s in samples)
+    # the per-sample log-probs are the models' on the prompt's chat-template tokens + the sampled ones
+    from dpo_lightning.sampling import completion_logprobs
+
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=POLICY))
+    policy = load_causal_lm(ModelSpec(name_or_path=POLICY), tokenizer).eval()
+    torch.manual_seed(0)  # the command's seed: the first prompt's samples again
+    first = sample(policy, tokenizer, PROMPTS[0]["prompt"], 3, 6)
+    logps = completion_logprobs(policy, tokenizer.pad_token_id, first.prompt_ids, first.completion_ids).tolist()
+    assert [s["completion"] for s in samples[:3]] == first.texts
+    assert [s["logp_policy"] for s in samples[:3]] == pytest.approx(logps, abs=1e-6)
+
+
+def test_scorer_and_judge_choices(tmp_path) -> None:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:1])
+    with pytest.raises(ValueError, match="either --scorer or --judge"):
+        sample_pairs(POLICY, prompts, str(tmp_path / "o.jsonl"), scorer="test_sampling_commands:with_prompt",
+                     judge=FunctionJudge("test_sampling_commands:with_prompt"))
+    with pytest.raises(ValueError, match="--scorer: cannot import"):
+        sample_pairs(POLICY, prompts, str(tmp_path / "o.jsonl"), scorer="no_such_module_xyz:score")
+    from dpo_lightning.judges import FunctionPairwiseJudge
+
+    out = sample_pairs(POLICY, prompts, str(tmp_path / "pw.jsonl"), judge=FunctionPairwiseJudge("test_online:prefer_longer"),
+                       samples_per_prompt=3, max_new_tokens=6, save_samples=str(tmp_path / "pw_samples.jsonl"))
+    scores = [s["score"] for s in read_jsonl(tmp_path / "pw_samples.jsonl")]
+    assert len(scores) == 3 and sum(scores) == pytest.approx(1.5) and out.exists()  # mean win rates over 3 pairs
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": {"text": "no"}}])
+    with pytest.raises(ValueError, match="row 0 has no 'prompt' that is a string or a conversation"):
+        sample_pairs(POLICY, bad, str(tmp_path / "o.jsonl"))
