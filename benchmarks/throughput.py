@@ -1,17 +1,52 @@
 """Throughput and memory: dpo-lightning against TRL's DPOTrainer, same model, data and machine.
 
-    python benchmarks/throughput.py                 # every run; TRL's only if `trl` imports
-    python benchmarks/throughput.py --pairs 32      # smaller, quicker
+    python benchmarks/throughput.py                                  # both settings, 3 repeats
+    python benchmarks/throughput.py --settings small --pairs 64 --repeats 1   # a quick look
 
-Each run is a fresh subprocess (so peak RSS is its own): a Llama built from one config
-(vocab 32k, 4 layers, hidden 256), the same synthetic pairs (prompt + completion up to 512
-tokens) tokenized by the same word-level tokenizer, batch 4 pairs, AdamW, fp32 on the CPU.
-The clock runs from the call that builds the trainer's data and reference log-probs to the end
-of training (model construction excluded for both); samples/s counts pairs.
+Settings (``--settings small|large|both``), each a Llama built from one config (4 layers,
+hidden 256, untied embeddings), saved once to a folder that every run loads, so all start from
+the same weights:
 
-Printed: samples/s, tokens/s (non-padding tokens of chosen and rejected sequences), peak RSS,
-achieved model FLOP/s ((6 x policy + 2 x reference) x params without the input embedding x
-tokens / time) against a plain fp32 matmul on this machine, and the ratios to TRL.
+* ``small``: vocab 2,000 (4.2M parameters), max length 256, 512 pairs (prompt 32-96 words,
+  responses 32-150);
+* ``large``: vocab 32,000 (19.6M parameters), max length 512, 128 pairs (prompt 64-192,
+  responses 64-300).
+
+The pairs are random words of a word-level tokenizer (one token per word), tokenized by the
+same tokenizer for both tools. Every run: batch 8 pairs, fp32 weights, AdamW (lr 1e-5), no
+evaluation, no checkpoints, no logger, one thread (``torch.set_num_threads(1)``,
+``OMP_NUM_THREADS=1``), in its own subprocess with a fresh ``datasets`` cache (so each tool
+tokenizes, and precomputes reference log-probs, from scratch). Repetitions are interleaved
+(every run once, then every run again ...) and the table gives the median and the range.
+
+Runs (``--runs``):
+
+* ``trl-default``: TRL 1.x ``DPOConfig`` as it comes, given only the benchmark's settings
+  (batch, lr, length, epochs, no saving): bf16 autocast and gradient checkpointing on (its
+  defaults), random sampling. On a CPU without native bf16 (no AVX512-BF16 / AMX) autocast
+  emulates bf16 and this run is an order of magnitude slower than the others, so it stops after
+  ``--trl-default-steps`` optimizer steps (default 8; 0: the whole epoch) and its samples/s
+  counts those steps' pairs (marked ``*``).
+* ``trl-fp32``: ``bf16=False``, ``gradient_checkpointing=False``, random sampling.
+* ``trl-best``: TRL at its best on a CPU: fp32 (``bf16=False``), no gradient checkpointing,
+  length-grouped batches (``train_sampling_strategy="group_by_length"`` with a ``length``
+  column, as transformers' ``LengthGroupedSampler`` reads it). ``padding_free`` falls back
+  to padding in TRL 1.16 and Liger kernels need CUDA, so neither is used.
+* ``ours``: dpo-lightning's defaults (``logprobs: auto``, length-grouped batches,
+  ``share_prompt: auto``, which on a CPU runs each pair's prompt once).
+* ``ours-plain``: with ``share_prompt: false`` (prompt run twice, as TRL does).
+* ``ours-shared``: with ``share_prompt: true`` (not in the default list: on a CPU, ``ours``).
+* ``trl-best-precompute``, ``ours-precompute``, ``ours-plain-precompute``: the reference's
+  log-probs computed once before training (TRL ``precompute_ref_log_probs=True``, ours
+  ``precompute_reference: true``), 2 epochs.
+
+The clock runs from loading the model to the end of training: tokenizer, model and reference
+copy, loading and tokenizing the data, the reference pass where precomputed (TRL does it in
+``DPOTrainer.__init__``, dpo-lightning at ``setup``) and training; only imports are left out.
+samples/s counts pairs over all epochs. Printed: samples/s, tokens/s (non-padding tokens of
+the chosen and rejected sequences), peak RSS, model FLOP/s (``(6 x policy + 2 x reference) x
+parameters without the input embedding x tokens / time``, the usual 6N/2N estimate) as a share
+of a plain one-thread fp32 matmul, and the ratios of ours to TRL at its best.
 """
 
 from __future__ import annotations
@@ -22,214 +57,337 @@ import json
 import os
 import random
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-VOCAB = 32000
-MODEL = {
+ARCH = {
     "model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
     "tie_word_embeddings": False,
 }
-BATCH = 4
-MAX_LENGTH = 512
+BATCH = 8
 LR = 1e-5
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    vocab: int
+    max_length: int
+    pairs: int
+    prompt_words: tuple[int, int]
+    response_words: tuple[int, int]
+
+
+SETTINGS = {
+    "small": Setting(vocab=2_000, max_length=256, pairs=512, prompt_words=(32, 96), response_words=(32, 150)),
+    "large": Setting(vocab=32_000, max_length=512, pairs=128, prompt_words=(64, 192), response_words=(64, 300)),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    tool: str  # "trl" or "ours"
+    variant: str  # trl: "default" / "fp32" / "best"; ours: "default" / "plain" / "shared"
+    precompute: bool
+    epochs: int
+
+
+RUNS = {
+    "trl-default": Run("trl", "default", False, 1),
+    "trl-fp32": Run("trl", "fp32", False, 1),
+    "trl-best": Run("trl", "best", False, 1),
+    "ours": Run("ours", "default", False, 1),
+    "ours-plain": Run("ours", "plain", False, 1),
+    "ours-shared": Run("ours", "shared", False, 1),
+    "trl-best-precompute": Run("trl", "best", True, 2),
+    "ours-precompute": Run("ours", "default", True, 2),
+    "ours-plain-precompute": Run("ours", "plain", True, 2),
+}
+#: the TRL run each of ours is compared with
+BASELINE = {"ours": "trl-best", "ours-plain": "trl-best", "ours-shared": "trl-best",
+            "ours-precompute": "trl-best-precompute", "ours-plain-precompute": "trl-best-precompute"}
+DEFAULT_RUNS = [name for name in RUNS if name != "ours-shared"]
 
 
 # -- shared inputs ------------------------------------------------------------------------------
-def make_inputs(folder: Path, pairs: int) -> None:
-    """A 32k word-level tokenizer and ``pairs`` random pairs, written to ``folder``."""
+def make_inputs(folder: Path, setting: Setting, pairs: int) -> None:
+    """A word-level tokenizer of ``setting.vocab`` tokens and ``pairs`` random pairs, in ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({f"w{i}": i + len(specials) for i in range(VOCAB - len(specials))})
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": i + len(SPECIALS) for i in range(setting.vocab - len(SPECIALS))})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder / "tokenizer")
     rng = random.Random(0)
 
-    def words(n: int) -> str:
-        return " ".join(f"w{rng.randrange(VOCAB - len(specials))}" for _ in range(n))
+    def words(span: tuple[int, int]) -> str:
+        return " ".join(f"w{rng.randrange(setting.vocab - len(SPECIALS))}" for _ in range(rng.randint(*span)))
 
     with (folder / "pairs.jsonl").open("w") as f:
         for _ in range(pairs):
-            prompt = words(rng.randint(64, 192))
-            f.write(json.dumps({"prompt": prompt, "chosen": " " + words(rng.randint(64, 300)),
-                                "rejected": " " + words(rng.randint(64, 300))}) + "\n")
+            prompt = words(setting.prompt_words)
+            f.write(json.dumps({"prompt": prompt, "chosen": " " + words(setting.response_words),
+                                "rejected": " " + words(setting.response_words)}) + "\n")
+    # the initial weights, shared by every run (and the reference copies)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(setting))
+    model.save_pretrained(folder / "model")
 
 
-def count_tokens(folder: Path, epochs: int) -> int:
-    """Non-padding tokens of the chosen and rejected sequences, over all epochs (capped at MAX_LENGTH)."""
+def model_config(setting: Setting):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{**ARCH, "vocab_size": setting.vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+
+
+def count_tokens(folder: Path, setting: Setting) -> int:
+    """Non-padding tokens of the chosen and rejected sequences of one epoch (capped at max_length)."""
     total = 0
     for line in (folder / "pairs.jsonl").read_text().splitlines():
         row = json.loads(line)
-        p = len(row["prompt"].split()) + 1
+        p = len(row["prompt"].split()) + 1  # <s>
         for key in ("chosen", "rejected"):
-            total += min(p + len(row[key].split()) + 1, MAX_LENGTH)
-    return total * epochs
+            total += min(p + len(row[key].split()) + 1, setting.max_length)  # </s>
+    return total
 
 
-def model_params() -> int:
-    """Parameters that do work per token: all but the input embedding."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_params(setting: Setting) -> tuple[int, int]:
+    """(all parameters, parameters that do work per token: all but the input embedding)."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**MODEL, "vocab_size": VOCAB}))
+    model = AutoModelForCausalLM.from_config(model_config(setting))
     total = sum(p.numel() for p in model.parameters())
-    del torch
-    return total - model.get_input_embeddings().weight.numel()
+    return total, total - model.get_input_embeddings().weight.numel()
 
 
 def matmul_flops() -> float:
-    """FLOP/s of a plain fp32 1024 x 1024 matmul with this process's threads."""
+    """FLOP/s of a plain fp32 1024 x 1024 matmul on one thread."""
     import torch
 
+    torch.set_num_threads(1)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b
-    n, start = 20, time.perf_counter()
+    n, start = 10, time.perf_counter()
     for _ in range(n):
         a @ b
     return 2 * 1024**3 * n / (time.perf_counter() - start)
 
 
 # -- one run per subprocess -----------------------------------------------------------------------
-def run_dpo_lightning(folder: Path, precompute: bool, epochs: int, share_prompt: bool = False) -> float:
+def run_ours(folder: Path, setting: Setting, run: Run, **options) -> tuple[float, float]:
+    """(wall, CPU) seconds of one dpo-lightning run; ``options`` go to ``PreferenceModule``."""
     import lightning as L
+    import torch
 
     from dpo_lightning.data import PreferenceDataModule
     from dpo_lightning.losses import DPOLoss
     from dpo_lightning.models import ModelSpec
     from dpo_lightning.modules import PreferenceModule
 
+    start, cpu = time.perf_counter(), time.process_time()
     L.seed_everything(0, verbose=False)
     module = PreferenceModule(
-        model=ModelSpec(config=dict(MODEL), tokenizer=str(folder / "tokenizer")), loss=DPOLoss(beta=0.1),
-        optimizer=lambda params: __import__("torch").optim.AdamW(params, lr=LR),
-        precompute_reference=precompute, reference_cache_dir=str(folder / f"cache-{os.getpid()}"),
-        share_prompt=share_prompt,
+        model=ModelSpec(name_or_path=str(folder / "model"), tokenizer=str(folder / "tokenizer")), loss=DPOLoss(beta=0.1),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
+        precompute_reference=run.precompute, reference_cache_dir=str(folder / f"cache-{os.getpid()}"),
+        **{**({"share_prompt": run.variant == "shared"} if run.variant != "default" else {}), **options},
     )
-    data = PreferenceDataModule(train_data=str(folder / "pairs.jsonl"), max_length=MAX_LENGTH, batch_size=BATCH)
+    data = PreferenceDataModule(train_data=str(folder / "pairs.jsonl"), max_length=setting.max_length, batch_size=BATCH)
     data.connect(module.tokenizer, module.data_requirements)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=1, max_epochs=run.epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
-    start = time.perf_counter()
     trainer.fit(module, data)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_trl(folder: Path, precompute: bool, epochs: int) -> float:
+def run_trl(folder: Path, setting: Setting, run: Run, max_steps: int = 0) -> tuple[float, float]:
+    """(wall, CPU) seconds of one TRL run."""
     import datasets
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    start, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    config = AutoConfig.for_model(**{**MODEL, "vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_pretrained(str(folder / "model"), dtype=torch.float32)
     rows = datasets.load_dataset("json", data_files=str(folder / "pairs.jsonl"), split="train")
-    args = DPOConfig(
-        output_dir=str(folder / f"trl-{os.getpid()}"), per_device_train_batch_size=BATCH, max_length=MAX_LENGTH,
-        num_train_epochs=epochs, learning_rate=LR, beta=0.1, logging_steps=10_000, save_strategy="no",
-        report_to=[], use_cpu=True, precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=0,
-        lr_scheduler_type="constant", warmup_steps=0,
+    settings = dict(
+        output_dir=str(folder / f"trl-{os.getpid()}"), per_device_train_batch_size=BATCH, max_length=setting.max_length,
+        num_train_epochs=run.epochs, learning_rate=LR, beta=0.1, save_strategy="no", eval_strategy="no",
+        report_to=[], use_cpu=True, precompute_ref_log_probs=run.precompute, dataloader_num_workers=0, seed=0,
+        disable_tqdm=True,
     )
-    reference = None if precompute else copy.deepcopy(model).eval()  # TRL can't rebuild a config-made model
-    start = time.perf_counter()
+    if run.variant == "default" and max_steps:
+        settings.update(max_steps=max_steps)
+    if run.variant in ("fp32", "best"):
+        settings.update(bf16=False, fp16=False, gradient_checkpointing=False, logging_steps=10_000,
+                        lr_scheduler_type="constant")
+    if run.variant == "best":
+        # the length transformers' LengthGroupedSampler groups by: the longer of the two sequences
+        def length(row: dict) -> dict:
+            n = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            return {"length": min(n(row["prompt"]) + 2 + max(n(row["chosen"]), n(row["rejected"])), setting.max_length)}
+
+        rows = rows.map(length)
+        settings.update(train_sampling_strategy="group_by_length", length_column_name="length",
+                        remove_unused_columns=False)
+    args = DPOConfig(**settings)
+    # a model object given to TRL is its own reference source only through ref_model
+    reference = None if run.precompute else copy.deepcopy(model).eval()
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.train()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def worker(tool: str, folder: Path, precompute: bool, epochs: int) -> None:
-    if tool == "dpo-lightning-shared":
-        seconds = run_dpo_lightning(folder, precompute, epochs, share_prompt=True)
+def worker(name: str, setting_name: str, folder: Path, trl_default_steps: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    run = RUNS[name]
+    if run.tool == "ours":
+        seconds, cpu = run_ours(folder, SETTINGS[setting_name], run)
     else:
-        seconds = (run_dpo_lightning if tool == "dpo-lightning" else run_trl)(folder, precompute, epochs)
+        seconds, cpu = run_trl(folder, SETTINGS[setting_name], run, trl_default_steps if run.variant == "default" else 0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak_mb}))
 
 
 # -- driver -------------------------------------------------------------------------------------------
-def measure(tool: str, folder: Path, precompute: bool, epochs: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", tool, "--folder", str(folder), "--epochs", str(epochs)]
-    if precompute:
-        cmd.append("--precompute")
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def measure(name: str, setting_name: str, folder: Path, python: str, trl_default_steps: int) -> dict | None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="datasets-", dir=folder)}
+    cmd = [python, __file__, "--worker", name, "--settings", setting_name, "--folder", str(folder),
+           "--trl-default-steps", str(trl_default_steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        print(f"  {tool} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        print(f"  {name} ({setting_name}) failed:\n{out.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def summary(values: list[float]) -> str:
+    med = statistics.median(values)
+    return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else f"{med:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=48)
-    parser.add_argument("--worker", choices=["dpo-lightning", "dpo-lightning-shared", "trl"])
-    parser.add_argument("--tools", default="dpo-lightning,dpo-lightning-shared,trl",
-                        help="comma-separated runs: dpo-lightning, dpo-lightning-shared (share_prompt), trl")
-    parser.add_argument("--folder")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--precompute", action="store_true")
+    parser.add_argument("--settings", default="both", choices=["small", "large", "both"])
+    parser.add_argument("--pairs", type=int, help="pairs per setting (default: 512 small, 128 large)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
+    parser.add_argument("--trl-default-steps", type=int, default=8,
+                        help="stop trl-default after this many steps (0: the whole epoch); see the docstring")
+    parser.add_argument("--json", help="also write every measurement to this file")
+    parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, Path(args.folder), args.precompute, args.epochs)
+        worker(args.worker, args.settings, Path(args.folder), args.trl_default_steps)
         return
-    tools = args.tools.split(",")
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
     try:
-        import trl  # noqa: F401
+        import trl
     except ImportError:
-        if "trl" in tools:
-            tools.remove("trl")
-            print("trl is not installed: measuring dpo-lightning only (pip install trl to compare)")
+        trl = None
+        names = [n for n in names if RUNS[n].tool != "trl"]
+        print("trl is not installed: measuring dpo-lightning only (pip install trl to compare)")
     import torch
+    import transformers
 
-    folder = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    make_inputs(folder, args.pairs)
-    params = model_params()
+    settings = ["small", "large"] if args.settings == "both" else [args.settings]
+    root = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     peak = matmul_flops()
-    print(f"model: Llama vocab {VOCAB}, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
-          f"{params / 1e6:.1f}M params (without input embedding); {args.pairs} pairs, batch {BATCH}, "
-          f"max_length {MAX_LENGTH}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
-    settings = [("live reference, 1 epoch", False, 1), ("precomputed reference, 2 epochs", True, 2)]
-    results: dict[tuple[str, str], dict] = {}
-    print(f"\n{'run':<34}{'tool':<22}{'samples/s':>10}{'tokens/s':>10}{'peak RSS MB':>13}{'model GFLOP/s':>15}{'of matmul':>11}")
-    for label, precompute, epochs in settings:
-        tokens = count_tokens(folder, epochs)
-        for tool in tools:
-            r = measure(tool, folder, precompute, epochs)
-            if r is None:
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {getattr(trl, '__version__', '-')}; "
+          f"one thread per run; fp32 1024x1024 matmul on one thread: {peak / 1e9:.1f} GFLOP/s")
+    info = {}
+    for s in settings:
+        setting = SETTINGS[s]
+        pairs = args.pairs or setting.pairs
+        make_inputs(root / s, setting, pairs)
+        total, work = model_params(setting)
+        info[s] = {"pairs": pairs, "tokens": count_tokens(root / s, setting), "params": total, "work_params": work}
+        print(f"{s}: Llama vocab {setting.vocab}, {ARCH['num_hidden_layers']} layers, hidden {ARCH['hidden_size']}, "
+              f"{total / 1e6:.1f}M params; {pairs} pairs, batch {BATCH}, max_length {setting.max_length}, "
+              f"{info[s]['tokens']} tokens per epoch")
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(args.repeats):
+        for s in settings:
+            for name in names:
+                r = measure(name, s, root / s, sys.executable, args.trl_default_steps)
+                if r is None:
+                    continue
+                run = RUNS[name]
+                pairs = info[s]["pairs"] * run.epochs
+                if name == "trl-default" and args.trl_default_steps:
+                    pairs = min(pairs, args.trl_default_steps * BATCH)
+                tokens = info[s]["tokens"] * pairs / info[s]["pairs"]  # the steps' pairs: average length
+                work = info[s]["work_params"]
+                flops = (6 + (0 if run.precompute else 2)) * work * tokens + (2 * work * info[s]["tokens"] if run.precompute else 0)
+                r["capped"] = pairs < info[s]["pairs"] * run.epochs
+                r.update(samples=pairs / r["seconds"], cpu_samples=pairs / r["cpu_seconds"], tokens=tokens / r["seconds"],
+                         flops=flops / r["seconds"], repeat=repeat, setting=s, run=name)
+                results.setdefault((s, name), []).append(r)
+                print(f"  [{repeat + 1}/{args.repeats}] {s:<6}{name:<24}{r['samples']:8.2f} samples/s"
+                      f"{r['seconds']:8.1f} s{r['cpu_seconds']:8.1f} CPU s{r['peak_rss_mb']:8.0f} MB", flush=True)
+
+    print(f"\nmedian [min-max] over {args.repeats} interleaved repeat(s); one thread per run")
+    header = (f"{'setting':<8}{'run':<24}{'epochs':>7}{'samples/s':>22}{'tokens/s':>10}{'peak RSS MB':>13}{'of matmul':>11}"
+              f"{'x TRL best':>12}{'per CPU-s':>11}{'x (CPU)':>9}")
+    print(header)
+    print("-" * len(header))
+    for s in settings:
+        for name in names:
+            rs = results.get((s, name))
+            if not rs:
                 continue
-            flops_per_token = (6 + (0 if precompute else 2)) * params
-            extra = (2 * params * count_tokens(folder, 1)) if precompute else 0  # the one reference pass
-            achieved = (flops_per_token * tokens + extra) / r["seconds"]
-            r.update(samples=args.pairs * epochs / r["seconds"], tokens=tokens / r["seconds"], flops=achieved)
-            results[(label, tool)] = r
-            print(f"{label:<34}{tool:<22}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['peak_rss_mb']:>13.0f}"
-                  f"{achieved / 1e9:>15.1f}{achieved / peak:>10.0%}")
-    if "trl" in tools:
-        print("\nratios dpo-lightning / TRL:")
-        for label, _, _ in settings:
-            ours, theirs = results.get((label, "dpo-lightning")), results.get((label, "trl"))
-            if ours and theirs:
-                print(f"  {label:<34} samples/s x{ours['samples'] / theirs['samples']:.2f}   "
-                      f"peak RSS x{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
-        ours_pre = results.get(("precomputed reference, 2 epochs", "dpo-lightning"))
-        trl_live = results.get(("live reference, 1 epoch", "trl"))
-        if ours_pre and trl_live:
-            print(f"  {'ours precomputed vs TRL live':<34} samples/s x{ours_pre['samples'] / trl_live['samples']:.2f}")
+            med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+            base = results.get((s, BASELINE.get(name, "")))
+            ratio = f"{med('samples') / statistics.median(r['samples'] for r in base):.2f}" if base else ""
+            cpu_ratio = f"{med('cpu_samples') / statistics.median(r['cpu_samples'] for r in base):.2f}" if base else ""
+            mark = "*" if rs[0]["capped"] else ""
+            print(f"{s:<8}{name + mark:<24}{RUNS[name].epochs:>7}{summary([r['samples'] for r in rs]):>22}{med('tokens'):>10.0f}"
+                  f"{med('peak_rss_mb'):>13.0f}{med('flops') / peak:>10.0%}{ratio:>12}{med('cpu_samples'):>11.2f}{cpu_ratio:>9}")
+    print("\nx TRL best: median samples/s of the run over TRL at its best (fp32, no gradient checkpointing, "
+          "length-grouped) with the same reference mode; per CPU-s: pairs per second of the run's own CPU time "
+          "(time waiting for a core left out: the steadier figure on a shared machine), x (CPU) its ratio")
+    if any(rs[0]["capped"] for rs in results.values()):
+        print(f"* stopped after {args.trl_default_steps} steps ({args.trl_default_steps * BATCH} pairs), clock end to end as for the others")
+    for s in settings:
+        best = results.get((s, "trl-best"))
+        for other in ("trl-default", "trl-fp32"):
+            if best and results.get((s, other)):
+                b, o = (statistics.median(r["samples"] for r in x) for x in (best, results[(s, other)]))
+                print(f"{s}: trl-best / {other} = {b / o:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "matmul_flops": peak,
+                                               "results": [r for rs in results.values() for r in rs]}, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

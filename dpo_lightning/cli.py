@@ -246,8 +246,6 @@ def divergence_losses() -> list[str]:
     """Names of the library's losses that accept ``divergence`` (f-DPO), sorted."""
     import inspect
 
-    from . import losses
-
     return sorted(
         name for name in losses.__all__
         if inspect.isclass(cls := getattr(losses, name)) and "divergence" in inspect.signature(cls.__init__).parameters

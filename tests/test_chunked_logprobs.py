@@ -56,6 +56,28 @@ def test_models_with_scaled_logits_use_the_full_path(tokenizer) -> None:
     assert not supports_chunked_logprobs(model)
 
 
+def test_granite_logits_scaling_takes_the_full_path_and_keeps_its_values(tokenizer) -> None:
+    """Granite divides its logits by ``logits_scaling``: a head-only path would drop that. With a
+    scaling other than 1 the selector's auto path is the full one, equal to the model's own logits."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from dpo_lightning.modules import LogProbSelector
+
+    config = GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4, logits_scaling=4.0)
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(config).double()
+    assert not supports_chunked_logprobs(model)
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["completion_mask"][:, 1:].bool()
+    picked = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    expected = (picked * mask).sum(-1)
+    torch.testing.assert_close(LogProbSelector()(model, batch).sums, expected, rtol=0, atol=1e-10)
+    config.logits_scaling = 1.0  # no scaling: the chunked path is exact again
+    assert supports_chunked_logprobs(model)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_equals_the_plain_layout_in_value_and_gradient(tokenizer, attn: str) -> None:
     from conftest import TINY_CONFIG, TOKENIZER_DIR

@@ -83,7 +83,9 @@ def test_bf16_mixed_gradient_checkpointing_and_accumulation(tmp_path, pair_files
 
 def test_share_prompt_trains_like_the_plain_layout(tmp_path, pair_files) -> None:
     (tmp_path / "plain").mkdir(), (tmp_path / "shared").mkdir()
-    plain = fit(tmp_path / "plain", pair_files, steps=3, optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+    plain = fit(tmp_path / "plain", pair_files, steps=3, share_prompt=False,
+                optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+    assert not plain.model.logprob_selector.share_prompt
     shared = fit(tmp_path / "shared", pair_files, steps=3, share_prompt=True,
                  optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}})
     for a, b in zip(plain.model.policy.parameters(), shared.model.policy.parameters()):

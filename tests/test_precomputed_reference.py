@@ -1,12 +1,18 @@
-"""Precomputed reference log-probs: equal to the live reference, cached, and the model freed."""
+"""Precomputed reference log-probs: equal to the live reference, cached (keyed by the reference's
+weights), and the model freed; and ``share_prompt: auto``, the default log-prob layout on CPUs."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
-from conftest import tiny_recipe, write_recipe
+from conftest import TOKENIZER_DIR, tiny_recipe, tiny_spec, write_recipe
 from dpo_lightning.cli import run
-from dpo_lightning.modules import model_logprobs
+from dpo_lightning.fingerprints import spec_fingerprint
+from dpo_lightning.models import ModelSpec, load_causal_lm
+from dpo_lightning.modules import model_logprobs, reference_cache
 
 
 def recipe(tmp_path, pair_files, name: str, precompute: bool) -> list[str]:
@@ -38,3 +44,63 @@ def test_precomputed_equals_live_reference_and_second_run_reads_the_cache(tmp_pa
     second = run(recipe(tmp_path, pair_files, "second", precompute=True))
     assert second.model.reference.batches_computed == 0 and second.model.reference.source is None
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # train and val
+
+
+def save_weights(folder, tokenizer, seed: int) -> None:
+    """Save a tiny Llama (weights drawn with ``seed``) into ``folder``, replacing what is there."""
+    load_causal_lm(tiny_spec(seed), tokenizer).save_pretrained(folder)
+
+
+def test_cache_is_keyed_by_the_content_of_the_reference_weights(tmp_path, pair_files, tokenizer) -> None:
+    """New weights saved into the same folder are recomputed; identical weights read the cache."""
+    folder = tmp_path / "weights"
+
+    def fit(name: str) -> tuple[int, torch.Tensor]:
+        r = tiny_recipe(tmp_path / name, *pair_files, precompute_reference=True,
+                        reference_cache_dir=str(tmp_path / "cache"), export_dir=str(tmp_path / name / "export"))
+        r["model"]["init_args"]["model"] = {"name_or_path": str(folder), "tokenizer": TOKENIZER_DIR}
+        r["trainer"].update(max_steps=1, limit_val_batches=1)
+        result = run(["fit", "--config", write_recipe(tmp_path / f"{name}.yaml", r)])
+        train = result.datamodule.train_dataset
+        return result.model.reference.batches_computed, torch.tensor([train["reference_chosen"], train["reference_rejected"]])
+
+    save_weights(folder, tokenizer, seed=0)
+    computed, first = fit("first")
+    assert computed > 0
+    save_weights(folder, tokenizer, seed=1)  # same folder, same spec, other weights
+    computed, other = fit("other")
+    assert computed > 0
+    assert not torch.allclose(first, other)  # the new weights' log-probs, not the old file's
+    save_weights(folder, tokenizer, seed=0)  # the first weights again (new files, same bytes)
+    computed, again = fit("again")
+    assert computed == 0
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_reference_identity_hashes_folder_and_hub_snapshot_files(tmp_path, tokenizer, monkeypatch) -> None:
+    folder = tmp_path / "model"
+    save_weights(folder, tokenizer, seed=0)
+    spec_id = spec_fingerprint(ModelSpec(name_or_path=str(folder)))
+    before = reference_cache.reference_identity(spec_id)
+    assert reference_cache.reference_identity(spec_id) == before
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3  # same weights, other architecture settings: other log-probs
+    (folder / "config.json").write_text(json.dumps(config))
+    assert reference_cache.reference_identity(spec_id) != before
+    # a hub id resolves to its snapshot in the local hub cache, revision ref included
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    hub_id = spec_fingerprint(ModelSpec(name_or_path="org/tiny", extra={"cache_dir": str(cache)}))
+    assert json.loads(reference_cache.reference_identity(hub_id))["files"] == reference_cache.folder_digest(folder)
+    (repo / "refs" / "main").write_text("b" * 40)  # the branch moved to a commit not downloaded
+    with pytest.raises(ValueError, match="local hub cache"):
+        reference_cache.reference_identity(hub_id)
+    # a model built from a config keeps its spec (config + seed) as identity
+    config_id = spec_fingerprint(tiny_spec(3))
+    assert reference_cache.reference_identity(config_id) == config_id

@@ -66,6 +66,9 @@ class PreferenceModule(AlignmentModule):
         share_prompt: run each pair's prompt once instead of twice: ``[prompt; chosen; rejected]``
             in one row with a 4D attention mask (see :func:`.logprobs.shared_prompt_model_logprobs`).
             Pairwise losses, chunked log-probs and ``sdpa`` / ``eager`` attention only.
+            ``auto`` (default): on for CPU batches of pairwise losses where the shared layout is
+            exact (listed architectures, no sliding window shorter than the batch: see
+            :func:`.logprobs.shared_prompt_is_exact`), off elsewhere; ``true`` forces it.
         reference_update: a moving reference (TR-DPO, :class:`~.reference.ReferenceUpdate`):
             every ``every_n_steps`` optimizer steps ``ref <- alpha * policy + (1 - alpha) * ref``.
             Saved in checkpoints. Full fine-tuning only; not with ``precompute_reference``.
@@ -90,7 +93,7 @@ class PreferenceModule(AlignmentModule):
         precompute_reference: bool = False,
         reference_cache_dir: str | None = None,
         lora: LoraSpec | None = None,
-        share_prompt: bool = False,
+        share_prompt: bool | Literal["auto"] = "auto",
         reference_update: ReferenceUpdate | None = None,
         disable_dropout: bool = True,
     ) -> None:

@@ -2,8 +2,19 @@
 
 The cache file is keyed by the tokenized split's ``datasets`` fingerprint (which covers the
 data, every tokenization setting and the tokenization code), the reference model's identity,
-the tokenizer and the code that computes log-probs, so a changed input never reads a stale file. Files are safetensors: ``(N, 2)`` float32 sums of the
-reference's log-probs over the chosen and rejected completion tokens, in dataset row order.
+the tokenizer and the code that computes log-probs, so a changed input never reads a stale file.
+Files are safetensors: ``(N, 2)`` float32 sums of the reference's log-probs over the chosen and
+rejected completion tokens, in dataset row order.
+
+The reference's identity is its spec (loading settings: dtype, attention, revision ...) plus
+the *content* of what it is loaded from (:func:`reference_identity`): for a local folder or a
+hub id (resolved to its snapshot in the local hub cache) a full sha256 of every weight file
+(``*.safetensors``, ``*.bin``) and of ``config.json`` / ``adapter_config.json``, so new weights
+saved into the same folder, or a hub branch that moved, are recomputed, and identical weights
+written again are not. A model built from ``config`` is identified by its config and seed.
+Hashing costs about 0.9 s per GB on one core (sha256 with SHA extensions, files in the page
+cache, as they are right after loading), a small fraction of one reference pass over any real
+split; each file is hashed once per process.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -26,10 +38,97 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightni
 COLUMNS = ("reference_chosen", "reference_rejected")
 
 
+#: files whose content makes a loaded model: weights (every shard) and architecture
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CONFIG_FILES = ("config.json", "adapter_config.json")
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, ctime, inode) -> sha256, this process only
+
+
+def file_digest(path: Path) -> str:
+    """Full sha256 of a file, remembered in this process while its size and times are unchanged."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 23):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and contents of ``folder``'s weight and config files (top level).
+
+    Raises:
+        FileNotFoundError: the folder holds no weight file.
+    """
+    files = sorted(
+        f for f in folder.iterdir()
+        if f.is_file() and (f.name.endswith(WEIGHT_SUFFIXES) or f.name in CONFIG_FILES)
+    )
+    if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in files):
+        raise FileNotFoundError(f"no *.safetensors or *.bin weight file in {folder}")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0{file_digest(f)}\0".encode())
+    return digest.hexdigest()
+
+
+def model_folder(spec: dict[str, Any]) -> Path | None:
+    """The local folder a spec's ``name_or_path`` loads from: the folder itself, or for a hub id
+    its snapshot in the local hub cache (the revision resolved as ``from_pretrained`` did), with
+    ``extra.subfolder`` applied; ``None`` when a hub id has no cached snapshot."""
+    name = spec["name_or_path"]
+    extra = spec.get("extra") or {}
+    subfolder = extra.get("subfolder") or ""
+    local = Path(os.path.expanduser(name))
+    if local.is_dir():
+        return local / subfolder
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(
+        name, str(Path(subfolder) / "config.json") if subfolder else "config.json",
+        cache_dir=extra.get("cache_dir"), revision=spec.get("revision"),
+    )
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def reference_identity(reference_id: str) -> str:
+    """What identifies the reference's log-probs: ``reference_id`` (a spec's JSON, see
+    :func:`~dpo_lightning.fingerprints.spec_fingerprint`) plus, for a model loaded from a
+    folder or the hub, the digest of its files (:func:`folder_digest`). Any other string
+    is taken as it is.
+
+    Raises:
+        ValueError: a hub id whose snapshot is not in the local hub cache (its content cannot be
+            checked, so no cache could be trusted).
+    """
+    try:
+        spec = json.loads(reference_id)
+    except ValueError:
+        return reference_id
+    if not isinstance(spec, dict) or not spec.get("name_or_path"):
+        return reference_id  # built from config: config + seed are its identity
+    folder = model_folder(spec)
+    if folder is None:
+        raise ValueError(
+            f"precompute_reference: cannot find the files of {spec['name_or_path']!r} "
+            f"(revision {spec.get('revision') or 'main'}) in the local hub cache to key the reference cache by "
+            "their content; download the model to a folder and give that folder as name_or_path"
+        )
+    return json.dumps({"spec": spec, "files": folder_digest(folder)}, sort_keys=True)
+
+
 def cache_path(cache_dir: str, dataset: datasets.Dataset, reference_id: str, tokenizer_id: str) -> Path:
-    """Where the log-probs of ``dataset`` under the reference are (or will be) stored."""
+    """Where the log-probs of ``dataset`` under the reference are (or will be) stored.
+
+    ``reference_id``: the reference's spec (JSON), keyed with its files' content
+    (:func:`reference_identity`).
+    """
     key = json.dumps(
-        {"data": dataset._fingerprint, "reference": reference_id, "tokenizer": tokenizer_id, "code": LOGPROB_CODE_VERSION},
+        {"data": dataset._fingerprint, "reference": reference_identity(reference_id), "tokenizer": tokenizer_id,
+         "code": LOGPROB_CODE_VERSION},
         sort_keys=True,
     )
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
