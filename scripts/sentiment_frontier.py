@@ -1,46 +1,165 @@
-"""The controlled-sentiment experiment in miniature: reward against KL for DPO, ODPO and IPO.
+"""The controlled-sentiment experiment in miniature: reward against KL for offline DPO, ODPO and
+IPO, online DPO and iterative DPO, over several seeds.
 
     make experiment          # or: .venv/bin/python scripts/sentiment_frontier.py
+    .venv/bin/python scripts/sentiment_frontier.py --quick      # a few minutes, for development
+    .venv/bin/python scripts/sentiment_frontier.py --plot-only  # redraw docs/*.png from docs/*.csv
 
 1. SFT: the tiny Llama (data/tiny-llama) learns the review language of data/sentiment (mixed
-   sentiment); recipes/base.yaml + recipes/sft.yaml. It is the reference policy of every run below.
-2. Pairs: 4 samples per prompt from the SFT model, scored by the ground truth
-   (dpo_lightning.experiments.sentiment:score); best vs worst, with their scores (for ODPO).
-3. Sweep: DPO, ODPO and IPO (recipes/dpo.yaml; base.yaml + odpo.yaml / ipo.yaml) over a few betas
-   (and alphas for ODPO) on the same pairs.
-4. Evaluation: for SFT and every run, samples on held-out prompts; mean ground-truth reward and
-   the Monte-Carlo sequence-level KL(pi || pi_sft).
-5. Result: outputs/frontier/results.csv and docs/frontier.png (plus docs/frontier.csv).
+   sentiment); recipes/base.yaml + recipes/sft.yaml, seed 0. It is the reference policy and the
+   initial policy of every run below, for every seed (the seeds are paired: they vary the
+   sampled pairs, the training and the evaluation samples, not the reference).
+2. Pairs (offline methods), per seed: 4 samples per prompt from the SFT model on the 600 prompts
+   of data/sentiment/pair_prompts.jsonl, scored by the ground truth
+   (dpo_lightning.experiments.sentiment:score); best vs worst with their scores (for ODPO).
+   Every 10th pair is held out: the offline runs validate on it every 10 steps, which traces
+   the policy's log-probs of held-out chosen and rejected replies (docs/logps.png). Every
+   sample is kept (outputs/frontier/seed<s>/pair_samples.jsonl): the best-of-4 coverage of
+   the pair data, and the SFT model's reward distribution that gives the KL-optimal frontier.
+3. Offline: DPO (recipes/dpo.yaml), ODPO and IPO (base.yaml + odpo.yaml / ipo.yaml), 3 epochs on
+   the seed's pairs at lr 3e-4 (the settings of the first version of this experiment), and DPO
+   at lr 1e-3 (the recipe's own). A control: DPO on only the pairs whose chosen reply is all
+   positive (score 1.0), 5 epochs (about as many steps as 3 epochs on all pairs).
+4. Online DPO: base.yaml + recipes/online_dpo.yaml (OnlinePreferenceModule) from the SFT model:
+   the recipe as shipped (2 samples per prompt, best vs worst, lr 1e-3), and with 4 samples
+   per prompt and every pair of them. Iterative DPO: base.yaml + recipes/iterative_dpo.yaml
+   (2 rounds of 4 samples per prompt from the policy of the round's start, the reference reset
+   to it each round), with every pair, at lr 3e-4.
+   Budget convention: every method gets the same number of judged samples, 600 prompts x 4 =
+   2400 (offline: one pass of 4 samples over 600 prompts; online: 2 epochs x 600 prompts x 2
+   samples, or 1 epoch x 600 x 4; iterative: 2 rounds x 300 prompts x 4 samples).
+5. Evaluation, per run: 16 samples on each of the 64 held-out prompts (exact sampling), the mean
+   ground-truth reward and the Monte-Carlo KL(pi || pi_sft) (dpo_lightning.sampling.evaluate_policy),
+   and a breakdown of the samples: the share that is a review template word for word, the share
+   of their sentiment slots holding a negative word. For the seed-0 runs, where the KL goes
+   (scripts/frontier_diagnosis.py): the exact per-position KL summed over positions that
+   emitted a sentiment word, the end of sequence, and the rest.
+6. Results: outputs/frontier/runs.csv (a row per run and seed), docs/frontier.csv (mean and
+   standard error across seeds), docs/frontier.png (reward against KL with error bars and the
+   KL-optimal frontier), docs/logps.png + docs/logps.csv (log-probs of chosen and rejected
+   during training), docs/frontier_pairs.csv (the pair data), docs/frontier_kl_split.csv (where
+   the KL goes), docs/frontier_optimal.csv (the KL-optimal frontier),
+   outputs/frontier/timing.json (wall and CPU seconds of every part).
+
+Jobs run in ``--jobs`` worker processes (default 2), each with ``--threads`` torch threads
+(default 1: the 0.1M-parameter model gains nothing from more). Iterative DPO joins when
+recipes/iterative_dpo.yaml exists.
 """
 
 from __future__ import annotations
 
-import copy
+import argparse
 import csv
+import json
+import math
+import os
+import re
+import resource
 import shutil
 import sys
 import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
-
-import yaml
-
-from dpo_lightning.cli import run
-from dpo_lightning.sampling import evaluate_policy, sample_pairs
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "outputs" / "frontier"
+DOCS = ROOT / "docs"
+PAIR_PROMPTS = ROOT / "data" / "sentiment" / "pair_prompts.jsonl"
+EVAL_PROMPTS = ROOT / "data" / "sentiment" / "eval_prompts.jsonl"
+ITERATIVE_RECIPE = ROOT / "recipes" / "iterative_dpo.yaml"
+
+PAIR_SAMPLES = 4  # samples per prompt for the offline pairs
+PROMPTS, QUICK_PROMPTS = 600, 200  # the budget is PROMPTS x PAIR_SAMPLES judged samples per run
+HELD_OUT_EVERY = 10  # every 10th pair is the offline runs' validation set
+VAL_EVERY_STEPS = 10
+# defaults per kind; a series' settings override them
+DEFAULTS = {
+    "offline": {"max_epochs": 3, "lr": 3e-4, "batch_size": 16},
+    "online": {"num_samples": 2, "pairs": "best_vs_worst", "lr": 1e-3, "batch_size": 16},  # online_dpo.yaml + base.yaml
+    "iterative": {"num_samples": 4, "rounds": 2, "pairs": "best_vs_worst", "lr": 1e-3, "batch_size": 16,
+                  "reference_reset": "per_round"},  # iterative_dpo.yaml + base.yaml
+}
+ALL_PAIRS = {"pairs": "all"}
+# (series, kind, recipe, loss arguments, settings)
 SWEEP = [
-    ("DPO", "dpo", {"beta": 0.02}), ("DPO", "dpo", {"beta": 0.05}), ("DPO", "dpo", {"beta": 0.1}),
-    ("DPO", "dpo", {"beta": 0.5}), ("DPO", "dpo", {"beta": 1.0}),
-    ("ODPO", "odpo", {"beta": 0.1, "alpha": 0.5}), ("ODPO", "odpo", {"beta": 0.1, "alpha": 1.0}),
-    ("ODPO", "odpo", {"beta": 0.5, "alpha": 1.0}), ("ODPO", "odpo", {"beta": 1.0, "alpha": 1.0}),
-    ("IPO", "ipo", {"beta": 0.1}), ("IPO", "ipo", {"beta": 0.5}), ("IPO", "ipo", {"beta": 1.0}),
+    *[("DPO", "offline", "dpo", {"beta": b}, {}) for b in (0.05, 0.1, 0.5, 1.0)],
+    *[("ODPO", "offline", "odpo", {"beta": b, "alpha": 1.0}, {}) for b in (0.1, 0.5)],
+    *[("IPO", "offline", "ipo", {"beta": b}, {}) for b in (0.1, 1.0)],
+    *[("DPO, lr 1e-3", "offline", "dpo", {"beta": b}, {"lr": 1e-3}) for b in (1.0, 2.0)],
+    # control: only the pairs whose chosen reply is all positive (score 1), 5 epochs (about the steps of 3 on all)
+    ("DPO, all-positive chosen only", "offline", "dpo", {"beta": 0.5}, {"perfect_chosen": True, "max_epochs": 5}),
+    *[("online DPO", "online", "online_dpo", {"beta": b}, {}) for b in (0.5, 1.0, 2.0)],
+    *[("online DPO, 4 samples, all pairs", "online", "online_dpo", {"beta": b}, {"num_samples": 4, **ALL_PAIRS})
+      for b in (0.5, 1.0, 2.0)],
+    *[("iterative DPO, all pairs", "iterative", "iterative_dpo", {"beta": b}, {"lr": 3e-4, **ALL_PAIRS})
+      for b in (0.5, 1.0, 2.0)],
 ]
-EVAL = {"samples_per_prompt": 16, "max_new_tokens": 32, "seed": 0}  # 64 prompts x 16 = 1024 samples
-METRICS = ("reward", "reward_stderr", "kl", "kl_stderr")
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.logger", "false"]
+QUICK_SWEEP = [
+    ("DPO", "offline", "dpo", {"beta": 0.1}, {}),
+    ("DPO, all-positive chosen only", "offline", "dpo", {"beta": 0.5}, {"perfect_chosen": True, "max_epochs": 5}),
+    ("DPO, lr 1e-3", "offline", "dpo", {"beta": 1.0}, {"lr": 1e-3}),
+    ("online DPO", "online", "online_dpo", {"beta": 1.0}, {}),
+    ("online DPO, 4 samples, all pairs", "online", "online_dpo", {"beta": 1.0}, {"num_samples": 4, **ALL_PAIRS}),
+    ("iterative DPO, all pairs", "iterative", "iterative_dpo", {"beta": 1.0}, {"lr": 3e-4, **ALL_PAIRS}),
+]
+EVAL = {"prompts": 64, "samples_per_prompt": 16, "max_new_tokens": 32}  # 1024 samples
+QUICK_EVAL = {"prompts": 32, "samples_per_prompt": 8, "max_new_tokens": 32}
+DIAGNOSIS_SAMPLES = 8  # per held-out prompt, for the KL split (512 samples)
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+STYLE = {  # series: (colour, marker)
+    "SFT": ("black", "s"), "DPO": ("tab:blue", "o"), "ODPO": ("tab:orange", "o"), "IPO": ("tab:green", "o"),
+    "DPO, lr 1e-3": ("tab:cyan", "D"), "DPO, all-positive chosen only": ("navy", "X"), "online DPO": ("tab:red", "^"),
+    "online DPO, 4 samples, all pairs": ("tab:pink", "v"), "iterative DPO, all pairs": ("tab:purple", "P"),
+}
+SERIES = list(STYLE)
 
 
+# -- the toy language: what a sample is made of -----------------------------------------------------
+def template_patterns() -> list[re.Pattern]:
+    """One regular expression per review template of dpo_lightning.experiments.sentiment, with
+    named groups for the product ``p`` and the sentiment slots ``a``, ``b``, ``v``."""
+    from dpo_lightning.experiments import sentiment
+
+    patterns = []
+    for template in sentiment.TEMPLATES:
+        text = re.escape(template)
+        for slot in "pabv":
+            text = text.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>[a-z]+)")
+        patterns.append(re.compile(f"^{text}$"))
+    return patterns
+
+
+def sample_breakdown(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Of scored samples (``completion``, ``score``): the share that is one of the review
+    templates word for word (``wellformed``), the share of their sentiment slots holding a
+    negative word (``negative_slots``), and their mean score (``reward_wellformed``)."""
+    from dpo_lightning.experiments import sentiment
+
+    patterns = template_patterns()
+    wellformed, slots, negative, scores = 0, 0, 0, []
+    for row in rows:
+        match = next((m for m in (p.match(row["completion"]) for p in patterns) if m), None)
+        if match is None:
+            continue
+        wellformed += 1
+        scores.append(row["score"])
+        for slot in "abv":
+            word = match.groupdict().get(slot)
+            if word is not None:
+                slots += 1
+                negative += word in sentiment._NEG
+    return {
+        "wellformed": wellformed / max(len(rows), 1),
+        "negative_slots": negative / max(slots, 1),
+        "reward_wellformed": sum(scores) / max(len(scores), 1),
+    }
+
+
+# -- recipes and fits -------------------------------------------------------------------------------
 def recipe(name: str) -> list[str]:
     """The ``--config`` arguments of a shipped recipe: dpo.yaml is complete, the others are
     overlays on base.yaml."""
@@ -48,108 +167,547 @@ def recipe(name: str) -> list[str]:
     return ["--config", path] if name == "dpo" else ["--config", str(ROOT / "recipes" / "base.yaml"), "--config", path]
 
 
-def fit(name: str, recipe_name: str, changes: dict) -> None:
-    """Fit a shipped recipe with ``changes`` on top: a config file of their own, merged last."""
-    path = OUT / "configs" / f"{name}.yaml"
+def fit(out: Path, name: str, recipe_name: str, changes: dict):
+    """Fit a shipped recipe with ``changes`` on top (a config file of their own, merged last);
+    returns the CLI (its ``model`` holds the validation history)."""
+    import yaml
+
+    from dpo_lightning.cli import run
+
+    path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(changes, sort_keys=False))
-    run(["fit", *recipe(recipe_name), "--config", str(path), *QUIET])
+    return run(["fit", *recipe(recipe_name), "--config", str(path), *QUIET])
 
 
-def train_sft() -> Path:
-    fit("sft", "sft", {
-        "trainer": {"default_root_dir": str(OUT / "runs" / "sft"), "enable_checkpointing": False},
-        "model": {"init_args": {"export_dir": str(OUT / "sft")}},
-    })
-    return OUT / "sft"
+def csv_logger(save_dir: Path) -> dict:
+    return {"class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(save_dir), "name": "", "version": ""}}
 
 
-def train_preference(recipe_name: str, loss_args: dict, name: str, sft: Path, pairs: Path) -> Path:
-    fit(name, recipe_name, {
-        "trainer": {"default_root_dir": str(OUT / "runs" / name), "max_epochs": 3, "enable_checkpointing": False,
-                    "num_sanity_val_steps": 0},
-        "model": {"init_args": {
-            "model": {"name_or_path": str(sft)},  # the SFT model is the initial policy and the reference
-            "loss": {"init_args": loss_args},
-            "optimizer": {"init_args": {"lr": 3e-4}},
-            "export_dir": str(OUT / "policies" / name),
-        }},
-        "data": {"init_args": {"train_data": str(pairs), "val_data": None, "val_fraction": 0.1, "batch_size": 16}},
-    })
-    return OUT / "policies" / name
+def train_sft(out: Path, epochs: int | None = None) -> Path:
+    trainer = {"default_root_dir": str(out / "runs" / "sft"), "enable_checkpointing": False, "logger": False}
+    if epochs is not None:
+        trainer["max_epochs"] = epochs
+    fit(out, "sft", "sft", {"seed_everything": 0, "trainer": trainer,
+                            "model": {"init_args": {"export_dir": str(out / "sft")}}})
+    return out / "sft"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def subset(source: Path, target: Path, n: int) -> Path:
+    """The first ``n`` rows of a JSON-lines file."""
+    lines = [line for line in source.read_text().splitlines() if line.strip()][:n]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(line + "\n" for line in lines))
+    return target
+
+
+def train(job: dict) -> Path:
+    """One preference run: offline on the seed's pairs, online or iterative from the prompts."""
+    out, name, kind, seed = Path(job["out"]), job["name"], job["kind"], job["seed"]
+    settings = {**DEFAULTS[kind], **job["settings"]}
+    run_dir = out / "runs" / name
+    policy = out / "policies" / name
+    trainer = {"default_root_dir": str(run_dir), "enable_checkpointing": False, "log_every_n_steps": 1,
+               "logger": csv_logger(run_dir)}
+    model = {
+        "model": {"name_or_path": job["sft"]},  # the SFT model is the initial policy and the reference
+        "loss": {"init_args": job["loss_args"]},
+        "optimizer": {"init_args": {"lr": settings["lr"]}},
+        "export_dir": str(policy),
+    }
+    if kind == "offline":  # validation on the held-out pairs at step 0 (sanity check) and every 10 steps
+        train_pairs = job["pairs_train"]
+        if settings.get("perfect_chosen"):
+            lines = [l for l in Path(train_pairs).read_text().splitlines() if l.strip()]
+            train_pairs = str(out / "data" / f"pairs_{name}.jsonl")
+            Path(train_pairs).parent.mkdir(parents=True, exist_ok=True)
+            Path(train_pairs).write_text("".join(l + "\n" for l in lines if json.loads(l)["score_chosen"] >= 1.0))
+        batches = math.ceil(sum(1 for l in Path(train_pairs).read_text().splitlines() if l.strip()) / settings["batch_size"])
+        cli = fit(out, name, job["recipe"], {
+            "seed_everything": seed,
+            "trainer": {**trainer, "max_epochs": settings["max_epochs"], "num_sanity_val_steps": -1,
+                        "val_check_interval": VAL_EVERY_STEPS if batches >= VAL_EVERY_STEPS else 1.0},
+            "model": {"init_args": model},
+            "data": {"init_args": {"train_data": train_pairs, "val_data": job["pairs_val"],
+                                   "batch_size": settings["batch_size"]}},
+        })
+        history = [{k: (float(v) if not isinstance(v, bool) else v) for k, v in h.items()}
+                   for h in cli.model.validation_history]
+        (run_dir / "validation.json").write_text(json.dumps(history))
+    elif kind == "online":  # the budget: epochs x prompts x num_samples
+        k = settings["num_samples"]
+        epochs = max(1, job["budget"] // (job["prompts"] * k))
+        prompts = subset(Path(job["prompt_file"]), out / "data" / f"prompts_{name}.jsonl", job["budget"] // (epochs * k))
+        fit(out, name, job["recipe"], {
+            "seed_everything": seed,
+            "trainer": {**trainer, "max_epochs": epochs, "limit_val_batches": 0, "num_sanity_val_steps": 0},
+            "model": {"init_args": {**model, "num_samples": k, "pairs": settings["pairs"]}},
+            "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": settings["batch_size"]}},
+        })
+    elif kind == "iterative":  # the budget: rounds x prompts x num_samples
+        rounds, k = settings["rounds"], settings["num_samples"]
+        prompts = subset(Path(job["prompt_file"]), out / "data" / f"prompts_{name}.jsonl", job["budget"] // (rounds * k))
+        fit(out, name, job["recipe"], {
+            "seed_everything": seed,
+            "trainer": {**trainer, "max_epochs": rounds, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+                        "callbacks": []},
+            "model": {"init_args": {**model, "reference_reset": settings["reference_reset"]}},
+            "data": {"init_args": {"train_data": str(prompts), "val_data": None, "num_samples": k,
+                                   "pairs": settings["pairs"], "batch_size": settings["batch_size"]}},
+        })
+    else:
+        raise ValueError(kind)
+    return policy
+
+
+def evaluate(job: dict, policy: str) -> dict[str, Any]:
+    """The library's evaluation of ``policy`` against the SFT reference, plus the sample breakdown
+    (when ``evaluate_policy`` can save its samples)."""
+    import inspect
+
+    from dpo_lightning.sampling import evaluate_policy
+
+    samples = Path(job["out"]) / "samples" / f"{job['name']}.jsonl"
+    kwargs = {"samples_per_prompt": job["eval"]["samples_per_prompt"], "max_new_tokens": job["eval"]["max_new_tokens"],
+              "seed": job["seed"]}
+    can_save = "save_samples" in inspect.signature(evaluate_policy).parameters
+    if can_save:
+        kwargs["save_samples"] = str(samples)
+    result = dict(evaluate_policy(policy, job["sft"], job["eval_prompts"], **kwargs))
+    if can_save and samples.exists():
+        result.update(sample_breakdown([json.loads(line) for line in samples.read_text().splitlines() if line.strip()]))
+    return result
+
+
+def sample_pairs_job(job: dict) -> None:
+    """The seed's pairs from the SFT model, every sample kept; every 10th pair held out."""
+    import inspect
+
+    from dpo_lightning.sampling import sample_pairs
+
+    kwargs = {"samples_per_prompt": PAIR_SAMPLES, "seed": job["seed"]}
+    if "save_samples" in inspect.signature(sample_pairs).parameters:
+        kwargs["save_samples"] = job["pair_samples"]
+    sample_pairs(job["sft"], job["prompt_file"], job["pairs"], **kwargs)
+    lines = [line for line in Path(job["pairs"]).read_text().splitlines() if line.strip()]
+    Path(job["pairs_train"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if i % HELD_OUT_EVERY))
+    Path(job["pairs_val"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if not i % HELD_OUT_EVERY))
+
+
+def run_job(job: dict) -> dict[str, Any]:
+    """A worker process: sample pairs, train and evaluate a run, evaluate SFT, or diagnose a policy."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    sys.argv = sys.argv[:1]  # LightningCLI takes its arguments from run(), not from this script's command line
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    row: dict[str, Any] = {"series": job["series"], "label": job["label"], "seed": job["seed"], "name": job["name"],
+                           **{k: job["loss_args"].get(k, "") for k in ("beta", "alpha")}}
+    if job["kind"] == "pairs":
+        sample_pairs_job(job)
+    elif job["kind"] == "sft":
+        row.update(evaluate(job, job["sft"]))
+    elif job["kind"] == "diagnose":
+        from frontier_diagnosis import diagnose
+
+        row.update(diagnose(job["policy"], job["sft"], job["eval_prompts"], DIAGNOSIS_SAMPLES,
+                            job["eval"]["max_new_tokens"], seed=job["seed"]))
+    else:
+        policy = train(job)
+        row.update(evaluate(job, str(policy)))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+    row.update({"kind": job["kind"], "wall_s": time.perf_counter() - start, "cpu_s": cpu})
+    return row
+
+
+# -- aggregation ------------------------------------------------------------------------------------
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run label: the mean across seeds and its standard error (``*_se``); with one
+    seed, the evaluation's own standard error for reward and KL."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["label"]].append(r)
+    result = []
+    for label, group in groups.items():
+        first = group[0]
+        agg = {"series": first["series"], "label": label, "beta": first["beta"], "alpha": first["alpha"],
+               "seeds": len(group)}
+        for key in ("reward", "kl", "wellformed", "negative_slots"):
+            values = [g[key] for g in group if isinstance(g.get(key), float)]
+            if not values:
+                agg[key], agg[f"{key}_se"] = "", ""
+                continue
+            agg[key], agg[f"{key}_se"] = mean_se(values)
+            if len(values) == 1 and key in ("reward", "kl"):
+                agg[f"{key}_se"] = group[0][f"{key}_stderr"]
+        result.append(agg)
+    return result
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{r[k]:.4f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in fields})
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    def value(v: str) -> Any:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with path.open() as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def pair_coverage(pairs: Path, samples: Path) -> dict[str, Any]:
+    """What a seed's pair data holds: mean scores of chosen and rejected, the share of chosen that
+    are perfect (1.0), of pairs whose gap is at most 1/3 (one slot of three), of pairs whose
+    rejected reply is at least half positive, the negative-slot share of the chosen replies,
+    and (every sample saved) the SFT model's mean and best-of-4 reward."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()]
+    chosen = [r["score_chosen"] for r in rows]
+    rejected = [r["score_rejected"] for r in rows]
+    stats: dict[str, Any] = {
+        "pairs": len(rows),
+        "chosen_mean": sum(chosen) / len(chosen),
+        "rejected_mean": sum(rejected) / len(rejected),
+        "chosen_perfect": sum(c >= 1.0 for c in chosen) / len(chosen),
+        "small_gap": sum(c - r <= 1 / 3 + 1e-6 for c, r in zip(chosen, rejected)) / len(rows),
+        "rejected_half_positive": sum(r >= 0.5 for r in rejected) / len(rows),
+        "chosen_negative_slots": sample_breakdown([{"completion": r["chosen"], "score": r["score_chosen"]}
+                                                   for r in rows])["negative_slots"],
+    }
+    if samples.exists():  # written in order, PAIR_SAMPLES a prompt
+        scores = [json.loads(line)["score"] for line in samples.read_text().splitlines() if line.strip()]
+        groups = [scores[i : i + PAIR_SAMPLES] for i in range(0, len(scores), PAIR_SAMPLES)]
+        stats["sft_mean"] = sum(scores) / len(scores)
+        stats["best_of_4"] = sum(max(g) for g in groups) / len(groups)
+    return stats
+
+
+def optimal_frontier(scores: list[float]) -> list[dict[str, float]]:
+    """The KL-optimal policies pi_b = pi_sft exp(r / b) / Z_b, for b from 10 down to 0.01: their
+    reward E_pi_b[r] and KL(pi_b || pi_sft) = E_pi_b[r] / b - log Z_b depend only on the SFT
+    model's distribution of rewards, estimated here from its samples ``scores``. No policy has
+    a higher reward at the same KL (the KL-regularised objective's maximiser)."""
+    points = []
+    top = max(scores)
+    for i in range(61):
+        b = 10 ** (1 - i / 20)
+        weights = [math.exp((s - top) / b) for s in scores]  # shifted for range; Z_b = exp(top / b) mean(w)
+        z = sum(weights) / len(weights)
+        reward = sum(s * w for s, w in zip(scores, weights)) / sum(weights)
+        points.append({"beta": b, "kl": reward / b - (top / b + math.log(z)), "reward": reward})
+    return points
+
+
+# -- plots ------------------------------------------------------------------------------------------
+def plot_frontier(rows: list[dict[str, Any]], path: Path, optimal: list[dict[str, Any]],
+                  pairs: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"SFT": "black", "DPO": "tab:blue", "ODPO": "tab:orange", "IPO": "tab:green"}
-    for loss in colors:
-        pts = [r for r in rows if r["loss"] == loss]
-        if not pts:
-            continue
-        ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts], xerr=[r["kl_stderr"] for r in pts],
-                    yerr=[r["reward_stderr"] for r in pts], fmt="o", color=colors[loss], label=loss, capsize=2)
-        if loss != "SFT":  # one line per loss, in order of KL; the betas label the points
-            pts = sorted(pts, key=lambda r: r["kl"])
-            ax.plot([r["kl"] for r in pts], [r["reward"] for r in pts], color=colors[loss], alpha=0.4, lw=1)
-        for i, r in enumerate(pts):
-            short = "SFT" if loss == "SFT" else f"β{r['beta']}" + (f",α{r['alpha']}" if r["alpha"] != "" else "")
-            ax.annotate(short, (r["kl"], r["reward"]), fontsize=6, color=colors[loss],
-                        xytext=(4, -9 if i % 2 else 4), textcoords="offset points")
-    ax.set_xlabel("sequence-level KL(pi || pi_sft), nats (Monte-Carlo)")
-    ax.set_ylabel("mean ground-truth sentiment reward")
-    ax.set_title("Controlled sentiment in miniature: reward vs KL")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
+    for ax, xmax in zip(axes, (None, 2.2)):
+        ax.plot([p["kl"] for p in optimal], [p["reward"] for p in optimal], color="grey", ls="--", lw=1,
+                label="KL-optimal: π_sft·exp(r/β)/Z")
+        if pairs:
+            chosen = sum(p["chosen_mean"] for p in pairs) / len(pairs)
+            ax.axhline(chosen, color="tab:blue", ls=":", lw=1, label=f"mean score of the chosen replies ({chosen:.2f})")
+        for series in SERIES:
+            pts = sorted((r for r in rows if r["series"] == series), key=lambda r: r["kl"])
+            if not pts:
+                continue
+            color, marker = STYLE[series]
+            se = lambda r, k: r[f"{k}_se"] if isinstance(r[f"{k}_se"], float) and not math.isnan(r[f"{k}_se"]) else 0.0
+            ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts], xerr=[se(r, "kl") for r in pts],
+                        yerr=[se(r, "reward") for r in pts], fmt=marker, color=color, label=series, capsize=2, ms=4,
+                        ls="-" if series != "SFT" else "none", lw=0.8, alpha=0.9)
+            for i, r in enumerate(pts):
+                if series == "SFT" or (xmax is not None and r["kl"] > xmax):
+                    continue
+                short = f"β{r['beta']:g}" + (f",α{r['alpha']:g}" if r["alpha"] != "" else "")
+                ax.annotate(short, (r["kl"], r["reward"]), fontsize=6, color=color,
+                            xytext=(4, -9 if i % 2 else 4), textcoords="offset points")
+        ax.set_xlabel("sequence-level KL(π || π_sft), nats (Monte-Carlo)")
+        ax.grid(alpha=0.3)
+        if xmax is None:
+            ax.set_xlim(-0.2, max(r["kl"] for r in rows) * 1.05 + 0.2)
+            ax.set_ylim(0.45, 1.01)
+            ax.set_ylabel("mean ground-truth sentiment reward")
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.set_xlim(-0.05, xmax)
+            ax.set_ylim(0.7, 1.01)
+            ax.set_title("zoom: KL ≤ 2.2 nats", fontsize=9)
+    seeds = int(max(r["seeds"] for r in rows))
+    axes[0].set_title(f"Controlled sentiment in miniature: reward vs KL ({seeds} seed{'s' if seeds > 1 else ''}; "
+                      "mean ± 1 s.e. across seeds)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def replot() -> None:
-    """Redraw docs/frontier.png from docs/frontier.csv (``--plot-only``)."""
-    with (ROOT / "docs" / "frontier.csv").open() as f:
-        rows = [{k: (float(v) if k in METRICS else v) for k, v in r.items()}
-                for r in csv.DictReader(f)]
-    plot(rows, ROOT / "docs" / "frontier.png")
+def training_curves(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Log-probs of chosen and rejected replies during training: offline runs on the held-out
+    pairs (their validation, ``source`` held_out), online and iterative runs on the pairs they
+    trained on at each step (their own samples, ``source`` own_samples)."""
+    curves = []
+    for r in rows:
+        run_dir = out / "runs" / r["name"]
+        base = {"series": r["series"], "label": r["label"], "seed": r["seed"]}
+        if (run_dir / "validation.json").exists():
+            for h in json.loads((run_dir / "validation.json").read_text()):
+                curves.append({**base, "source": "held_out", "step": int(h["step"]),
+                               "chosen": h["logps/chosen"], "rejected": h["logps/rejected"]})
+        elif (run_dir / "metrics.csv").exists():
+            with (run_dir / "metrics.csv").open() as f:
+                for m in csv.DictReader(f):
+                    if m.get("train/logps/chosen") and m.get("train/logps/rejected"):
+                        curves.append({**base, "source": "own_samples", "step": int(m["step"]),
+                                       "chosen": float(m["train/logps/chosen"]),
+                                       "rejected": float(m["train/logps/rejected"])})
+    return curves
 
 
-def main() -> None:
-    if "--plot-only" in sys.argv:
+def beta_of(label: str) -> float:
+    match = re.search(r"beta=([0-9.e-]+)", label)
+    return float(match.group(1)) if match else 0.0
+
+
+def plot_logps(curves: list[dict[str, Any]], path: Path, smooth: int = 10) -> None:
+    """One panel per series: the mean over seeds of log π(chosen) (solid) and log π(rejected)
+    (dashed) per β; own-sample curves are running means over ``smooth`` steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [s for s in SERIES if any(c["series"] == s for c in curves)]
+    if not series:
+        return
+    cols = min(3, len(series))
+    nrows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.3 * cols, 3.4 * nrows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, name in zip(axes.flat, series):
+        labels = sorted({c["label"] for c in curves if c["series"] == name}, key=beta_of)
+        own = False
+        for i, label in enumerate(labels):
+            by_step: dict[int, list[tuple[float, float]]] = defaultdict(list)
+            for c in curves:
+                if c["label"] == label:
+                    by_step[int(c["step"])].append((c["chosen"], c["rejected"]))
+                    own = c["source"] == "own_samples"
+            steps = sorted(by_step)
+            color = cmap(i / max(len(labels) - 1, 1))
+            for j, ls in ((0, "-"), (1, "--")):
+                ys = [sum(v[j] for v in by_step[s]) / len(by_step[s]) for s in steps]
+                if own and len(ys) > smooth:
+                    ys = [sum(ys[max(0, t - smooth + 1) : t + 1]) / len(ys[max(0, t - smooth + 1) : t + 1])
+                          for t in range(len(ys))]
+                ax.plot(steps, ys, ls=ls, color=color, lw=1.2, label=label[len(name):].strip() if j == 0 else None)
+        where = f"its own samples, running mean of {smooth} steps" if own else "held-out pairs sampled from SFT"
+        ax.set_title(f"{name}\n({where})", fontsize=8)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("mean log π(y|x)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, title="chosen —, rejected - -", title_fontsize=6)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replot(docs: Path = DOCS) -> None:
+    """Redraw docs/frontier.png and docs/logps.png from docs/*.csv (``--plot-only``)."""
+    pairs = read_csv(docs / "frontier_pairs.csv") if (docs / "frontier_pairs.csv").exists() else []
+    optimal = read_csv(docs / "frontier_optimal.csv") if (docs / "frontier_optimal.csv").exists() else []
+    plot_frontier(read_csv(docs / "frontier.csv"), docs / "frontier.png", optimal, pairs)
+    if (docs / "logps.csv").exists():
+        plot_logps(read_csv(docs / "logps.csv"), docs / "logps.png")
+
+
+# -- the experiment ---------------------------------------------------------------------------------
+def label_of(series: str, loss_args: dict) -> str:
+    return f"{series} " + " ".join(f"{k}={v}" for k, v in loss_args.items())
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished worker processes (imports included)."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
+def run_pool(jobs: list[dict], workers: int) -> list[dict[str, Any]]:
+    """The jobs on ``workers`` worker processes, each running one job after another (as the
+    first version of this script ran every fit in one process: every fit and evaluation seeds
+    itself). A job's ``cpu_s`` is its own; :func:`cpu_seconds` counts the workers' start too."""
+    if not jobs:
+        return []
+    results = []
+    with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, job): job for job in jobs}
+        for future in as_completed(futures):
+            results.append(future.result())
+            r = results[-1]
+            print(f"[{len(results)}/{len(jobs)}] {futures[future]['name']}: {r['wall_s']:.0f} s wall, "
+                  f"{r['cpu_s']:.0f} s CPU", flush=True)
+    return results
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="development: SFT for 1 epoch, 200 prompts, one run per "
+                        "series, 256 evaluation samples, 1 seed; writes only under outputs/frontier_quick")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--only", default=None, help="a regular expression: only the run labels it matches")
+    parser.add_argument("--no-diagnosis", action="store_true", help="skip the KL split of the seed-0 policies")
+    parser.add_argument("--plot-only", action="store_true", help="redraw docs/*.png from docs/*.csv")
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.plot_only:
         replot()
         return
     start = time.perf_counter()
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    sft = train_sft()
-    pairs = sample_pairs(str(sft), str(ROOT / "data/sentiment/pair_prompts.jsonl"), str(OUT / "pairs.jsonl"),
-                         samples_per_prompt=4, seed=0)
-    prompts = str(ROOT / "data/sentiment/eval_prompts.jsonl")
-    rows = []
-    result = evaluate_policy(str(sft), str(sft), prompts, **EVAL)
-    rows.append({"loss": "SFT", "label": "SFT", "beta": "", "alpha": "", **result})
-    for loss, recipe, loss_args in SWEEP:
-        label = f"{loss} " + " ".join(f"{k}={v}" for k, v in loss_args.items())
-        name = label.replace(" ", "_").replace("=", "")
-        policy = train_preference(recipe, copy.deepcopy(loss_args), name, sft, pairs)
-        result = evaluate_policy(str(policy), str(sft), prompts, **EVAL)
-        rows.append({"loss": loss, "label": label, "beta": loss_args.get("beta", ""), "alpha": loss_args.get("alpha", ""), **result})
-    fields = ["loss", "label", "beta", "alpha", "reward", "reward_stderr", "kl", "kl_stderr", "samples"]
-    for target in (OUT / "results.csv", ROOT / "docs" / "frontier.csv"):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: (f"{r[k]:.4f}" if k in METRICS else r[k]) for k in fields})
-    plot(rows, ROOT / "docs" / "frontier.png")
-    print(f"\nwrote {OUT / 'results.csv'}, docs/frontier.csv and docs/frontier.png in {time.perf_counter() - start:.0f} s")
-    for r in rows:
-        print(f"  {r['label']:<24} reward {r['reward']:.3f} ± {r['reward_stderr']:.3f}   KL {r['kl']:.2f} ± {r['kl_stderr']:.2f}")
+    out = OUT.with_name("frontier_quick") if args.quick else OUT
+    docs = out / "docs" if args.quick else DOCS
+    if out.exists():
+        shutil.rmtree(out)
+    n_prompts = QUICK_PROMPTS if args.quick else PROMPTS
+    evaluation = QUICK_EVAL if args.quick else EVAL
+    prompt_file = subset(PAIR_PROMPTS, out / "data" / "pair_prompts.jsonl", n_prompts)
+    eval_prompts = subset(EVAL_PROMPTS, out / "data" / "eval_prompts.jsonl", evaluation["prompts"])
+    sweep = QUICK_SWEEP if args.quick else SWEEP
+    if not ITERATIVE_RECIPE.exists():  # HOOK: iterative DPO joins as soon as recipes/iterative_dpo.yaml exists
+        print(f"{ITERATIVE_RECIPE.relative_to(ROOT)} not found: iterative DPO left out")
+        sweep = [s for s in sweep if s[1] != "iterative"]
+    if args.only:
+        sweep = [s for s in sweep if re.search(args.only, label_of(s[0], s[3]))]
+    seeds = list(range(args.seeds))
+
+    print("== SFT (the reference policy, seed 0)", flush=True)
+    sft_start = time.perf_counter()
+    sft = str(train_sft(out, epochs=1 if args.quick else None))
+    timing: dict[str, Any] = {"sft": {"wall_s": time.perf_counter() - sft_start, "cpu_s": cpu_seconds()}}
+
+    base = {"out": str(out), "sft": sft, "threads": args.threads, "budget": n_prompts * PAIR_SAMPLES,
+            "prompts": n_prompts, "prompt_file": str(prompt_file), "eval": evaluation, "eval_prompts": str(eval_prompts),
+            "loss_args": {}, "settings": {}}
+    pair_jobs, run_jobs = [], []
+    for seed in seeds:
+        folder = out / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pairs = {"pairs": str(folder / "pairs.jsonl"), "pairs_train": str(folder / "pairs_train.jsonl"),
+                 "pairs_val": str(folder / "pairs_val.jsonl"), "pair_samples": str(folder / "pair_samples.jsonl")}
+        pair_jobs.append({**base, **pairs, "kind": "pairs", "series": "pairs", "label": "pairs",
+                          "name": f"pairs_seed{seed}", "seed": seed})
+        run_jobs.append({**base, "kind": "sft", "series": "SFT", "label": "SFT", "name": f"SFT_seed{seed}", "seed": seed})
+        for series, kind, recipe_name, loss_args, settings in sweep:
+            label = label_of(series, loss_args)
+            name = re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") + f"_seed{seed}"
+            run_jobs.append({**base, **pairs, "kind": kind, "series": series, "label": label, "name": name,
+                             "seed": seed, "recipe": recipe_name, "loss_args": dict(loss_args), "settings": settings})
+    print(f"== pairs: {PAIR_SAMPLES} SFT samples for each of {n_prompts} prompts, seeds {seeds}", flush=True)
+    phase, cpu = time.perf_counter(), cpu_seconds()
+    run_pool(pair_jobs, args.jobs)
+    timing["pairs"] = {"wall_s": time.perf_counter() - phase, "cpu_s": cpu_seconds() - cpu}
+    order = {"iterative": 0, "online": 1, "offline": 2, "sft": 3}  # the longest first: the workers finish together
+    run_jobs.sort(key=lambda j: order[j["kind"]])
+    print(f"== {len(run_jobs)} runs ({len(sweep)} settings + SFT, {len(seeds)} seeds) on {args.jobs} workers", flush=True)
+    phase, cpu = time.perf_counter(), cpu_seconds()
+    rows = run_pool(run_jobs, args.jobs)
+    timing["runs"] = {"wall_s": time.perf_counter() - phase, "cpu_s": cpu_seconds() - cpu}
+    rows.sort(key=lambda r: (SERIES.index(r["series"]), str(r["beta"]), str(r["alpha"]), r["seed"]))
+
+    split_rows = []
+    if not args.no_diagnosis:
+        print("== where the KL goes (seed 0)", flush=True)
+        phase, cpu = time.perf_counter(), cpu_seconds()
+        jobs = [{**base, "kind": "diagnose", "series": r["series"], "label": r["label"], "name": f"diagnose_{r['name']}",
+                 "seed": 0, "loss_args": {k: r[k] for k in ("beta", "alpha") if r[k] != ""},
+                 "policy": sft if r["series"] == "SFT" else str(out / "policies" / r["name"])}
+                for r in rows if r["seed"] == 0]
+        split_rows = run_pool(jobs, args.jobs)
+        split_rows.sort(key=lambda r: (SERIES.index(r["series"]), str(r["beta"]), str(r["alpha"])))
+        timing["diagnosis"] = {"wall_s": time.perf_counter() - phase, "cpu_s": cpu_seconds() - cpu}
+
+    coverage = [{"seed": s, **pair_coverage(out / f"seed{s}" / "pairs.jsonl", out / f"seed{s}" / "pair_samples.jsonl")}
+                for s in seeds]
+    sft_scores = [json.loads(line)["score"] for s in seeds if (out / f"seed{s}" / "pair_samples.jsonl").exists()
+                  for line in (out / f"seed{s}" / "pair_samples.jsonl").read_text().splitlines() if line.strip()]
+    optimal = optimal_frontier(sft_scores) if sft_scores else []
+    summary = aggregate(rows)
+    curves = training_curves(out, rows)
+
+    write_csv(out / "runs.csv", rows, ["series", "label", "beta", "alpha", "seed", "reward", "reward_stderr", "kl",
+                                       "kl_stderr", "wellformed", "negative_slots", "reward_wellformed", "samples",
+                                       "wall_s", "cpu_s"])
+    write_csv(docs / "frontier.csv", summary, ["series", "label", "beta", "alpha", "seeds", "reward", "reward_se", "kl",
+                                               "kl_se", "wellformed", "wellformed_se", "negative_slots",
+                                               "negative_slots_se"])
+    write_csv(docs / "frontier_pairs.csv", coverage, ["seed", "pairs", "sft_mean", "best_of_4", "chosen_mean",
+                                                      "rejected_mean", "chosen_perfect", "small_gap",
+                                                      "rejected_half_positive", "chosen_negative_slots"])
+    write_csv(docs / "frontier_optimal.csv", optimal, ["beta", "kl", "reward"])
+    write_csv(docs / "logps.csv", curves, ["series", "label", "seed", "source", "step", "chosen", "rejected"])
+    if split_rows:
+        write_csv(docs / "frontier_kl_split.csv", split_rows, [
+            "series", "label", "beta", "alpha", "samples", "reward", "kl_exact", "kl_sentiment", "kl_eos", "kl_other",
+            "kl_sentiment_share", "wellformed", "negative_slots", "length", "eos", "product_reward_min",
+            "product_reward_max", "worst_product"])
+    plot_frontier(summary, docs / "frontier.png", optimal, coverage)
+    plot_logps(curves, docs / "logps.png")
+
+    total = time.perf_counter() - start
+    cpu = cpu_seconds()  # every process, start to end
+    timing.update({
+        "total": {"wall_s": total, "cpu_s": cpu}, "jobs": args.jobs, "threads": args.threads,
+        "cpu_s_by_series": {s: sum(r["cpu_s"] for r in rows if r["series"] == s) for s in SERIES},
+        # on a quiet machine with --jobs workers: SFT alone, then the rest shared by the workers
+        "quiet_estimate_s": timing["sft"]["cpu_s"] + (cpu - timing["sft"]["cpu_s"]) / max(args.jobs, 1),
+    })
+    (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    print(f"\nwrote {out / 'runs.csv'} and {docs}/frontier*.csv, logps.csv, frontier.png, logps.png in {total:.0f} s "
+          f"({cpu:.0f} CPU seconds in all processes; quiet estimate {timing['quiet_estimate_s']:.0f} s)")
+    for c in coverage:
+        print(f"  pairs, seed {c['seed']}: {c['pairs']} pairs, SFT mean {c.get('sft_mean', float('nan')):.3f}, best of 4 "
+              f"{c.get('best_of_4', float('nan')):.3f}, chosen {c['chosen_mean']:.3f}, rejected {c['rejected_mean']:.3f}")
+    for r in summary:
+        print(f"  {r['label']:<44} reward {r['reward']:.3f} ± {r['reward_se']:.3f}   KL {r['kl']:.2f} ± {r['kl_se']:.2f}"
+              + (f"   well-formed {r['wellformed']:.2f}, negative slots {r['negative_slots']:.3f}"
+                 if isinstance(r.get("negative_slots"), float) else ""))
+    for r in split_rows:
+        print(f"  KL split {r['label']:<36} {r['kl_exact']:.2f} nats: sentiment words {r['kl_sentiment']:.2f}, "
+              f"EOS {r['kl_eos']:.2f}, other tokens {r['kl_other']:.2f}")
 
 
 if __name__ == "__main__":
