@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, implicit_rewards
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, policy_rewards
 
 
 class _Anchored(PreferenceLoss):
@@ -22,7 +22,7 @@ class _Anchored(PreferenceLoss):
         """``(r_w, r_l)``, each ``(B,)``, carrying the graph."""
         if reference is None:
             raise ValueError(f"{type(self).__name__} needs reference log-probs")
-        return self.beta * (policy.chosen - reference.chosen), self.beta * (policy.rejected - reference.rejected)
+        return policy_rewards(self.beta, policy, reference)
 
 
 class APOZeroLoss(_Anchored):
@@ -50,8 +50,7 @@ class APOZeroLoss(_Anchored):
     ) -> LossOutput:
         r_w, r_l = self.rewards(policy, reference)
         losses = (1 - torch.sigmoid(r_w)) + torch.sigmoid(r_l)
-        chosen, rejected = implicit_rewards(self.beta, policy, reference)
-        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)
+        return LossOutput(losses.mean(), r_w.detach(), r_l.detach(), per_pair=losses)
 
 
 class APODownLoss(_Anchored):
@@ -78,5 +77,4 @@ class APODownLoss(_Anchored):
     ) -> LossOutput:
         r_w, r_l = self.rewards(policy, reference)
         losses = torch.sigmoid(r_w) + (1 - torch.sigmoid(r_w - r_l))
-        chosen, rejected = implicit_rewards(self.beta, policy, reference)
-        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)
+        return LossOutput(losses.mean(), r_w.detach(), r_l.detach(), per_pair=losses)

@@ -195,14 +195,21 @@ def check_range(name: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
+def policy_rewards(
+    beta: float, policy: SequenceLogProbs, reference: SequenceLogProbs | None
+) -> tuple[Tensor, Tensor]:
+    """``r = beta * (log pi(y|x) - log pi_ref(y|x))`` for chosen and rejected, each ``(B,)``,
+    carrying the graph (for losses that act on each side's reward: APO, NCA, BCO)."""
+    if reference is None:
+        raise ValueError("this loss needs reference log-probs but none were given")
+    return beta * (policy.chosen - reference.chosen), beta * (policy.rejected - reference.rejected)
+
+
 def implicit_rewards(
     beta: float, policy: SequenceLogProbs, reference: SequenceLogProbs | None
 ) -> tuple[Tensor, Tensor]:
-    """``beta * (log pi(y|x) - log pi_ref(y|x))`` for chosen and rejected, detached, each ``(B,)``."""
-    if reference is None:
-        raise ValueError("this loss needs reference log-probs but none were given")
-    chosen = beta * (policy.chosen - reference.chosen)
-    rejected = beta * (policy.rejected - reference.rejected)
+    """:func:`policy_rewards`, detached: what every reference-based loss logs, each ``(B,)``."""
+    chosen, rejected = policy_rewards(beta, policy, reference)
     return chosen.detach(), rejected.detach()
 
 
@@ -279,6 +286,7 @@ __all__ = [
     "check_range",
     "divergence_scores",
     "implicit_rewards",
+    "policy_rewards",
     "log_ratio_margin",
 ]
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import BatchLayout
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, implicit_rewards
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, policy_rewards
 
 
 def global_mean(values: Tensor) -> Tensor:
@@ -115,13 +115,11 @@ class BCOPairLoss(_RewardShift):
     ) -> LossOutput:
         if reference is None:
             raise ValueError("BCOPairLoss needs reference log-probs")
-        chosen = self.beta * (policy.chosen - reference.chosen)
-        rejected = self.beta * (policy.rejected - reference.rejected)
+        chosen, rejected = policy_rewards(self.beta, policy, reference)
         delta = self.running_shift(torch.cat([chosen, rejected]))
         losses = -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
-        chosen_rewards, rejected_rewards = implicit_rewards(self.beta, policy, reference)
         metrics = {"reward_shift": delta.detach()} if self.shift is not None else {}
-        return LossOutput(losses.mean(), chosen_rewards, rejected_rewards, metrics, per_pair=losses)
+        return LossOutput(losses.mean(), chosen.detach(), rejected.detach(), metrics, per_pair=losses)
 
 
 class BCOLoss(_RewardShift):

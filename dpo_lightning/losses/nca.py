@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, implicit_rewards
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, policy_rewards
 
 
 class NCALoss(PreferenceLoss):
@@ -41,8 +41,6 @@ class NCALoss(PreferenceLoss):
     ) -> LossOutput:
         if reference is None:
             raise ValueError("NCALoss needs reference log-probs")
-        r_w = self.beta * (policy.chosen - reference.chosen)
-        r_l = self.beta * (policy.rejected - reference.rejected)
+        r_w, r_l = policy_rewards(self.beta, policy, reference)
         losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
-        chosen, rejected = implicit_rewards(self.beta, policy, reference)
-        return LossOutput(losses.mean(), chosen, rejected, per_pair=losses)
+        return LossOutput(losses.mean(), r_w.detach(), r_l.detach(), per_pair=losses)
