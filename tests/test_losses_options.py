@@ -379,3 +379,26 @@ def test_mixture_trained_two_steps_logs_each_component(tmp_path, pair_files) -> 
         rows = list(csv.DictReader(f))
     steps = [r for r in rows if r.get("train/loss_dpo")]
     assert len(steps) == 2 and all(r["train/loss_chosen_nll"] and r["train/loss_bco_pair"] for r in steps)
+
+
+def test_gradients_of_chosen_nll_and_wpo_match_their_formulas() -> None:
+    """d/d sum_w of TRL's token-mean NLL is -1 / sum(len(y_w)) for every chosen row and 0 for the
+    rejected; WPO's gradient is w_i / B times the inner pair loss's gradient (w carries none)."""
+    policy, reference = random_logps(5, seed=77, scale=0.3)
+    sums = policy.sums.clone().requires_grad_(True)
+    live = SequenceLogProbs(sums, policy.counts)
+    (grad,) = torch.autograd.grad(ChosenNLLLoss()(live, None, {}).loss, sums)
+    expected = torch.zeros_like(sums)
+    expected[:5] = -1.0 / policy.counts[:5].sum().item()
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=0)
+
+    beta = 0.3
+    (grad,) = torch.autograd.grad(WPOWeighted(DPOLoss(beta=beta))(live, reference, {}).loss, sums)
+    expected = torch.zeros_like(sums)
+    for i in range(5):
+        hw = sums[i].item() - reference.sums[i].item()
+        hl = sums[5 + i].item() - reference.sums[5 + i].item()
+        w = math.exp(sums[i].item() / policy.counts[i].item() + sums[5 + i].item() / policy.counts[5 + i].item())
+        slope = -beta * (1 - 1 / (1 + math.exp(-beta * (hw - hl))))  # d/dd of -log sigmoid(beta d)
+        expected[i], expected[5 + i] = w * slope / 5, -w * slope / 5
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-14)
