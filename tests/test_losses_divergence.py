@@ -182,3 +182,22 @@ def test_a_divergence_on_a_loss_without_one_is_a_clear_cli_error() -> None:
     assert last.startswith("error: model.init_args.loss: Option 'divergence' is not accepted"), out.stderr[-1500:]
     assert "f-divergences apply only to losses built on the chosen-minus-rejected log-ratio difference: " in last
     assert "DPOLoss" in last and "IPOLoss" in last and "SimPOLoss" not in last
+
+
+@pytest.mark.parametrize("recipe,options", [
+    ("ipo", ["--model.init_args.loss.init_args.divergence", "js_divergence"]),
+    ("hinge", ["--model.init_args.loss.init_args.divergence", "alpha_divergence",
+               "--model.init_args.loss.init_args.divergence_alpha", "0.3"]),
+    ("odpo", ["--model.init_args.loss.init_args.divergence", "forward_kl",
+              "--model.init_args.loss.init_args.offset_fn", "log_ratio"]),
+])
+def test_options_train_a_shipped_recipe_two_steps(recipe: str, options: list[str], tmp_path) -> None:
+    """The f-divergences and ODPO's log-ratio offset through the CLI on a shipped overlay."""
+    from test_recipes import quick
+
+    from dpo_lightning.cli import run
+
+    cli = run(quick(recipe, tmp_path, *options))
+    assert cli.trainer.global_step == 2
+    assert cli.model.loss.divergence == options[1]
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
