@@ -42,6 +42,23 @@ class BatchLayout(str, Enum):
     PROMPTS = "prompts"
 
 
+class PairRows(str, Enum):
+    """How the training module runs a pair's two sequences, so that length-grouped training
+    batches gather rows of similar *width as run* (a batch's content is the same either way).
+
+    With prompt ``P``, chosen ``C`` and rejected ``R`` tokens:
+
+    * ``SEPARATE``: two rows, ``prompt + chosen`` and ``prompt + rejected``: width ``P + max(C, R)``.
+    * ``SHARED``: one row ``[prompt; chosen; rejected]`` (``share_prompt: true``): width ``P + C + R``.
+    * ``SHARED_ON_CPU``: ``SHARED`` when the trainer runs on a CPU, ``SEPARATE`` elsewhere
+      (``share_prompt: auto``, which shares prompts on CPUs only).
+    """
+
+    SEPARATE = "separate"
+    SHARED = "shared"
+    SHARED_ON_CPU = "shared_on_cpu"
+
+
 @dataclass(frozen=True)
 class DataRequirements:
     """What a training module needs from its batches.
@@ -55,14 +72,19 @@ class DataRequirements:
             ``max_position_embeddings``), or ``None`` when unknown. A data module whose
             ``max_length`` is larger refuses it at ``connect``. A limit, not a batch property:
             left out of ``==`` (two requirements that differ only here produce the same batches).
+        pair_rows: how ``PAIRS`` batches will run (:class:`PairRows`); the width the length-grouped
+            sampler groups training rows by. Left out of ``==`` for the same reason (it orders
+            batches, it does not change what is tokenized).
     """
 
     layout: BatchLayout = BatchLayout.PAIRS
     columns: tuple[str, ...] = ()
     max_positions: int | None = field(default=None, compare=False)
+    pair_rows: PairRows = field(default=PairRows.SEPARATE, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", BatchLayout(self.layout))
+        object.__setattr__(self, "pair_rows", PairRows(self.pair_rows))
         object.__setattr__(self, "columns", tuple(self.columns))
         if self.max_positions is not None and not (isinstance(self.max_positions, int) and self.max_positions >= 1):
             raise ValueError(f"DataRequirements.max_positions must be a positive int or None, got {self.max_positions!r}")

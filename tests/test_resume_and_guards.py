@@ -224,6 +224,9 @@ def test_unreadable_last_falls_back_and_planted_pickles_are_refused(tmp_path, pa
 CHANGES = [
     (["--data.init_args.batch_size", "8"], r"data.init_args.batch_size: checkpoint 4, now 8"),
     (["--data.init_args.shuffle_seed", "3"], r"data.init_args.shuffle_seed: checkpoint 0, now 3"),
+    # on a CPU the shipped recipe runs each pair as one row and groups batches by its width
+    (["--model.init_args.share_prompt", "false"],
+     r"share_prompt .*: checkpoint 'prompt \+ both completions', now 'prompt \+ longest completion'"),
     (["--model.init_args.optimizer.init_args.lr", "0.5"],
      r"optimizer: checkpoint -> now: lr 0.01 -> 0.5 \(resume with the same model.init_args.optimizer"),
     (["--trainer.max_epochs", "5"], r"schedule spans 16 optimizer steps, this run 40"),

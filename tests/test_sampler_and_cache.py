@@ -60,3 +60,23 @@ def test_second_setup_reads_the_tokenization_cache(tmp_path) -> None:
     third = PreferenceDataModule(train_data=path, tokenizer=TOKENIZER_DIR, max_length=33)
     third.setup("fit")
     assert [f["filename"] for f in third.train_dataset.cache_files] != files  # new settings, new cache
+
+
+def test_a_checkpoint_from_before_widths_were_told_apart_resumes_only_the_old_grouping() -> None:
+    """Checkpoints saved before ``grouped_width`` existed grouped by prompt + longest completion:
+    they resume a run that still does, and are refused by one that groups shared rows."""
+    from dpo_lightning.data.loader import ResumableDataLoader
+    from dpo_lightning.data.samplers import PROMPT_PLUS_BOTH, PROMPT_PLUS_LONGEST
+
+    def loader(width: str) -> ResumableDataLoader:
+        sampler = LengthGroupedSampler(list(range(1, 33)), batch_size=4, width=width)
+        return ResumableDataLoader(list(range(32)), batch_size=4, sampler=sampler)
+
+    old_state = {"epoch": 0, "batches_consumed": 3, "batch_size": 4, "seed": 0, "world_size": 1, "rows": 32,
+                 "group_by_length": True}
+    resumed = loader(PROMPT_PLUS_LONGEST)
+    resumed.load_state_dict(old_state)
+    assert resumed.resume == (0, 3) and len(list(resumed)) == 8 - 3
+    assert loader(PROMPT_PLUS_BOTH).state_dict()["grouped_width"] == PROMPT_PLUS_BOTH
+    with pytest.raises(ValueError, match=r"share_prompt .*checkpoint 'prompt \+ longest completion', now 'prompt \+ both"):
+        loader(PROMPT_PLUS_BOTH).load_state_dict(old_state)

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..contract import BatchLayout, DataRequirements
+from ..contract import BatchLayout, DataRequirements, PairRows
 from ..models import ModelSpec, load_tokenizer
 from .formats import TEXT_FIELDS
 from .loader import ResumableDataLoader
@@ -31,7 +31,7 @@ from .sources import (
     rename_columns, sample_rows,
 )
 from .report import DataReport, SourceCount
-from .samplers import LengthGroupedSampler, ResumableSampler
+from .samplers import PROMPT_PLUS_BOTH, PROMPT_PLUS_LONGEST, LengthGroupedSampler, ResumableSampler
 from .tokenization import RowEncoder, TokenizationSettings, TruncationMode, check_template_kwargs
 
 #: where the data module's arguments sit in a recipe, named in errors
@@ -415,10 +415,22 @@ class TokenizedDataModule(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------
     def row_lengths(self, rows: datasets.Dataset) -> list[int]:
-        """Padded width each row needs: prompt + its longest completion."""
+        """Padded width each row needs as the model will run it: prompt + its longest
+        completion, or prompt + both completions where the training module runs each pair as
+        one row (``requirements.pair_rows``, see :meth:`pairs_share_rows`)."""
         prompts = rows["prompt_ids"]
         widths = [[len(x) for x in rows[c]] for c in self.completion_fields]
-        return [len(p) + max(w[i] for w in widths) for i, p in enumerate(prompts)]
+        combine = sum if self.pairs_share_rows() else max
+        return [len(p) + combine(w[i] for w in widths) for i, p in enumerate(prompts)]
+
+    def pairs_share_rows(self) -> bool:
+        """Whether the training module runs each pair as one ``[prompt; chosen; rejected]`` row:
+        ``requirements.pair_rows`` ``SHARED``, or ``SHARED_ON_CPU`` with the trainer on a CPU."""
+        rows = self.requirements.pair_rows
+        if rows is PairRows.SHARED_ON_CPU:
+            trainer = self.trainer
+            return trainer is not None and trainer.strategy.root_device.type == "cpu"
+        return rows is PairRows.SHARED
 
     def train_sampler(self) -> ResumableSampler:
         """Length-grouped (default) or uniformly shuffled order, split across DDP ranks, a
@@ -428,7 +440,8 @@ class TokenizedDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if self.group_by_length:
             sampler: ResumableSampler = LengthGroupedSampler(
-                self.row_lengths(self.train_dataset), self.batch_size, world, rank, seed=self.shuffle_seed
+                self.row_lengths(self.train_dataset), self.batch_size, world, rank, seed=self.shuffle_seed,
+                width=PROMPT_PLUS_BOTH if self.pairs_share_rows() else PROMPT_PLUS_LONGEST,
             )
         else:
             sampler = ResumableSampler(len(self.train_dataset), self.batch_size, world, rank, seed=self.shuffle_seed)

@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from .samplers import LengthGroupedSampler, ResumableSampler
+from .samplers import PROMPT_PLUS_LONGEST, LengthGroupedSampler, ResumableSampler
 
 #: state keys that define the order of batches, and the recipe key that sets each
 ORDER_KEYS = {
@@ -25,6 +25,7 @@ ORDER_KEYS = {
     "world_size": "trainer.devices / trainer.num_nodes",
     "rows": "data.init_args.train_data (and its tokenization settings)",
     "group_by_length": "data.init_args.group_by_length",
+    "grouped_width": "model.init_args.share_prompt (pairs whose prompt runs once are grouped by prompt + both completions)",
 }
 
 
@@ -52,6 +53,7 @@ class ResumableDataLoader(DataLoader):
             "world_size": self.sampler.num_replicas,
             "rows": len(self.dataset),
             "group_by_length": isinstance(self.sampler, LengthGroupedSampler),
+            "grouped_width": self.sampler.width if isinstance(self.sampler, LengthGroupedSampler) else None,
         }
 
     def __iter__(self) -> Iterator[Any]:
@@ -71,6 +73,8 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the saved epoch after its consumed batches; refuse another batch order."""
         current = self.order_settings()
+        if state.get("group_by_length") and "grouped_width" not in state:
+            state = {**state, "grouped_width": PROMPT_PLUS_LONGEST}  # saved before widths were told apart
         changed = [k for k in ORDER_KEYS if k in state and state[k] != current[k]]
         if changed:
             details = "; ".join(f"{ORDER_KEYS[k]}: checkpoint {state[k]!r}, now {current[k]!r}" for k in changed)

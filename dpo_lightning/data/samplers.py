@@ -8,6 +8,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 
+#: what a length-grouped sampler's lengths measure: the usual two rows per pair, and one
+#: ``[prompt; chosen; rejected]`` row per pair (``share_prompt``)
+PROMPT_PLUS_LONGEST = "prompt + longest completion"
+PROMPT_PLUS_BOTH = "prompt + both completions"
+
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` that can skip the batches an interrupted epoch already trained on.
 
@@ -53,6 +58,8 @@ class LengthGroupedSampler(ResumableSampler):
         num_replicas / rank: the DDP world size and this process's rank.
         seed: shuffle seed; the order is a function of ``(seed, epoch)`` only.
         mega_batch_mult: how many batches are sorted together (more: less padding, less randomness).
+        width: what ``lengths`` measure, in words (kept in checkpoints with the order: a resumed
+            run whose rows are measured otherwise would get another order).
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class LengthGroupedSampler(ResumableSampler):
         rank: int = 0,
         seed: int = 0,
         mega_batch_mult: int = 50,
+        width: str = PROMPT_PLUS_LONGEST,
     ) -> None:
         if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"bad sampler setup: batch_size={batch_size}, rank={rank}, world={num_replicas}")
@@ -73,6 +81,7 @@ class LengthGroupedSampler(ResumableSampler):
         self.seed = seed
         self.epoch = 0
         self.mega_batch_mult = mega_batch_mult
+        self.width = width
         global_batch = batch_size * num_replicas
         self.num_global_batches = -(-len(self.lengths) // global_batch)
         self.num_samples = self.num_global_batches * batch_size

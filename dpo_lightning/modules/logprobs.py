@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
+from ..contract import PairRows
 from ..losses.base import SequenceLogProbs
 
 LogProbMode = Literal["auto", "chunked", "full"]
@@ -350,6 +351,18 @@ class LogProbSelector:
         if self.shares_prompt(model, batch):
             return shared_prompt_model_logprobs(model, batch, self.chunk_size, with_tokens)
         return chunked_model_logprobs(model, batch, self.chunk_size, with_tokens)
+
+    def pair_rows(self, model: torch.nn.Module) -> PairRows:
+        """How pair batches will run, told to the data module before the device is known (its
+        length-grouped sampler groups by the width a pair takes): ``SHARED`` for
+        ``share_prompt: true``, ``SHARED_ON_CPU`` for ``auto`` on a model whose shared layout is
+        exact, ``SEPARATE`` otherwise (no pairs, ``logprobs: full``, ``share_prompt: false``).
+        A sliding window shorter than a batch can still send that batch to the plain layout."""
+        if not self.pairs or self.mode == "full" or self.share_prompt is False:
+            return PairRows.SEPARATE
+        if self.share_prompt is True:
+            return PairRows.SHARED
+        return PairRows.SHARED_ON_CPU if shared_prompt_is_exact(model, width=0) else PairRows.SEPARATE
 
     def shares_prompt(self, model: torch.nn.Module, batch: Mapping[str, Tensor]) -> bool:
         """Whether the chunked path runs ``batch`` in the shared-prompt layout."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,9 +127,11 @@ class PreferenceModule(AlignmentModule):
 
     @property
     def data_requirements(self) -> DataRequirements:
-        """What the data module must produce: the loss's batch layout and columns, and the
-        policy's position limit (``max_position_embeddings``)."""
-        return self.loss.data_requirements.with_model_limit(self.policy)
+        """What the data module must produce: the loss's batch layout and columns, the
+        policy's position limit (``max_position_embeddings``), and how pairs will run
+        (``share_prompt``), which the length-grouped sampler groups by."""
+        requirements = self.loss.data_requirements.with_model_limit(self.policy)
+        return replace(requirements, pair_rows=self.logprob_selector.pair_rows(self.policy))
 
     # -- log-probs --------------------------------------------------------------------------
     def logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:
