@@ -15,7 +15,12 @@ Three measurements over the same batches (the train loader's first ``--steps`` b
    (the head's own backward timed inside it), AdamW step. What (1) spends beyond (2) is the
    Lightning loop, logging, torchmetrics and the module's per-step checks;
 3. with ``--torch-profile``, the top operators of (1) by self CPU time; with ``--cprofile``,
-   the top Python functions.
+   the top Python functions;
+4. with ``--matmul-shapes``, each matrix product of a step timed alone at its own shape (the
+   decoder's linears over the batch's positions, forward and both backward products, and the
+   LM head's at the completion positions) against the 1024^3 matmul that
+   ``throughput.py``'s model FLOP utilisation divides by: how close the products alone could
+   come to it.
 
 Times are this process's CPU time (``time.process_time``), not wall time: on a machine shared
 with other work, time spent waiting for a core is left out (cache and memory-bandwidth
@@ -145,6 +150,53 @@ def by_hand(module, batches, timers: Timers, warmup: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
+def print_matmul_shapes(setting: throughput.Setting, tokens: int, scored: int) -> None:
+    """GFLOP/s of the step's matrix products at their shapes (one thread, best of 3), and what
+    share of the 1024^3 matmul's rate they reach, weighted by their FLOPs in a training step.
+
+    Args:
+        tokens: positions the decoder runs per batch (padded).
+        scored: positions the LM head scores per batch (completion tokens).
+    """
+    import torch
+
+    hidden, inner, layers = throughput.ARCH["hidden_size"], throughput.ARCH["intermediate_size"], throughput.ARCH["num_hidden_layers"]
+
+    def rate(m: int, k: int, n: int) -> float:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(3))
+        return 2 * m * k * n / best
+
+    peak = throughput.matmul_flops()
+    # (name, m, k, n, times per step): forward, then backward's input and weight gradients;
+    # policy forward + backward and reference forward
+    linears = [("q/k/v/o", hidden, hidden, 4 * layers), ("gate/up", hidden, inner, 2 * layers), ("down", inner, hidden, layers)]
+    rows = []
+    for name, k, n, count in linears:
+        rows += [(f"{name} forward", tokens, k, n, 2 * count), (f"{name} grad input", tokens, n, k, count),
+                 (f"{name} grad weight", n, tokens, k, count)]
+    rows += [("LM head forward (+ recompute)", scored, hidden, setting.vocab, 3), ("LM head grad input", scored, setting.vocab, hidden, 1),
+             ("LM head grad weight", setting.vocab, scored, hidden, 1)]
+    print(f"\nmatrix products of one step at their shapes (decoder {tokens} positions, LM head {scored}); "
+          f"1024^3 matmul: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'product':<32}{'m x k x n':>22}{'GFLOP/s':>10}{'of 1024^3':>11}")
+    flops = seconds = 0.0
+    for name, m, k, n, count in rows:
+        r = rate(m, k, n)
+        flops += 2 * m * k * n * count
+        seconds += 2 * m * k * n * count / r
+        print(f"{name:<32}{f'{m} x {k} x {n}':>22}{r / 1e9:>10.1f}{r / peak:>11.0%}")
+    print(f"{'all, weighted by FLOPs per step':<54}{flops / seconds / 1e9:>10.1f}{flops / seconds / peak:>11.0%}")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    for _ in range(5):
+        fn()
+    return (time.perf_counter() - start) / 5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="small", choices=list(throughput.SETTINGS))
@@ -156,6 +208,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--torch-profile", action="store_true")
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--matmul-shapes", action="store_true",
+                        help="also time the step's matrix products at their own shapes against the 1024^3 matmul")
     args = parser.parse_args()
 
     import lightning as L
@@ -215,8 +269,10 @@ def main() -> None:
     inner = ("training_step", "backward", "on_before_optimizer_step (grad norm, finite check)")
     fit_median["  AdamW (optimizer_step less the above)"] = fit_median["optimizer_step"] - sum(fit_median[k] for k in inner)
 
-    # 2. the same batches by hand, on a fresh module (same initial weights)
+    # 2. the same batches by hand, on a fresh module (same initial weights); the data module sees
+    # the CPU trainer, so it groups rows by the width they run at, as in (1)
     module, data = build(folder, setting, args)
+    data.trainer = trainer
     data.setup("fit")
     batches = [b for _, b in zip(range(args.steps), data.train_dataloader())]
     timers = Timers()
@@ -246,6 +302,12 @@ def main() -> None:
           f"{(lightning_step - core) / lightning_step:>8.0%}")
     if profiler is not None:
         print("\n" + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if args.matmul_shapes:
+        rows_run = [b["input_ids"].shape[0] // 2 if module.logprob_selector.shares_prompt(module.policy, b)
+                    else b["input_ids"].shape[0] for b in batches]
+        tokens = statistics.median(r * w for r, w in zip(rows_run, widths))
+        scored = statistics.median(int(b["completion_mask"][:, 1:].sum()) for b in batches)
+        print_matmul_shapes(setting, int(tokens), scored)
     if args.cprofile:
         import pstats
 

@@ -44,9 +44,19 @@ The clock runs from loading the model to the end of training: tokenizer, model a
 copy, loading and tokenizing the data, the reference pass where precomputed (TRL does it in
 ``DPOTrainer.__init__``, dpo-lightning at ``setup``) and training; only imports are left out.
 samples/s counts pairs over all epochs. Printed: samples/s, tokens/s (non-padding tokens of
-the chosen and rejected sequences), peak RSS, model FLOP/s (``(6 x policy + 2 x reference) x
-parameters without the input embedding x tokens / time``, the usual 6N/2N estimate) as a share
-of a plain one-thread fp32 matmul, and the ratios of ours to TRL at its best.
+the chosen and rejected sequences), peak RSS, model FLOP utilisation (below), and the ratios of
+ours to TRL at its best.
+
+Model FLOP utilisation ("MFU"): the FLOPs of the work each run does, over its time, as a share
+of a plain one-thread fp32 1024 x 1024 matmul (the best of several timings). Counted per pair
+with prompt ``P``, chosen ``C`` and rejected ``R`` tokens (non-padding only, for every run), per
+forward pass: ``2 x (decoder weights) x tokens run`` (the prompt once per pair in the shared
+layout, twice otherwise), ``4 x hidden x layers x (query, key) pairs attended`` (causal: the
+masked half is not counted), and ``2 x hidden x vocab x positions the LM head scores``
+(completion tokens for dpo-lightning; every position for TRL on a CPU, as it runs). The policy
+counts 3 forward passes (forward and backward), the reference 1 (once per pair in all, when
+precomputed). Not counted: padding, the chunked head's recomputation in backward (as MFU leaves
+out activation recomputation), embeddings, norms and other element-wise work.
 """
 
 from __future__ import annotations
@@ -155,38 +165,74 @@ def model_config(setting: Setting):
     return AutoConfig.for_model(**{**ARCH, "vocab_size": setting.vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
 
 
-def count_tokens(folder: Path, setting: Setting) -> int:
-    """Non-padding tokens of the chosen and rejected sequences of one epoch (capped at max_length)."""
-    total = 0
+def pair_lengths(folder: Path, setting: Setting) -> list[tuple[int, int, int]]:
+    """``(prompt, chosen, rejected)`` tokens of each pair as both tools tokenize them: ``<s>`` +
+    prompt, completion + ``</s>``, each sequence capped at ``max_length`` by its completion."""
+    lengths = []
     for line in (folder / "pairs.jsonl").read_text().splitlines():
         row = json.loads(line)
-        p = len(row["prompt"].split()) + 1  # <s>
-        for key in ("chosen", "rejected"):
-            total += min(p + len(row[key].split()) + 1, setting.max_length)  # </s>
+        p = len(row["prompt"].split()) + 1
+        c, r = (min(p + len(row[k].split()) + 1, setting.max_length) - p for k in ("chosen", "rejected"))
+        lengths.append((p, c, r))
+    return lengths
+
+
+def count_tokens(lengths: list[tuple[int, int, int]]) -> int:
+    """Non-padding tokens of the chosen and rejected sequences of one epoch."""
+    return sum(2 * p + c + r for p, c, r in lengths)
+
+
+def model_params(setting: Setting) -> int:
+    """All parameters of the setting's model."""
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(setting)).parameters())
+
+
+def forward_flops(setting: Setting, lengths: list[tuple[int, int, int]], shared: bool, head_everywhere: bool) -> float:
+    """FLOPs of one forward pass over the pairs (see the module docstring for the convention).
+
+    Args:
+        lengths: ``(P, C, R)`` tokens per pair.
+        shared: the prompt runs once per pair (``[prompt; chosen; rejected]``), not twice.
+        head_everywhere: the LM head scores every position (TRL on a CPU), not only completions.
+    """
+    hidden, layers = ARCH["hidden_size"], ARCH["num_hidden_layers"]
+    per_layer = 4 * hidden * hidden + 3 * hidden * ARCH["intermediate_size"]  # q, k, v, o; gate, up, down
+    tri = lambda n: n * (n + 1) // 2  # noqa: E731  (query, key) pairs of a causal sequence of n tokens
+    total = 0.0
+    for p, c, r in lengths:
+        tokens = p + c + r if shared else 2 * p + c + r
+        attended = tri(p + c) + r * p + tri(r) if shared else tri(p + c) + tri(p + r)
+        scored = 2 * p + c + r if head_everywhere else c + r
+        total += 2 * per_layer * layers * tokens + 4 * hidden * layers * attended + 2 * hidden * setting.vocab * scored
     return total
 
 
-def model_params(setting: Setting) -> tuple[int, int]:
-    """(all parameters, parameters that do work per token: all but the input embedding)."""
-    from transformers import AutoModelForCausalLM
+def run_flops(setting: Setting, lengths: list[tuple[int, int, int]], run: Run, pairs: int) -> float:
+    """FLOPs of a run that trains on ``pairs`` pairs (all epochs; the reference once per pair of
+    the data when precomputed, else once per pair trained on)."""
+    shared = run.tool == "ours" and run.variant in ("default", "shared")  # share_prompt: auto is on for a CPU Llama
+    per_pair = forward_flops(setting, lengths, shared, head_everywhere=run.tool == "trl") / len(lengths)
+    reference_passes = len(lengths) if run.precompute else pairs
+    return per_pair * (3 * pairs + reference_passes)
 
-    model = AutoModelForCausalLM.from_config(model_config(setting))
-    total = sum(p.numel() for p in model.parameters())
-    return total, total - model.get_input_embeddings().weight.numel()
 
-
-def matmul_flops() -> float:
-    """FLOP/s of a plain fp32 1024 x 1024 matmul on one thread."""
+def matmul_flops(trials: int = 5) -> float:
+    """FLOP/s of a plain fp32 1024 x 1024 matmul on one thread: the best of ``trials`` timings of 10."""
     import torch
 
     torch.set_num_threads(1)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b
-    n, start = 10, time.perf_counter()
-    for _ in range(n):
-        a @ b
-    return 2 * 1024**3 * n / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials):
+        n, start = 10, time.perf_counter()
+        for _ in range(n):
+            a @ b
+        best = max(best, 2 * 1024**3 * n / (time.perf_counter() - start))
+    return best
 
 
 # -- one run per subprocess -----------------------------------------------------------------------
@@ -323,14 +369,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     peak = matmul_flops()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {getattr(trl, '__version__', '-')}; "
-          f"one thread per run; fp32 1024x1024 matmul on one thread: {peak / 1e9:.1f} GFLOP/s")
-    info = {}
+          f"one thread per run; fp32 1024x1024 matmul on one thread (best of 5): {peak / 1e9:.1f} GFLOP/s")
+    info, lengths = {}, {}
     for s in settings:
         setting = SETTINGS[s]
         pairs = args.pairs or setting.pairs
         make_inputs(root / s, setting, pairs)
-        total, work = model_params(setting)
-        info[s] = {"pairs": pairs, "tokens": count_tokens(root / s, setting), "params": total, "work_params": work}
+        total = model_params(setting)
+        lengths[s] = pair_lengths(root / s, setting)
+        info[s] = {"pairs": pairs, "tokens": count_tokens(lengths[s]), "params": total}
         print(f"{s}: Llama vocab {setting.vocab}, {ARCH['num_hidden_layers']} layers, hidden {ARCH['hidden_size']}, "
               f"{total / 1e6:.1f}M params; {pairs} pairs, batch {BATCH}, max_length {setting.max_length}, "
               f"{info[s]['tokens']} tokens per epoch")
@@ -347,8 +394,7 @@ def main() -> None:
                 if name == "trl-default" and args.trl_default_steps:
                     pairs = min(pairs, args.trl_default_steps * BATCH)
                 tokens = info[s]["tokens"] * pairs / info[s]["pairs"]  # the steps' pairs: average length
-                work = info[s]["work_params"]
-                flops = (6 + (0 if run.precompute else 2)) * work * tokens + (2 * work * info[s]["tokens"] if run.precompute else 0)
+                flops = run_flops(SETTINGS[s], lengths[s], run, pairs)
                 r["capped"] = pairs < info[s]["pairs"] * run.epochs
                 r.update(samples=pairs / r["seconds"], cpu_samples=pairs / r["cpu_seconds"], tokens=tokens / r["seconds"],
                          flops=flops / r["seconds"], repeat=repeat, setting=s, run=name)
@@ -357,7 +403,7 @@ def main() -> None:
                       f"{r['seconds']:8.1f} s{r['cpu_seconds']:8.1f} CPU s{r['peak_rss_mb']:8.0f} MB", flush=True)
 
     print(f"\nmedian [min-max] over {args.repeats} interleaved repeat(s); one thread per run")
-    header = (f"{'setting':<8}{'run':<24}{'epochs':>7}{'samples/s':>22}{'tokens/s':>10}{'peak RSS MB':>13}{'of matmul':>11}"
+    header = (f"{'setting':<8}{'run':<24}{'epochs':>7}{'samples/s':>22}{'tokens/s':>10}{'peak RSS MB':>13}{'MFU':>11}"
               f"{'x TRL best':>12}{'per CPU-s':>11}{'x (CPU)':>9}")
     print(header)
     print("-" * len(header))
@@ -375,7 +421,8 @@ def main() -> None:
                   f"{med('peak_rss_mb'):>13.0f}{med('flops') / peak:>10.0%}{ratio:>12}{med('cpu_samples'):>11.2f}{cpu_ratio:>9}")
     print("\nx TRL best: median samples/s of the run over TRL at its best (fp32, no gradient checkpointing, "
           "length-grouped) with the same reference mode; per CPU-s: pairs per second of the run's own CPU time "
-          "(time waiting for a core left out: the steadier figure on a shared machine), x (CPU) its ratio")
+          "(time waiting for a core left out: the steadier figure on a shared machine), x (CPU) its ratio; "
+          "MFU: FLOPs of the work done (see the docstring) over time, as a share of the one-thread matmul")
     if any(rs[0]["capped"] for rs in results.values()):
         print(f"* stopped after {args.trl_default_steps} steps ({args.trl_default_steps * BATCH} pairs), clock end to end as for the others")
     for s in settings:
