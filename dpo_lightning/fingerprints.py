@@ -43,7 +43,8 @@ def spec_fingerprint(spec: Any) -> str:
 
 
 def run_fingerprint(module: Any) -> dict[str, str]:
-    """``{"model", "tokenizer", "loss", "train_data"}`` of the running job (what is known)."""
+    """``{"model", "tokenizer", "loss", "judge", "train_data", "optimizer", "scheduler"}`` of the
+    running job (what is known; ``judge`` for online training: its class and plain settings)."""
     out: dict[str, str] = {}
     if getattr(module, "model_spec", None) is not None:
         out["model"] = spec_fingerprint(module.model_spec)
@@ -54,6 +55,8 @@ def run_fingerprint(module: Any) -> dict[str, str]:
             {k: v for k, v in vars(module.loss).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))},
             sort_keys=True,
         )
+    if getattr(module, "judge", None) is not None:
+        out["judge"] = _settings(module.judge)
     datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
     if getattr(datamodule, "data_fingerprint", None):
         out["train_data"] = datamodule.data_fingerprint
@@ -85,6 +88,7 @@ FIXES = {
     "model": "resume with the same model.init_args.model",
     "tokenizer": "resume with the same tokenizer",
     "loss": "resume with the same model.init_args.loss",
+    "judge": "resume with the same model.init_args.judge",
     "train_data": "resume with the same data.init_args.train_data and tokenization settings (max_length, ...)",
     "optimizer": "resume with the same model.init_args.optimizer (class, lr, weight decay, ...)",
     "scheduler": "resume with the same model.init_args.scheduler",

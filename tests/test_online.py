@@ -447,3 +447,7 @@ def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(tmp_path: Path)
     assert resumed.trainer.global_step == straight.trainer.global_step == 4
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # another judge would train the rest of the run on other preferences: refused, naming it
+    with pytest.raises(ValueError, match=r"judge: checkpoint -> now: .*path '.*sentiment:score' -> 'test_online:with_prompt' "
+                                         r"\(resume with the same model.init_args.judge\)"):
+        fit("resumed", 6, "--ckpt_path", "last", "--model.init_args.judge.init_args.path", "test_online:with_prompt")
