@@ -114,7 +114,7 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
             y = targets[start : start + ctx.chunk_size]
             g = grad_out[start : start + ctx.chunk_size]
             logits = (h @ weight.T).to(grad_out.dtype)
-            dlogits = -torch.softmax(logits, dim=-1) * g[:, None]
+            dlogits = torch.softmax(logits, dim=-1).mul_(-g[:, None])  # in place: one pass over (chunk, V), not two
             dlogits[torch.arange(len(y), device=y.device), y] += g
             dlogits = dlogits.to(hidden.dtype)
             if grad_hidden is not None:
