@@ -306,7 +306,7 @@ def main() -> None:
         rows_run = [b["input_ids"].shape[0] // 2 if module.logprob_selector.shares_prompt(module.policy, b)
                     else b["input_ids"].shape[0] for b in batches]
         tokens = statistics.median(r * w for r, w in zip(rows_run, widths))
-        scored = statistics.median(int(b["completion_mask"][:, 1:].sum()) for b in batches)
+        scored = int(statistics.median(int(b["completion_mask"][:, 1:].sum()) for b in batches))
         print_matmul_shapes(setting, int(tokens), scored)
     if args.cprofile:
         import pstats

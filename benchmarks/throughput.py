@@ -36,6 +36,9 @@ Runs (``--runs``):
   ``share_prompt: auto``, which on a CPU runs each pair's prompt once).
 * ``ours-plain``: with ``share_prompt: false`` (prompt run twice, as TRL does).
 * ``ours-shared``: with ``share_prompt: true`` (not in the default list: on a CPU, ``ours``).
+* ``trl-bf16``, ``ours-bf16`` (not in the default list): as ``trl-best`` and ``ours``, with bf16
+  autocast (TRL ``bf16=True``, Lightning ``precision="bf16-mixed"``): the faster choice on a CPU
+  with native bf16 (AVX512-BF16 or AMX), where it is not emulated.
 * ``trl-best-precompute``, ``ours-precompute``, ``ours-plain-precompute``: the reference's
   log-probs computed once before training (TRL ``precompute_ref_log_probs=True``, ours
   ``precompute_reference: true``), 2 epochs.
@@ -104,7 +107,7 @@ SETTINGS = {
 @dataclass(frozen=True)
 class Run:
     tool: str  # "trl" or "ours"
-    variant: str  # trl: "default" / "fp32" / "best"; ours: "default" / "plain" / "shared"
+    variant: str  # trl: "default" / "fp32" / "best" / "bf16"; ours: "default" / "plain" / "shared" / "bf16"
     precompute: bool
     epochs: int
 
@@ -116,14 +119,16 @@ RUNS = {
     "ours": Run("ours", "default", False, 1),
     "ours-plain": Run("ours", "plain", False, 1),
     "ours-shared": Run("ours", "shared", False, 1),
+    "trl-bf16": Run("trl", "bf16", False, 1),
+    "ours-bf16": Run("ours", "bf16", False, 1),
     "trl-best-precompute": Run("trl", "best", True, 2),
     "ours-precompute": Run("ours", "default", True, 2),
     "ours-plain-precompute": Run("ours", "plain", True, 2),
 }
 #: the TRL run each of ours is compared with
-BASELINE = {"ours": "trl-best", "ours-plain": "trl-best", "ours-shared": "trl-best",
+BASELINE = {"ours": "trl-best", "ours-plain": "trl-best", "ours-shared": "trl-best", "ours-bf16": "trl-bf16",
             "ours-precompute": "trl-best-precompute", "ours-plain-precompute": "trl-best-precompute"}
-DEFAULT_RUNS = [name for name in RUNS if name != "ours-shared"]
+DEFAULT_RUNS = [name for name in RUNS if name not in ("ours-shared", "trl-bf16", "ours-bf16")]
 
 
 # -- shared inputs ------------------------------------------------------------------------------
@@ -252,13 +257,14 @@ def run_ours(folder: Path, setting: Setting, run: Run, **options) -> tuple[float
         model=ModelSpec(name_or_path=str(folder / "model"), tokenizer=str(folder / "tokenizer")), loss=DPOLoss(beta=0.1),
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
         precompute_reference=run.precompute, reference_cache_dir=str(folder / f"cache-{os.getpid()}"),
-        **{**({"share_prompt": run.variant == "shared"} if run.variant != "default" else {}), **options},
+        **{**({"share_prompt": run.variant == "shared"} if run.variant in ("plain", "shared") else {}), **options},
     )
     data = PreferenceDataModule(train_data=str(folder / "pairs.jsonl"), max_length=setting.max_length, batch_size=BATCH)
     data.connect(module.tokenizer, module.data_requirements)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=run.epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        precision="bf16-mixed" if run.variant == "bf16" else "32-true",
     )
     trainer.fit(module, data)
     return time.perf_counter() - start, time.process_time() - cpu
@@ -284,10 +290,10 @@ def run_trl(folder: Path, setting: Setting, run: Run, max_steps: int = 0) -> tup
     )
     if run.variant == "default" and max_steps:
         settings.update(max_steps=max_steps)
-    if run.variant in ("fp32", "best"):
-        settings.update(bf16=False, fp16=False, gradient_checkpointing=False, logging_steps=10_000,
+    if run.variant in ("fp32", "best", "bf16"):
+        settings.update(bf16=run.variant == "bf16", fp16=False, gradient_checkpointing=False, logging_steps=10_000,
                         lr_scheduler_type="constant")
-    if run.variant == "best":
+    if run.variant in ("best", "bf16"):
         # the length transformers' LengthGroupedSampler groups by: the longer of the two sequences
         def length(row: dict) -> dict:
             n = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
