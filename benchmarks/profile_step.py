@@ -303,9 +303,13 @@ def main() -> None:
     if profiler is not None:
         print("\n" + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if args.matmul_shapes:
-        rows_run = [b["input_ids"].shape[0] // 2 if module.logprob_selector.shares_prompt(module.policy, b)
-                    else b["input_ids"].shape[0] for b in batches]
-        tokens = statistics.median(r * w for r, w in zip(rows_run, widths))
+        from dpo_lightning.modules.logprobs import pack_shared_prompt
+
+        # positions the decoder runs: the packed [prompt; chosen; rejected] rows where the prompt is shared
+        tokens = statistics.median(
+            pack_shared_prompt(b)["ids"].numel() if module.logprob_selector.shares_prompt(module.policy, b)
+            else b["input_ids"].numel() for b in batches
+        )
         scored = int(statistics.median(int(b["completion_mask"][:, 1:].sum()) for b in batches))
         print_matmul_shapes(setting, int(tokens), scored)
     if args.cprofile:

@@ -129,6 +129,8 @@ RUNS = {
 BASELINE = {"ours": "trl-best", "ours-plain": "trl-best", "ours-shared": "trl-best", "ours-bf16": "trl-bf16",
             "ours-precompute": "trl-best-precompute", "ours-plain-precompute": "trl-best-precompute"}
 DEFAULT_RUNS = [name for name in RUNS if name not in ("ours-shared", "trl-bf16", "ours-bf16")]
+#: runs in bf16 autocast (TRL's defaults included): no MFU, whose peak is an fp32 matmul
+BF16_RUNS = {"trl-default", "trl-bf16", "ours-bf16"}
 
 
 # -- shared inputs ------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ def forward_flops(setting: Setting, lengths: list[tuple[int, int, int]], shared:
 def run_flops(setting: Setting, lengths: list[tuple[int, int, int]], run: Run, pairs: int) -> float:
     """FLOPs of a run that trains on ``pairs`` pairs (all epochs; the reference once per pair of
     the data when precomputed, else once per pair trained on)."""
-    shared = run.tool == "ours" and run.variant in ("default", "shared")  # share_prompt: auto is on for a CPU Llama
+    shared = run.tool == "ours" and run.variant != "plain"  # share_prompt: auto is on for a CPU Llama
     per_pair = forward_flops(setting, lengths, shared, head_everywhere=run.tool == "trl") / len(lengths)
     reference_passes = len(lengths) if run.precompute else pairs
     return per_pair * (3 * pairs + reference_passes)
@@ -424,11 +426,11 @@ def main() -> None:
             cpu_ratio = f"{med('cpu_samples') / statistics.median(r['cpu_samples'] for r in base):.2f}" if base else ""
             mark = "*" if rs[0]["capped"] else ""
             print(f"{s:<8}{name + mark:<24}{RUNS[name].epochs:>7}{summary([r['samples'] for r in rs]):>22}{med('tokens'):>10.0f}"
-                  f"{med('peak_rss_mb'):>13.0f}{med('flops') / peak:>10.0%}{ratio:>12}{med('cpu_samples'):>11.2f}{cpu_ratio:>9}")
-    print("\nx TRL best: median samples/s of the run over TRL at its best (fp32, no gradient checkpointing, "
-          "length-grouped) with the same reference mode; per CPU-s: pairs per second of the run's own CPU time "
+                  f"{med('peak_rss_mb'):>13.0f}{'-' if name in BF16_RUNS else format(med('flops') / peak, '.0%'):>10}{ratio:>12}{med('cpu_samples'):>11.2f}{cpu_ratio:>9}")
+    print("\nx TRL best: median samples/s of the run over TRL at its best in the same precision and reference mode "
+          "(fp32: trl-best, no gradient checkpointing, length-grouped; bf16: trl-bf16; precomputed: trl-best-precompute); per CPU-s: pairs per second of the run's own CPU time "
           "(time waiting for a core left out: the steadier figure on a shared machine), x (CPU) its ratio; "
-          "MFU: FLOPs of the work done (see the docstring) over time, as a share of the one-thread matmul")
+          "MFU: FLOPs of the work done (see the docstring) over time, as a share of the one-thread fp32 matmul (- for bf16 runs)")
     if any(rs[0]["capped"] for rs in results.values()):
         print(f"* stopped after {args.trl_default_steps} steps ({args.trl_default_steps * BATCH} pairs), clock end to end as for the others")
     for s in settings:

@@ -13,6 +13,7 @@ from torch.utils.data import DistributedSampler
 PROMPT_PLUS_LONGEST = "prompt + longest completion"
 PROMPT_PLUS_BOTH = "prompt + both completions"
 
+
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` that can skip the batches an interrupted epoch already trained on.
 
