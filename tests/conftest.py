@@ -93,3 +93,23 @@ def write_recipe(path: Path, recipe: dict) -> str:
 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)
+
+
+VERSION_STAMPS = ("transformers_version",)
+
+
+def determined_content(folder: Path) -> dict[str, object]:
+    """What the project determines in a saved model folder, by file name: JSON files parsed, with
+    the library's version stamp (``transformers_version``, written by whichever release is
+    installed) left out; every other file as its bytes."""
+    content: dict[str, object] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if path.suffix == ".json":
+            value = json.loads(path.read_text())
+            if isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k not in VERSION_STAMPS}
+            content[path.name] = value
+        else:
+            content[path.name] = path.read_bytes()
+    return content
+

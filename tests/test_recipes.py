@@ -8,6 +8,7 @@ import contextlib
 import functools
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import ROOT, tiny_recipe, write_recipe
+from conftest import ROOT, determined_content, tiny_recipe, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.losses import KTOLoss, ODPOLoss
@@ -252,15 +253,31 @@ def test_real_model_overlay_parses() -> None:
 
 
 # -- the shipped tiny model ------------------------------------------------------------------------
-def test_make_tiny_model_rewrites_the_shipped_files_byte_for_byte(tmp_path: Path) -> None:
+def test_make_tiny_model_rewrites_the_shipped_files(tmp_path: Path) -> None:
+    """The script rewrites the shipped weights, tokenizer and config exactly (JSON compared without
+    the installed transformers' version stamp: a release must not fail this test)."""
     out = tmp_path / "tiny"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--output", str(out)],
                    check=True, capture_output=True, cwd=tmp_path)
-    shipped = sorted(p.name for p in TINY_MODEL.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == shipped and "model.safetensors" in shipped
+    shipped = determined_content(TINY_MODEL)
+    assert "model.safetensors" in shipped and "config.json" in shipped
+    rewritten = determined_content(out)
+    assert sorted(rewritten) == sorted(shipped)
     for name in shipped:
-        assert (out / name).read_bytes() == (TINY_MODEL / name).read_bytes(), name
+        assert rewritten[name] == shipped[name], name
     assert sum((TINY_MODEL / name).stat().st_size for name in shipped) < 600_000
+
+
+def test_tiny_model_check_ignores_the_version_stamp_but_not_the_config(tmp_path: Path) -> None:
+    copy = tmp_path / "tiny"
+    shutil.copytree(TINY_MODEL, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["transformers_version"] = "99.0.0"
+    (copy / "config.json").write_text(json.dumps(config))
+    assert determined_content(copy) == determined_content(TINY_MODEL)
+    config["hidden_size"] += 1
+    (copy / "config.json").write_text(json.dumps(config))
+    assert determined_content(copy)["config.json"] != determined_content(TINY_MODEL)["config.json"]
 
 
 def test_command_line_name_or_path_replaces_the_recipes_config(tmp_path: Path, pair_files, monkeypatch) -> None:
