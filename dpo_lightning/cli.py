@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
+from .console import verbose_libraries
 
 #: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
 SPEC_KEYS = ("model.init_args.model", "model.init_args.reference_model")
@@ -178,33 +177,6 @@ def run(args: list[str] | None = None, exit_on_error: bool = True) -> DPOLightni
     )
 
 
-#: Lightning's start-up lines that say nothing about this run (the rank-zero logger's)
-NOISE_LINES = ("GPU available:", "TPU available:", "HPU available:", "\N{ELECTRIC LIGHT BULB} Tip:")
-#: library warnings that are not the user's to act on in a dpo-lightning run
-NOISE_WARNINGS = (
-    r".*`tensorboardX` has been removed as a dependency.*",  # the CSV logger is the default
-    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own pytree call
-    r".*is smaller than the logging interval.*",  # small quick runs
-    r".*The dirpath has changed from.*",  # every resume with the default logger
-)
-
-
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(NOISE_LINES)
-
-
-def quiet_libraries() -> None:
-    """The terminal of a ``dpo-lightning`` run shows the run: no hardware banner, tips, library
-    deprecations or weight-loading bars (the console script's; the Python API is left alone)."""
-    import transformers
-
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
-    for pattern in NOISE_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    transformers.utils.logging.disable_progress_bar()
-
-
 def innermost_reasons(message: str) -> str:
     """The reasons inside jsonargparse's nested "Does not validate against any of the Union
     subtypes" report (a class's own error raised while it was built), joined on one line;
@@ -263,8 +235,9 @@ def main() -> None:
     (``error: ...``) and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1`` shows the traceback.
     """
     debug = "--debug" in sys.argv[1:] or os.environ.get("DPO_LIGHTNING_DEBUG", "") not in ("", "0")
-    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
-    quiet_libraries()
+    if "--verbose" in sys.argv[1:] or debug:
+        verbose_libraries()
+    sys.argv[1:] = [a for a in sys.argv[1:] if a not in ("--debug", "--verbose")]
     try:
         run(exit_on_error=debug)
     except argparse.ArgumentError as err:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -43,7 +46,12 @@ class LoraSpec:
 
 
 def add_adapters(model: torch.nn.Module, spec: LoraSpec, gradient_checkpointing: bool = False) -> PeftModel:
-    """Wrap ``model`` with fresh LoRA adapters; only they require grad."""
+    """Wrap ``model`` with fresh LoRA adapters; only they require grad.
+
+    peft is imported here, not at the top: it imports bitsandbytes, which costs a second of
+    start-up and a console notice in every run that uses no adapters."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     spec.validate()
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

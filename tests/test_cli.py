@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_print_config_round_trips(tmp_path, pair_files) -> None:
 
 
 def test_console_script_is_installed() -> None:
-    out = subprocess.run([str(ROOT / ".venv/bin/dpo-lightning"), "--help"], capture_output=True, text=True)
+    out = subprocess.run([str(Path(sys.executable).parent / "dpo-lightning"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "fit" in out.stdout
 
 

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from ..console import quiet_datasets
 from ..contract import BatchLayout, DataRequirements, PairRows
 from ..models import ModelSpec, load_tokenizer
 from .formats import TEXT_FIELDS
@@ -33,6 +34,8 @@ from .sources import (
 from .report import DataReport, SourceCount
 from .samplers import PROMPT_PLUS_BOTH, PROMPT_PLUS_LONGEST, LengthGroupedSampler, ResumableSampler
 from .tokenization import RowEncoder, TokenizationSettings, TruncationMode, check_template_kwargs
+
+quiet_datasets()
 
 #: where the data module's arguments sit in a recipe, named in errors
 DATA_KEY = "data.init_args"

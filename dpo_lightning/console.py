@@ -1,0 +1,121 @@
+"""What a run prints: the run, not the libraries.
+
+Importing :mod:`dpo_lightning` calls :func:`quiet_libraries`, so the CLI and the Python API alike
+show no library notice, tip, deprecation warning or progress bar that the user did not ask for:
+
+- Lightning's hardware banner (``GPU available: ...``) and its ``Tip:`` advertisements;
+- library deprecations raised inside Lightning (``LeafSpec``) and its ``tensorboardX`` notice;
+- bitsandbytes' ``Failed to load CPU gemm_4bit_forward from kernels-community`` (it tries the
+  hub for an optional kernel when it is imported; nothing in the run asked for it);
+- transformers' weight-loading and shard-writing bars; datasets' tokenizing bars unless stderr
+  is a terminal.
+
+Warnings about the user's run (a Lightning ``rank_zero_warn``, a ``UserWarning`` from a loss)
+still show, once per place, as Python shows them. ``DPO_LIGHTNING_VERBOSE=1``, ``--verbose`` on
+the command line or :func:`verbose_libraries` brings everything back; ``TRANSFORMERS_VERBOSITY``
+and ``HF_DATASETS_DISABLE_PROGRESS_BARS``, when set, are left to rule their libraries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+#: environment variable that keeps every library message (``1``)
+VERBOSE_ENV = "DPO_LIGHTNING_VERBOSE"
+
+#: Lightning's start-up lines that say nothing about this run (its rank-zero logger's)
+NOISE_LINES = ("GPU available:", "TPU available:", "HPU available:", "\N{ELECTRIC LIGHT BULB} Tip:")
+#: loggers whose records are checked against :data:`NOISE_LINES`
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+#: library warnings that are not the user's to act on in a dpo-lightning run
+NOISE_WARNINGS = (
+    r".*`tensorboardX` has been removed as a dependency.*",  # the CSV logger is the default
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own pytree call
+    r".*is smaller than the logging interval.*",  # small quick runs
+    r".*The dirpath has changed from.*",  # every resume with the default logger
+)
+#: bitsandbytes' hub-kernel notices, logged while it is imported (by it, and by the `kernels`
+#: package it asks): ``(logger, message start)``
+HUB_KERNEL_NOTICES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/"),
+)
+
+
+class _DropLines(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+_FILTERS: list[tuple[str, _DropLines]] = [
+    *((name, _DropLines(NOISE_LINES)) for name in LIGHTNING_LOGGERS),
+    *((name, _DropLines((start,))) for name, start in HUB_KERNEL_NOTICES),
+]
+_quiet = False
+
+
+def verbose_requested() -> bool:
+    """``DPO_LIGHTNING_VERBOSE`` is set to anything but ``""`` / ``"0"``."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_libraries() -> None:
+    """Silence the library noise listed in the module docstring (idempotent; a no-op when
+    ``DPO_LIGHTNING_VERBOSE`` is set)."""
+    global _quiet
+    if _quiet or verbose_requested():
+        return
+    for name, log_filter in _FILTERS:
+        logging.getLogger(name).addFilter(log_filter)
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    _quiet = True
+    if "datasets" in sys.modules:
+        quiet_datasets()
+
+
+def quiet_datasets() -> None:
+    """datasets' map/filter bars off unless stderr is a terminal (tokenizing a large set is long
+    enough to want one there). Called when :mod:`dpo_lightning.data` imports datasets, so
+    ``import dpo_lightning`` alone does not import it."""
+    if _quiet and "HF_DATASETS_DISABLE_PROGRESS_BARS" not in os.environ and not _stderr_is_terminal():
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+def verbose_libraries() -> None:
+    """Undo :func:`quiet_libraries`: every library prints as it would without dpo-lightning."""
+    global _quiet
+    for name, log_filter in _FILTERS:
+        logging.getLogger(name).removeFilter(log_filter)
+    quieted = set(NOISE_WARNINGS)
+    warnings.filters[:] = [f for f in warnings.filters
+                           if not (f[0] == "ignore" and f[1] is not None and f[1].pattern in quieted)]
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.enable_progress_bar()
+    if "datasets" in sys.modules and "HF_DATASETS_DISABLE_PROGRESS_BARS" not in os.environ:
+        sys.modules["datasets"].enable_progress_bars()
+    _quiet = False
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
