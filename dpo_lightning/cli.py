@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import functools
+import inspect
 import os
+import re
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
 from .console import verbose_libraries
+from .lora import LoraSpec
+from .models import ModelSpec
 
 #: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
 SPEC_KEYS = ("model.init_args.model", "model.init_args.reference_model")
@@ -99,7 +107,15 @@ class DPOLightningCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            # the options the subcommand accepts, for "did you mean" (summarize_parse_error)
+            subcommands = getattr(parser, "_subcommands_action", None)
+            command = next((a for a in self.command_line if not a.startswith("-")), None)
+            sub = subcommands._name_parser_map.get(command) if subcommands and command else parser
+            err.accepted_options = [s for action in getattr(sub, "_actions", []) for s in action.option_strings]  # type: ignore[attr-defined]
+            raise
 
     def before_instantiate_classes(self) -> None:
         switch_to_pretrained(self.config.get(self.config.get("subcommand") or "", self.config), self.command_line)
@@ -189,23 +205,33 @@ def innermost_reasons(message: str) -> str:
     return "; ".join(dict.fromkeys(kept)) or message
 
 
-def summarize_parse_error(message: str) -> str:
-    """One line from jsonargparse's nested "Does not validate against any of the Union subtypes"
-    report: the recipe key and the innermost reasons (an import error first)."""
-    import re
-
+def summarize_parse_error(message: str, accepted_options: Sequence[str] = ()) -> str:
+    """One line from a jsonargparse error: the recipe key and the innermost reasons (an import
+    error first), with the closest accepted option or argument when one was misspelled."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
     key = ".init_args.".join(keys) if keys else "the recipe"
     missing = re.search(r"No module named '[^']+'", message)
     if missing:
         problems = re.findall(r"Problem with given class_path '([^']+)'", message)
         return f"{key}: {problems[-1]!r}: {missing.group(0)} (is the module on PYTHONPATH?)"
+    unrecognized = re.search(r"unrecognized arguments: (.*)", message)
+    if unrecognized:
+        return f"unrecognized arguments: {unrecognized.group(1).strip()}" + did_you_mean_options(
+            unrecognized.group(1).split(), accepted_options)
     deepest = message.rsplit('Parser key "', 1)[-1]
+    first, *rest = deepest.splitlines() or [""]
+    inline = first.split('":', 1)[1].strip() if '":' in first else ""
     skip = ("Does not validate", "Subtypes", "Errors:", "Given value type", "Expected a <class 'NoneType'>")
-    reasons = [line.strip(" -") for line in deepest.splitlines()[1:] if line.strip() and not line.strip(" -").startswith(skip)]
+    reasons = [line.strip(" -") for line in ([inline] if inline else []) + rest
+               if line.strip() and not line.strip(" -").startswith(skip)]
     given = next((r for r in reasons if r.startswith("Given value:")), None)
     reasons = [r for r in reasons if not r.startswith(("Given value", "Problem with given", "Parser key"))]
     summary = f"{key}: " + "; ".join(dict.fromkeys(reasons)) + (f" ({given})" if given else "")
+    if "File does not exist" in message:
+        summary += f" (relative paths resolve against the working directory, {os.getcwd()})"
+    not_accepted = re.search(r"Option '([^']+)' is not accepted", message)
+    if not_accepted and (near := closest(not_accepted.group(1), init_arg_names())):
+        summary += f"; did you mean {near!r}?"
     if re.search(r"Option 'divergence(_alpha)?' is not accepted", message):
         summary += (
             "; f-divergences apply only to losses built on the chosen-minus-rejected log-ratio difference: "
@@ -214,10 +240,56 @@ def summarize_parse_error(message: str) -> str:
     return summary
 
 
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate nearest to ``word`` (difflib ratio >= 0.7), or ``None``."""
+    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.7)
+    return matches[0] if matches else None
+
+
+def did_you_mean_options(tokens: Sequence[str], accepted_options: Sequence[str]) -> str:
+    """``"; did you mean --trainer.max_steps?"`` for the misspelled ``--options`` among ``tokens``:
+    an option the parser knows, else (``--model.init_args.model.name_or_pth``) the argument name
+    of the library's classes nearest to the last part (``'name_or_path'``)."""
+    hints = []
+    for token in (t.split("=", 1)[0] for t in tokens if t.startswith("--")):
+        near = closest(token, accepted_options)
+        if near is None and "." in token:
+            word = closest(token.rsplit(".", 1)[1], init_arg_names())
+            near = repr(word) if word is not None else None
+        if near is not None and near != token:
+            hints.append(near)
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
+
+
+@functools.cache
+def init_arg_names() -> frozenset[str]:
+    """Every argument name that the library's modules, data modules, losses and their nested
+    specs (dataclasses such as ``ModelSpec``) accept."""
+    names: set[str] = set()
+    seen: set[type] = set()
+
+    def add(cls: type) -> None:
+        if cls in seen or not cls.__module__.startswith("dpo_lightning"):
+            return
+        seen.add(cls)
+        if dataclasses.is_dataclass(cls):
+            names.update(f.name for f in dataclasses.fields(cls))
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass) and klass.__module__.startswith("dpo_lightning"):
+                params = inspect.signature(klass.__init__).parameters.values()
+                names.update(p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+    for package in (modules, data, losses):
+        for name in getattr(package, "__all__", ()):
+            if inspect.isclass(obj := getattr(package, name)):
+                add(obj)
+    for cls in (ModelSpec, LoraSpec):
+        add(cls)
+    return frozenset(names)
+
+
 def divergence_losses() -> list[str]:
     """Names of the library's losses that accept ``divergence`` (f-DPO), sorted."""
-    import inspect
-
     return sorted(
         name for name in losses.__all__
         if inspect.isclass(cls := getattr(losses, name)) and "divergence" in inspect.signature(cls.__init__).parameters
@@ -241,7 +313,8 @@ def main() -> None:
     try:
         run(exit_on_error=debug)
     except argparse.ArgumentError as err:
-        print(f"error: {summarize_parse_error(str(err))}  [--debug shows the whole report]", file=sys.stderr)
+        summary = summarize_parse_error(str(err), getattr(err, "accepted_options", ()))
+        print(f"error: {summary}  [--debug shows the whole report]", file=sys.stderr)
         sys.exit(2)
     except USER_ERRORS as err:
         if debug:

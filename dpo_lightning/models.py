@@ -75,16 +75,84 @@ class ModelSpec:
             raise ValueError(f"{key}: quantized loading (load_in_4bit / load_in_8bit) needs name_or_path")
         if self.config is not None and self.tokenizer is None:
             raise ValueError(f"{key}.tokenizer is required when the model is built from `config`")
-        if self.name_or_path is not None and _looks_local(self.name_or_path) and not os.path.isdir(self.name_or_path):
-            raise FileNotFoundError(
-                f"{key}.name_or_path: no folder at {self.name_or_path!r}; give an existing "
-                "folder written by save_pretrained, or a hub id like 'org/name'"
-            )
+        for name, value in (("name_or_path", self.name_or_path), ("tokenizer", self.tokenizer)):
+            if value is not None:
+                check_local_path(f"{key}.{name}", value)
+
+
+def check_local_path(key: str, value: str) -> None:
+    """A name that looks like a local path (:func:`_looks_local`) must be an existing folder:
+    else one line naming ``key``, the working directory and the nearest sibling folder."""
+    if _looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
+        raise FileNotFoundError(
+            f"{key}: no folder at {value!r} (relative paths resolve against the working "
+            f"directory, {os.getcwd()}){_nearest_folder(value)}; give an existing folder written by "
+            "save_pretrained, or a hub id like 'org/name'"
+        )
 
 
 def _looks_local(path: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``) is a path."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1
+    """A hub id is ``name`` or ``org/name``. A path starts with ``.``, ``/`` or ``~``, holds more
+    than one ``/``, or starts with a folder that exists here (``data/tiny-lama`` when ``data/``
+    does): such a name is never sent to the hub, whose client would retry for a minute."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def _nearest_folder(path: str) -> str:
+    """``"; did you mean 'data/tiny-llama'?"`` when a sibling folder's name is close, else ``""``."""
+    import difflib
+
+    parent, name = os.path.split(os.path.expanduser(path.rstrip("/")))
+    try:
+        siblings = [e for e in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent or ".", e))]
+    except OSError:
+        return ""
+    near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+    return f"; did you mean {os.path.join(parent, near[0])!r}?" if near else ""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host (``HF_ENDPOINT``) accepts a connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set (the hub client reads only its cache)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check_hub_source(key: str, source: str, revision: str | None) -> dict[str, Any]:
+    """Before a hub id goes to ``from_pretrained``: when the hub cannot be reached, load from the
+    local cache (``{"local_files_only": True}``) if the files are there, else fail at once in one
+    line naming ``key``, instead of the hub client's minute of retries. ``{}`` for a local folder,
+    in offline mode, or when the hub answers."""
+    check_local_path(key, source)
+    if os.path.isdir(os.path.expanduser(source)) or hub_offline() or hub_reachable():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json", revision=revision)
+    if isinstance(cached, str) or isinstance(try_to_load_from_cache(source, "tokenizer_config.json", revision=revision), str):
+        return {"local_files_only": True}
+    raise OSError(
+        f"{key}: {source!r} is no folder here (relative paths resolve against the working directory, {os.getcwd()}) and the hub cannot be reached "
+        "from this machine, nor is it in the local cache; download it where the hub is reachable "
+        f"(hf download {source} --local-dir DIR) and give DIR, or fix the path"
+    )
 
 
 @contextmanager
@@ -152,9 +220,11 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     everywhere, so the id only fills space); one without either is an error.
     """
     source = spec.tokenizer or spec.name_or_path
-    with explain_load_errors("model.tokenizer" if spec.tokenizer else "model.name_or_path", source):
+    key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+    hub = check_hub_source(key, source, spec.revision)
+    with explain_load_errors(key, source):
         tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **hub
         )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -198,6 +268,7 @@ def load_model(
     if quantization_config(spec) is not None:
         kwargs["quantization_config"] = quantization_config(spec)
     if spec.name_or_path is not None:
+        kwargs.update(check_hub_source("model.name_or_path", spec.name_or_path, spec.revision))
         with explain_load_errors("model.name_or_path", spec.name_or_path):
             return auto_class.from_pretrained(
                 spec.name_or_path,

@@ -1,0 +1,83 @@
+"""What a user meets on a mistyped recipe, flag or path: one line naming it, the closest accepted
+name, and no minute of hub retries."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import ROOT
+from dpo_lightning import cli, models
+from dpo_lightning.models import ModelSpec, check_hub_source, load_tokenizer
+
+
+def console(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the ``dpo-lightning`` entry point in this process: ``(exit status, last stderr line)``."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning", *args])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    return info.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_missing_recipe_file_is_named_in_one_line(monkeypatch, capsys) -> None:
+    status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/dp.yaml")
+    assert status == 2
+    assert line.startswith(f"error: config: File does not exist: '{ROOT / 'recipes' / 'dp.yaml'}'")
+    assert f"resolve against the working directory, {ROOT}" in line
+
+
+@pytest.mark.parametrize(("flag", "hint"), [
+    ("--trainer.max_stepz", "did you mean --trainer.max_steps?"),
+    ("--data.init_args.batch_sise", "did you mean 'batch_size'?"),
+    ("--model.init_args.lossx", "did you mean 'loss'?"),
+    ("--model.init_args.model.name_or_pth", "did you mean 'name_or_path'?"),
+])
+def test_a_misspelled_flag_gets_the_closest_accepted_name(monkeypatch, capsys, flag: str, hint: str) -> None:
+    status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/quickstart.yaml", flag, "3")
+    assert status == 2
+    assert line.startswith("error: ") and hint in line
+
+
+def test_a_flag_near_nothing_gets_no_guess(monkeypatch, capsys) -> None:
+    status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/quickstart.yaml", "--zzzzqqq", "3")
+    assert status == 2 and "unrecognized arguments: --zzzzqqq" in line and "did you mean" not in line
+
+
+def test_a_mistyped_local_path_fails_at_once_naming_the_nearest_folder(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: pytest.fail("the hub was asked"))
+    with pytest.raises(FileNotFoundError) as info:
+        load_tokenizer(ModelSpec(name_or_path="data/tiny-lama"))
+    message = str(info.value)
+    assert message.startswith("model.name_or_path: no folder at 'data/tiny-lama'")
+    assert f"working directory, {ROOT}" in message and "did you mean 'data/tiny-llama'?" in message
+
+
+def test_an_unreachable_hub_fails_at_once_for_an_uncached_id(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(models, "hub_offline", lambda: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OSError) as info:
+        check_hub_source("model.name_or_path", "someorg/somemodel", None)
+    assert str(info.value).startswith("model.name_or_path: 'someorg/somemodel' is no folder here")
+    assert "hub cannot be reached" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unreachable_hub_reads_a_cached_id_from_the_cache(monkeypatch, tmp_path) -> None:
+    snapshot = tmp_path / "models--someorg--somemodel" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--someorg--somemodel" / "refs").mkdir()
+    (tmp_path / "models--someorg--somemodel" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(models, "hub_offline", lambda: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert check_hub_source("model.name_or_path", "someorg/somemodel", None) == {"local_files_only": True}
+    assert check_hub_source("model.name_or_path", str(ROOT / "data" / "tiny-llama"), None) == {}
