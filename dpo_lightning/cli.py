@@ -155,6 +155,10 @@ class DPOLightningCLI(LightningCLI):
 
     def after_fit(self) -> None:
         history = getattr(self.model, "validation_history", None)
+        if history and (history[-1]["sanity_check"] or history[-1]["step"] < self.trainer.global_step):
+            # the run validated, but not after its last step (max_steps inside an epoch):
+            # validate now, so the summary and the logs end on the trained policy
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if not history or self.trainer.global_rank != 0:
             return
         # a "before" figure only when the pre-training check covered the whole validation set

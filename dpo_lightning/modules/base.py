@@ -3,6 +3,7 @@ validation history, and export of the trained model in Hugging Face format."""
 
 from __future__ import annotations
 
+import math
 import random as _py_random
 from collections.abc import Callable
 from typing import Any
@@ -214,6 +215,7 @@ class AlignmentModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        self.log_often_enough()
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, WarmupDecayLR):
@@ -234,6 +236,23 @@ class AlignmentModule(L.LightningModule):
                         "schedule without warmup can be extended), or start a new run"
                     )
                 scheduler.set_total_steps(total)
+
+    #: the fewest training-log rows a run writes (when it has that many steps), for a curve
+    MIN_LOGGED_STEPS = 5
+
+    def log_often_enough(self) -> None:
+        """A run of fewer than ``MIN_LOGGED_STEPS`` logging intervals logs every
+        ``steps // MIN_LOGGED_STEPS`` steps (every step at least) instead, so its metrics.csv holds
+        a training curve and not only an epoch row; longer runs keep ``trainer.log_every_n_steps``."""
+        total = float(self.trainer.estimated_stepping_batches)
+        every = self.trainer.log_every_n_steps
+        if not math.isfinite(total) or total // max(every, 1) >= self.MIN_LOGGED_STEPS:
+            return
+        shorter = max(1, int(total) // self.MIN_LOGGED_STEPS)
+        if shorter < every:
+            self.trainer.log_every_n_steps = shorter
+            rank_zero_info(f"logging every {shorter} steps: this run's {int(total)} steps hold fewer than "
+                           f"{self.MIN_LOGGED_STEPS} intervals of trainer.log_every_n_steps ({every})")
 
     # -- export ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

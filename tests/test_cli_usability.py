@@ -1,5 +1,5 @@
-"""What a user meets on a mistyped recipe, flag or path: one line naming it, the closest accepted
-name, and no minute of hub retries."""
+"""What a user meets first: a mistyped recipe, flag or path gets one line naming it and the closest accepted
+name, never a minute of hub retries; a short run logs a curve and prints before -> after."""
 
 from __future__ import annotations
 
@@ -81,3 +81,23 @@ def test_an_unreachable_hub_reads_a_cached_id_from_the_cache(monkeypatch, tmp_pa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert check_hub_source("model.name_or_path", "someorg/somemodel", None) == {"local_files_only": True}
     assert check_hub_source("model.name_or_path", str(ROOT / "data" / "tiny-llama"), None) == {}
+
+
+def test_a_run_shorter_than_an_epoch_logs_a_curve_and_prints_before_and_after(tmp_path, monkeypatch, capsys) -> None:
+    """The shipped quickstart with max_steps 3 (under an epoch, under log_every_n_steps 10): each
+    step is logged, and the summary ends on a validation of the trained policy."""
+    import csv
+
+    monkeypatch.chdir(ROOT)
+    cli.run(["fit", "--config", "recipes/quickstart.yaml", "--trainer.max_steps", "3",
+             "--trainer.default_root_dir", str(tmp_path), "--model.init_args.export_dir", str(tmp_path / "policy"),
+             "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("val/reward_accuracy")]
+    before, after = line.split(": ")[1].split(" -> ")
+    assert before == "0.00" and 0.0 <= float(after) <= 1.0
+    (log,) = list(tmp_path.rglob("metrics.csv"))
+    rows = list(csv.DictReader(log.open()))
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2]
+    val_steps = [int(r["step"]) for r in rows if r.get("val/rewards/accuracy")]
+    assert max(val_steps) == 3
