@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
 from .console import verbose_libraries
+from .export import REFERENCE_RECORD, read_reference_record
 from .lora import LoraSpec
 from .models import ModelSpec
 
@@ -82,6 +83,20 @@ def switch_to_pretrained(config, command_line: list[str]) -> None:
         rank_zero_info(f"{key}.name_or_path from the command line: the recipe's from-scratch `config` is not used")
 
 
+def use_recorded_reference(config) -> None:
+    """``validate`` of an exported policy: with no ``reference_model`` in the recipe or on the
+    command line, the reference recorded beside the policy (``reference.json``, written at
+    export) is the one it is measured against."""
+    if "model.init_args.reference_model" not in config or config.get("model.init_args.reference_model") is not None:
+        return
+    folder = config.get("model.init_args.model.name_or_path")
+    recorded = read_reference_record(folder) if folder else None
+    if recorded is not None:
+        config["model.init_args.reference_model"] = dataclasses.asdict(recorded)
+        rank_zero_info(f"reference: {recorded.name_or_path or 'the from-config model'}, as recorded in "
+                       f"{Path(folder) / REFERENCE_RECORD}")
+
+
 class DPOLightningCLI(LightningCLI):
     """LightningCLI with the model and data chosen by ``class_path`` in the recipe.
 
@@ -118,7 +133,10 @@ class DPOLightningCLI(LightningCLI):
             raise
 
     def before_instantiate_classes(self) -> None:
-        switch_to_pretrained(self.config.get(self.config.get("subcommand") or "", self.config), self.command_line)
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        switch_to_pretrained(config, self.command_line)
+        if self.config.get("subcommand") == "validate":
+            use_recorded_reference(config)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

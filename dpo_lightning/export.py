@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -9,6 +11,11 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from .models import ModelSpec
+
+#: the file beside an exported policy that names the reference model it was trained against
+REFERENCE_RECORD = "reference.json"
 
 
 def check_export_target(path: str | os.PathLike, overwrite: bool, key: str = "model.init_args.export_dir") -> Path:
@@ -46,10 +53,12 @@ def save_pretrained_atomic(
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     card: str | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """``save_pretrained`` (safetensors) model and tokenizer into a temporary sibling folder,
     then move it into place. ``state_dict`` replaces the module's own weights (gathered from a
-    sharded model); ``card`` is written as the folder's ``README.md``. Returns the final path."""
+    sharded model); ``card`` is written as the folder's ``README.md``, ``extra_files`` as
+    ``{name: text}`` beside it. Returns the final path."""
     target = check_export_target(path, overwrite)
     assert_finite(model)
     if state_dict is not None and not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
@@ -65,6 +74,8 @@ def save_pretrained_atomic(
             tokenizer.save_pretrained(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -72,3 +83,32 @@ def save_pretrained_atomic(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def reference_record(spec: ModelSpec) -> str:
+    """The text of :data:`REFERENCE_RECORD` for a reference built from ``spec``: the spec's
+    fields, with local folders made absolute so the record holds wherever the export moves."""
+    fields = dataclasses.asdict(spec)
+    for key in ("name_or_path", "tokenizer"):
+        value = fields.get(key)
+        if value and os.path.isdir(os.path.expanduser(value)):
+            fields[key] = str(Path(value).expanduser().resolve())
+    return json.dumps({"reference_model": fields}, indent=2, sort_keys=True) + "\n"
+
+
+def read_reference_record(folder: str | os.PathLike) -> ModelSpec | None:
+    """The reference recorded beside an exported policy in ``folder``, or ``None`` when the folder
+    holds no :data:`REFERENCE_RECORD` (a hub id, a model not exported by dpo-lightning)."""
+    path = Path(folder).expanduser() / REFERENCE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))["reference_model"]
+        spec = ModelSpec(**fields)
+        spec.validate(f"{path} reference_model")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path}: unreadable reference record ({type(err).__name__}: {err}); delete it and set "
+            "model.init_args.reference_model to the model the policy was trained from"
+        ) from err
+    return spec

@@ -84,13 +84,16 @@ def test_validate_subcommand_and_accuracy_summary(tmp_path, pair_files, capsys) 
     recipe["trainer"]["num_sanity_val_steps"] = -1
     recipe["trainer"]["limit_val_batches"] = 1.0
     recipe["trainer"]["val_check_interval"] = 2
-    main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    fitted = main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
     out = capsys.readouterr().out
     assert "val/reward_accuracy: 0.00 -> " in out  # policy == reference before training: all ties
-    del recipe["model"]["init_args"]["export_dir"]
-    cli = main(["validate", "--config", write_recipe(tmp_path / "v.yaml", recipe)])
-    assert cli.model.validation_history[-1]["rewards/accuracy"] == 0.0
+    export = recipe["model"]["init_args"].pop("export_dir")
+    # the exported policy against the reference recorded beside it: fit's last validation again
+    cli = main(["validate", "--config", write_recipe(tmp_path / "v.yaml", recipe),
+                "--model.init_args.model.name_or_path", export])
     assert len(cli.model.validation_history) == 1
+    assert cli.model.validation_history[-1]["rewards/accuracy"] == fitted.model.validation_history[-1]["rewards/accuracy"]
+    assert cli.model.validation_history[-1]["loss"] == pytest.approx(float(fitted.model.validation_history[-1]["loss"]), abs=1e-6)
 
 
 def test_print_config_round_trips(tmp_path, pair_files) -> None:

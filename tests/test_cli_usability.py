@@ -101,3 +101,36 @@ def test_a_run_shorter_than_an_epoch_logs_a_curve_and_prints_before_and_after(tm
     assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2]
     val_steps = [int(r["step"]) for r in rows if r.get("val/rewards/accuracy")]
     assert max(val_steps) == 3
+
+
+def test_validate_of_an_exported_policy_measures_it_against_its_recorded_reference(tmp_path, pair_files) -> None:
+    import json
+    import math
+
+    from conftest import tiny_recipe, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, *pair_files))
+    cli.run(["fit", "--config", recipe])
+    export = tmp_path / "export"
+    recorded = json.loads((export / "reference.json").read_text())["reference_model"]
+    assert recorded["config"]["hidden_size"] == 32 and recorded["seed"] == 0
+    assert recorded["tokenizer"] == str((ROOT / "data" / "tokenizer").resolve())
+
+    def validate(*extra: str) -> dict:
+        validated = cli.run(["validate", "--config", recipe, "--model.init_args.model.name_or_path", str(export), *extra])
+        return {k: float(v) for k, v in validated.trainer.callback_metrics.items()}
+
+    by_record = validate()
+    assert not math.isclose(by_record["val/loss"], math.log(2), abs_tol=1e-6)
+    spelled_out = validate("--model.init_args.reference_model.config", json.dumps(recorded["config"]),
+                           "--model.init_args.reference_model.tokenizer", recorded["tokenizer"],
+                           "--model.init_args.reference_model.seed", "0")
+    assert by_record == spelled_out
+
+
+def test_validate_refuses_a_policy_measured_against_itself(tmp_path, pair_files) -> None:
+    from conftest import tiny_recipe, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, *pair_files))
+    with pytest.raises(ValueError, match=r"^validate: the reference is a copy of the policy .*reference_model"):
+        cli.run(["validate", "--config", recipe, "--model.init_args.model.name_or_path", str(ROOT / "data" / "tiny-llama")])

@@ -18,9 +18,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints import AtomicCheckpointIO
 from ..contract import DataRequirements
-from ..export import check_export_target, save_pretrained_atomic
+from ..export import REFERENCE_RECORD, check_export_target, reference_record, save_pretrained_atomic
 from ..fingerprints import CHECKPOINT_KEY, check_same_run, optimizer_fingerprint, run_fingerprint
 from ..metrics import PreferenceMetrics
+from ..models import ModelSpec
 from ..model_card import model_card
 from ..optim import WarmupDecayLR
 
@@ -288,11 +289,18 @@ class AlignmentModule(L.LightningModule):
         prefix = next(name for name, child in self.named_children() if child is self.trained_model()) + "."
         return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
+    def reference_spec(self) -> ModelSpec | None:
+        """The model the trained policy is measured against (written beside an export as
+        ``reference.json``, read back by ``validate``), or ``None`` when there is none to name."""
+        return None
+
     @rank_zero_only
     def export(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Save the trained model and tokenizer (safetensors); ``from_pretrained(path)`` loads them."""
+        reference = self.reference_spec()
         target = save_pretrained_atomic(
             self.trained_model(), self.tokenizer, path, overwrite=self.overwrite_export, state_dict=state_dict,
             card=model_card(self, getattr(self, "recipe", None)),
+            extra_files={REFERENCE_RECORD: reference_record(reference)} if reference is not None else None,
         )
         rank_zero_info(f"exported {type(self.trained_model()).__name__} and tokenizer to {target.resolve()}")

@@ -102,6 +102,8 @@ class PreferenceModule(AlignmentModule):
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.loss = loss if loss is not None else DPOLoss()
         self.model_spec = model
+        self.reference_model_spec = reference_model
+        self.reference_update = reference_update
         self.tokenizer = load_tokenizer(model)
         self.policy = load_causal_lm(model, self.tokenizer)
         if gradient_checkpointing:
@@ -167,8 +169,30 @@ class PreferenceModule(AlignmentModule):
         return policy.chosen.detach(), policy.rejected.detach()
 
     # -- the reference's hooks ------------------------------------------------------------------
+    def reference_spec(self) -> ModelSpec | None:
+        """``reference_model``, else the policy's starting point ``model`` (with LoRA, the base
+        without adapters); ``None`` when the loss uses no reference or it moves (TR-DPO)."""
+        if not self.loss.needs_reference or self.reference_update is not None:
+            return None
+        return self.reference_model_spec or self.model_spec
+
+    def check_reference_is_not_the_policy(self) -> None:
+        """Refuse to validate a policy against a copy of itself: with no ``reference_model``, no
+        adapters, no training step and no checkpoint, every implicit reward would be 0 (loss
+        log 2, accuracy 0.00) whatever the policy is."""
+        untrained = self.global_step == 0 and self.trainer.ckpt_path is None
+        if self.loss.needs_reference and self.reference_model_spec is None and self.lora is None and untrained:
+            raise ValueError(
+                f"validate: the reference is a copy of the policy {self.model_spec.name_or_path or 'model'!r} "
+                "(model.init_args.reference_model is not set and the policy's folder records none in "
+                "reference.json), so every implicit reward is 0; set model.init_args.reference_model.name_or_path "
+                "to the model the policy was trained from, or give --ckpt_path"
+            )
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage == "validate":
+            self.check_reference_is_not_the_policy()
         # here, not in on_fit_start: Lightning builds the train loader for the scheduler's step
         # count before on_fit_start, and that loader must already carry precomputed columns
         self.reference.prepare(self)
