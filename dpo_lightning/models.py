@@ -226,6 +226,13 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **hub
         )
+    return ready_tokenizer(tokenizer, source)
+
+
+def ready_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
+    """``tokenizer`` made able to pad (``pad_token = eos_token`` when it has none; padding is
+    masked out everywhere, so the id only fills space), padding on the right; one with neither
+    token is an error naming ``source``."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
