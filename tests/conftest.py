@@ -113,3 +113,24 @@ def determined_content(folder: Path) -> dict[str, object]:
             content[path.name] = path.read_bytes()
     return content
 
+
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records ``(input dtype, weight dtype)`` of every ``aten.mm`` / ``addmm`` / ``bmm`` run
+    while active (autograd's backward ops included): ``with MatmulDtypes() as m: ...; m.seen``."""
+
+    OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)][-2:]
+            self.seen.append((tensors[0].dtype, tensors[1].dtype))
+        return func(*args, **(kwargs or {}))

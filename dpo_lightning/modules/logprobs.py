@@ -76,12 +76,31 @@ def model_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], with_tok
     return logits_to_completion_logprobs(out.logits, batch["input_ids"], batch["completion_mask"], with_tokens)
 
 
+def autocast_compute_dtype(tensor: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of ``tensor`` in right now, or ``None`` when autocast
+    is off for ``tensor``'s device type (or ``tensor`` is float64, which autocast leaves alone).
+
+    A custom autograd Function's backward runs outside the caller's autocast region, so
+    :class:`ChunkedTargetLogProbs` records this in forward and casts explicitly in both passes.
+    """
+    device_type = tensor.device.type
+    if tensor.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 class ChunkedTargetLogProbs(torch.autograd.Function):
     """``log softmax(h W^T)[y]`` for ``M`` positions without holding ``(M, V)`` logits.
 
     Forward and backward both walk over chunks of ``chunk_size`` positions; backward
     recomputes each chunk's logits (``d/dlogits = g * (onehot(y) - softmax)``), so peak extra
     memory is one ``(chunk_size, V)`` float32 block instead of ``(M, V)``.
+
+    Precision: outside autocast (or in float64) every matmul runs in the inputs' dtype. Under
+    autocast (``bf16-mixed``, ``16-mixed``), forward records the autocast dtype and both passes
+    run their three GEMMs (logits, ``dlogits @ W``, ``dlogits^T @ h``) in it, as autocast runs an
+    ``nn.Linear``; the log-softmax (logsumexp, softmax, the ``onehot - softmax`` step) and the
+    accumulation of the weight gradient over chunks are float32.
 
     Args:
         hidden: ``(M, H)`` final hidden states at the positions that predict a target.
@@ -95,32 +114,41 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        compute = autocast_compute_dtype(hidden)
         out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[start : start + chunk_size] @ weight.T).to(dtype)
-            out[start : start + chunk_size] = token_logprobs(logits, targets[start : start + chunk_size])
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight if compute is None else weight.to(compute)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size]
+                logits = ((h if compute is None else h.to(compute)) @ w.T).to(dtype)
+                out[start : start + chunk_size] = token_logprobs(logits, targets[start : start + chunk_size])
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_size = chunk_size
+        ctx.compute = compute
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         hidden, weight, targets = ctx.saved_tensors
+        compute: torch.dtype | None = ctx.compute
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype) \
             if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[start : start + ctx.chunk_size]
-            y = targets[start : start + ctx.chunk_size]
-            g = grad_out[start : start + ctx.chunk_size]
-            logits = (h @ weight.T).to(grad_out.dtype)
-            dlogits = torch.softmax(logits, dim=-1).mul_(-g[:, None])  # in place: one pass over (chunk, V), not two
-            dlogits[torch.arange(len(y), device=y.device), y] += g
-            dlogits = dlogits.to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start : start + ctx.chunk_size] = dlogits @ weight
-            if grad_weight is not None:
-                grad_weight += (dlogits.T @ h).to(grad_weight.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight if compute is None else weight.to(compute)
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                h = hidden[start : start + ctx.chunk_size]
+                h = h if compute is None else h.to(compute)
+                y = targets[start : start + ctx.chunk_size]
+                g = grad_out[start : start + ctx.chunk_size]
+                logits = (h @ w.T).to(grad_out.dtype)
+                dlogits = torch.softmax(logits, dim=-1).mul_(-g[:, None])  # in place: one pass over (chunk, V), not two
+                dlogits[torch.arange(len(y), device=y.device), y] += g
+                dlogits = dlogits.to(h.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + ctx.chunk_size] = dlogits @ w
+                if grad_weight is not None:
+                    grad_weight += (dlogits.T @ h).to(grad_weight.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
