@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import PreTrainedTokenizerBase
 
@@ -23,7 +23,7 @@ from ..fingerprints import CHECKPOINT_KEY, check_same_run, optimizer_fingerprint
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec
 from ..model_card import model_card
-from ..optim import WarmupDecayLR
+from ..optim import WarmupDecayLR, gradient_norm_and_finite, with_fused_kernel
 
 
 def batch_values(
@@ -134,7 +134,7 @@ class AlignmentModule(L.LightningModule):
     # -- loops ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.step(batch, self.train_metrics)
-        self._rows_since_step += batch["row_id"].tolist()
+        self._rows_since_step.append(batch["row_id"])  # read only when a step goes wrong: no host sync
         batch_size = batch["row_id"].numel()
         self.log("train/loss", loss.detach(), batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)  # short, for the bar
@@ -167,15 +167,26 @@ class AlignmentModule(L.LightningModule):
         )
 
     # -- non-finite guard ------------------------------------------------------------------
+    def pending_rows(self) -> list[int]:
+        """Dataset row ids of the batches since the last optimizer step (kept as the batches'
+        ``row_id`` tensors, or ints, until asked) and forget them."""
+        rows: list[int] = []
+        for item in self._rows_since_step:
+            rows += item.tolist() if isinstance(item, torch.Tensor) else [int(item)]
+        self._rows_since_step = []
+        return rows
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.trained_model().parameters() if p.grad is not None]
+        finite = True
         if grads:  # before clipping, as TRL's grad_norm
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+            norm, all_finite = gradient_norm_and_finite(grads)
             self.log("train/grad_norm", norm)
-        finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
-        rows, self._rows_since_step = self._rows_since_step, []
+            finite = bool(all_finite)  # the step's one host sync: a bad step must not be taken
         if finite:
+            self._rows_since_step = []
             return
+        rows = self.pending_rows()
         if self.on_nonfinite == "stop":
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {self.global_step} from dataset rows {rows}; inspect "
@@ -207,13 +218,25 @@ class AlignmentModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
         else:
             optimizer = self.optimizer_factory(params)
+        configured = optimizer  # fingerprinted as the recipe has it, whatever the device
+        optimizer = self.device_optimizer(optimizer)
         scheduler = WarmupDecayLR(optimizer) if self.scheduler_factory is None else self.scheduler_factory(optimizer)
         # sized in on_train_start, not here: trainer.estimated_stepping_batches builds the train
         # loader, and a loader built before the checkpoint is restored never gets its position back
-        self.optimizer_id = optimizer_fingerprint(optimizer, scheduler)
+        self.optimizer_id = optimizer_fingerprint(configured, scheduler)
         if self.saved_run is not None:  # DeepSpeed restores after this; the others before
             check_same_run(self.saved_run, run_fingerprint(self))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def device_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """``optimizer`` with its fused kernel where the parameters' device and the trainer's
+        precision and strategy allow it (:func:`~dpo_lightning.optim.with_fused_kernel`: CUDA,
+        no gradient scaler, not DeepSpeed); the same optimizer on CPUs."""
+        if self._trainer is None:
+            return optimizer
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        return with_fused_kernel(optimizer, grad_scaler=scaler, deepspeed=deepspeed)
 
     def on_train_start(self) -> None:
         self.log_often_enough()
