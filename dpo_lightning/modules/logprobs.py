@@ -22,6 +22,8 @@ from torch import Tensor
 
 from ..contract import PairRows
 from ..losses.base import SequenceLogProbs
+from .attention import attention_kernels
+from .liger_head import liger_target_logprobs, use_liger_head
 
 LogProbMode = Literal["auto", "chunked", "full"]
 
@@ -154,6 +156,19 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+def target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """``(M,)`` float32 log-probs of ``targets`` from ``(M, H)`` hidden states through the
+    ``(V, H)`` head: :class:`ChunkedTargetLogProbs`, or on CUDA for a gradient-free pass with
+    liger-kernel installed, liger's fused kernel (:mod:`.liger_head`) in the autocast dtype."""
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if use_liger_head(hidden.device.type, needs_grad):
+        compute = autocast_compute_dtype(hidden)
+        if compute is not None:
+            hidden, weight = hidden.to(compute), weight.to(compute)
+        return liger_target_logprobs(hidden, weight, targets)
+    return ChunkedTargetLogProbs.apply(hidden, weight, targets, chunk_size)
+
+
 def supports_chunked_logprobs(model: torch.nn.Module) -> bool:
     """True when ``logits == lm_head(decoder(x))`` with a plain bias-free linear head.
 
@@ -191,7 +206,7 @@ def chunked_model_logprobs(
     picked = hidden[:, :-1][mask]
     targets = batch["input_ids"][:, 1:][mask]
     weight = model.get_output_embeddings().weight
-    token = ChunkedTargetLogProbs.apply(picked, weight, targets, chunk_size)
+    token = target_logprobs(picked, weight, targets, chunk_size)
     sums = torch.zeros(mask.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
     if not with_tokens:
         return SequenceLogProbs(sums=sums, counts=mask.sum(-1))
@@ -270,7 +285,7 @@ def shared_prompt_model_logprobs(
     is_target = packed["segment"] > 0
     rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(is_target)[is_target]
     picked = hidden[rows, packed["predictor"][is_target]]
-    token = ChunkedTargetLogProbs.apply(picked, weight, packed["ids"][is_target], chunk_size)
+    token = target_logprobs(picked, weight, packed["ids"][is_target], chunk_size)
     n = batch["input_ids"].shape[0]
     sums = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, packed["side"][is_target], token)
     counts = torch.zeros(n, dtype=torch.long, device=token.device).index_add(
@@ -373,12 +388,16 @@ class LogProbSelector:
             batch: ``input_ids``, ``attention_mask``, ``completion_mask`` ``(N, T)``.
             strategy: the Lightning strategy running the model (FSDP forces the full path).
             with_tokens: also return per-token values (``(N, T - 1)``).
+
+        The attention kernels allowed are chosen for the batch's device
+        (:func:`.attention.sdpa_backends`: no cuDNN attention on CUDA; the default elsewhere).
         """
-        if not self.chunked(model, strategy):
-            return model_logprobs(model, batch, with_tokens)
-        if self.shares_prompt(model, batch):
-            return shared_prompt_model_logprobs(model, batch, self.chunk_size, with_tokens)
-        return chunked_model_logprobs(model, batch, self.chunk_size, with_tokens)
+        with attention_kernels(batch["input_ids"].device):
+            if not self.chunked(model, strategy):
+                return model_logprobs(model, batch, with_tokens)
+            if self.shares_prompt(model, batch):
+                return shared_prompt_model_logprobs(model, batch, self.chunk_size, with_tokens)
+            return chunked_model_logprobs(model, batch, self.chunk_size, with_tokens)
 
     def pair_rows(self, model: torch.nn.Module) -> PairRows:
         """How pair batches will run, told to the data module before the device is known (its
