@@ -56,6 +56,44 @@ class RewardMargin(Metric):
         return (self.total_margin / self.count.clamp(min=1)).float()
 
 
+class SyncFreeMean(MeanMetric):
+    """``MeanMetric`` whose update reads nothing back to the host on an accelerator.
+
+    torchmetrics' default (``nan_strategy="warn"``) drops NaN values after checking for them on
+    the host: two host syncs per update, ten per training step for :class:`PreferenceMetrics`,
+    each stalling a CUDA step until the GPU catches up. On such devices this update drops them by
+    giving them zero weight on the device instead (the same mean, without the warning). CPU
+    tensors take ``MeanMetric``'s own update: same numbers, same warning.
+
+    ``update(value (N,) or scalar, weight float or broadcastable tensor)``; ``compute() -> scalar``.
+    """
+
+    @staticmethod
+    def sync_free(device_type: str) -> bool:
+        """Whether updates on ``device_type`` take the sync-free path (all but the CPU)."""
+        return device_type != "cpu"
+
+    def update(self, value: Tensor | float, weight: Tensor | float | None = None) -> None:  # type: ignore[override]
+        if isinstance(value, Tensor) and self.sync_free(value.device.type):
+            self.update_on_device(value, weight)
+        else:
+            super().update(value, weight)
+
+    def update_on_device(self, value: Tensor, weight: Tensor | float | None = None) -> None:
+        """Accumulate the weighted sum and weight of the non-NaN entries without a host sync."""
+        value = value.to(self.dtype)
+        if weight is None:
+            weight = torch.ones_like(value)
+        elif isinstance(weight, Tensor):
+            weight = weight.to(self.dtype)
+        else:
+            weight = torch.full_like(value, weight)  # a fill on the device, not a host-to-device copy
+        weight = torch.broadcast_to(weight, value.shape)
+        keep = ~(torch.isnan(value) | torch.isnan(weight))
+        self.mean_value += torch.where(keep, value * weight, 0.0).sum()
+        self.weight += torch.where(keep, weight, 0.0).sum()
+
+
 class PreferenceMetrics(nn.Module):
     """The metrics one stage (train or val) reports, keyed by their logged names.
 
@@ -77,7 +115,7 @@ class PreferenceMetrics(nn.Module):
         self.margin = RewardMargin()
         self.means = nn.ModuleDict(
             {
-                name: MeanMetric()
+                name: SyncFreeMean()
                 for name in ("loss", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected")
             }
         )
@@ -108,7 +146,7 @@ class PreferenceMetrics(nn.Module):
             key = name.replace(".", "\N{ONE DOT LEADER}")  # a module name cannot hold "."
             self.extra_names[key] = name
             if key not in self.extra:
-                self.extra[key] = MeanMetric().to(chosen_rewards.device)
+                self.extra[key] = SyncFreeMean().to(chosen_rewards.device)
             value = value.detach().float()
             self.extra[key].update(value, weight=float(rows) if value.numel() == 1 else 1.0)
 

@@ -151,3 +151,58 @@ def test_liger_is_not_imported_on_the_cpu_path(tokenizer) -> None:
     batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows())
     LogProbSelector("chunked")(model, batch)
     assert "liger_kernel" not in sys.modules
+
+
+# -- no host syncs in the step's bookkeeping ---------------------------------------------------
+class NoHostReads:
+    """Fails any ``bool()`` / ``.item()`` / ``.tolist()`` of a tensor while active: what a host
+    sync looks like on CUDA, checked on CPU tensors."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "tolist")}
+        for name in self.saved:
+            setattr(torch.Tensor, name, lambda *a, _name=name, **k: pytest.fail(f"host read: Tensor.{_name}"))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_sync_free_mean_is_chosen_off_the_cpu_and_equals_meanmetric(monkeypatch) -> None:
+    from torchmetrics import MeanMetric
+
+    from dpo_lightning.metrics import SyncFreeMean
+
+    assert not SyncFreeMean.sync_free("cpu") and SyncFreeMean.sync_free("cuda")
+    monkeypatch.setattr(SyncFreeMean, "sync_free", staticmethod(lambda device_type: True))  # as on CUDA
+    values = [torch.tensor([0.5, -1.25, 3.0]), torch.tensor([2.0, float("nan"), 1.0]), torch.tensor(4.0)]
+    weights = [3.0, 2.0, torch.tensor(0.5)]
+    ours, theirs = SyncFreeMean(), MeanMetric(nan_strategy="ignore")
+    with NoHostReads():
+        for v, w in zip(values, weights):
+            ours.update(v, w)
+    for v, w in zip(values, weights):
+        theirs.update(v, w)
+    assert torch.equal(ours.mean_value, theirs.mean_value) and torch.equal(ours.weight, theirs.weight)
+    assert float(ours.compute()) == pytest.approx((3 * 2.25 + 2 * 3.0 + 0.5 * 4.0) / (3 * 3 + 2 * 2 + 0.5))
+
+
+def test_gradient_check_reads_nothing_on_the_host() -> None:
+    grads = [torch.randn(5, 3), torch.randn(2)]
+    with NoHostReads():
+        norm, finite = gradient_norm_and_finite(grads)
+    assert bool(finite) and float(norm) > 0
+
+
+def test_chunked_index_gather_equals_boolean_masking(tokenizer) -> None:
+    model = load_causal_lm(tiny_spec(seed=5), tokenizer)
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows())
+    full = logprobs.model_logprobs(model, batch, with_tokens=True)
+    grads_full = torch.autograd.grad(full.sums.sum(), list(model.parameters()))
+    chunked = logprobs.chunked_model_logprobs(model, batch, chunk_size=7, with_tokens=True)
+    grads = torch.autograd.grad(chunked.sums.sum(), list(model.parameters()))
+    torch.testing.assert_close(chunked.sums, full.sums, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked.tokens, full.tokens, rtol=0, atol=1e-5)
+    for a, b in zip(grads, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

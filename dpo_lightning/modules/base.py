@@ -139,7 +139,9 @@ class AlignmentModule(L.LightningModule):
         self.log("train/loss", loss.detach(), batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)  # short, for the bar
         if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=batch_size)
+            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            # a fill on the device: Lightning copies a Python float from the host, a sync on CUDA
+            self.log("train/lr", torch.full((), lr, device=self.device), batch_size=batch_size)
         for name, value in values.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         if "rewards/accuracy" in values:

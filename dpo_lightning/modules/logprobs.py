@@ -202,9 +202,9 @@ def chunked_model_logprobs(
     decoder = model.get_decoder()
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     mask = batch["completion_mask"][:, 1:].bool()
-    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-    picked = hidden[:, :-1][mask]
-    targets = batch["input_ids"][:, 1:][mask]
+    rows, columns = mask.nonzero(as_tuple=True)  # one host sync (the count); boolean indexing took three
+    picked = hidden[rows, columns]  # row-major, as hidden[:, :-1][mask]; backward needs no second nonzero
+    targets = batch["input_ids"][:, 1:][rows, columns]
     weight = model.get_output_embeddings().weight
     token = target_logprobs(picked, weight, targets, chunk_size)
     sums = torch.zeros(mask.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
