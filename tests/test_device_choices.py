@@ -206,3 +206,27 @@ def test_chunked_index_gather_equals_boolean_masking(tokenizer) -> None:
     torch.testing.assert_close(chunked.tokens, full.tokens, rtol=0, atol=1e-5)
     for a, b in zip(grads, grads_full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_runs_under_the_device_choice(tokenizer, monkeypatch) -> None:
+    entered: list[tuple] = []
+
+    class Recording:
+        def __init__(self, backends):
+            entered.append(tuple(backends))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(attention, "sdpa_kernel", Recording)
+    module = PreferenceModule(model=tiny_spec())
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows())
+    loss = module.logprob_selector(module.policy, batch).sums.sum()
+    module.backward(loss)  # on CPU: PyTorch's own choice, nothing entered
+    assert entered == [] and module.policy.get_output_embeddings().weight.grad is not None
+    monkeypatch.setattr(attention, "sdpa_backends", lambda device_type: attention.CUDA_SDPA_BACKENDS)  # as on CUDA
+    module.backward(module.logprob_selector(module.policy, batch).sums.sum())
+    assert entered == [attention.CUDA_SDPA_BACKENDS, attention.CUDA_SDPA_BACKENDS]  # the pass, then backward

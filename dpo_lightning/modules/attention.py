@@ -6,6 +6,9 @@ width every step, and on an H200 the reference run spent 9 ms of host time per a
 there against 0.2 ms of GPU time (issue 22). Flash and memory-efficient attention have no such
 per-shape build, so on CUDA those (and the math fallback) are allowed and cuDNN is not. On other
 devices nothing is restricted: the CPU path is PyTorch's default, unchanged.
+
+The choice wraps every log-prob pass (``LogProbSelector``) and the training backward
+(``AlignmentModule.backward``: forwards recomputed under gradient checkpointing choose again).
 """
 
 from __future__ import annotations

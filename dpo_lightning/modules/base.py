@@ -24,6 +24,7 @@ from ..metrics import PreferenceMetrics
 from ..models import ModelSpec
 from ..model_card import model_card
 from ..optim import WarmupDecayLR, gradient_norm_and_finite, with_fused_kernel
+from .attention import attention_kernels
 
 
 def batch_values(
@@ -147,6 +148,13 @@ class AlignmentModule(L.LightningModule):
         if "rewards/accuracy" in values:
             self.log("acc", values["rewards/accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward under the attention kernels chosen for the loss's device
+        (:func:`.attention.sdpa_backends`), so forwards recomputed in backward (gradient
+        checkpointing) choose as the first pass did."""
+        with attention_kernels(loss.device):
+            super().backward(loss, *args, **kwargs)
 
     def on_train_epoch_end(self) -> None:
         values = self.train_metrics.compute()
