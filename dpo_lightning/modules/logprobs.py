@@ -143,8 +143,8 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
                 h = h if compute is None else h.to(compute)
                 y = targets[start : start + ctx.chunk_size]
                 g = grad_out[start : start + ctx.chunk_size]
-                logits = (h @ w.T).to(grad_out.dtype)
-                dlogits = torch.softmax(logits, dim=-1).mul_(-g[:, None])  # in place: one pass over (chunk, V), not two
+                # softmax reads the bf16 logits and writes float32: no separate float32 copy of the block
+                dlogits = torch.softmax(h @ w.T, dim=-1, dtype=grad_out.dtype).mul_(-g[:, None])  # in place: one pass, not two
                 dlogits[torch.arange(len(y), device=y.device), y] += g
                 dlogits = dlogits.to(h.dtype)
                 if grad_hidden is not None:
