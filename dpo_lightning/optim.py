@@ -115,7 +115,12 @@ def with_fused_kernel(optimizer: Optimizer, grad_scaler: bool = False, deepspeed
     groups = [{**group, "fused": True, "foreach": None} for group in optimizer.param_groups]
     accepted = inspect.signature(type(optimizer)).parameters  # defaults may hold derived keys
     settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return type(optimizer)(groups, **{**settings, "fused": True, "foreach": None})
+    fused = type(optimizer)(groups, **{**settings, "fused": True, "foreach": None})
+    # A fused Adam says it unscales gradients itself (for a GradScaler), and Lightning's mixed
+    # precision then refuses gradient clipping, scaler or not. Without a scaler nothing is
+    # unscaled anywhere, so it must not say so: bf16-mixed keeps its clipping.
+    fused._step_supports_amp_scaling = False
+    return fused
 
 
 def gradient_norm_and_finite(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

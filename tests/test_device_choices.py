@@ -230,3 +230,36 @@ def test_backward_runs_under_the_device_choice(tokenizer, monkeypatch) -> None:
     monkeypatch.setattr(attention, "sdpa_backends", lambda device_type: attention.CUDA_SDPA_BACKENDS)  # as on CUDA
     module.backward(module.logprob_selector(module.policy, batch).sums.sum())
     assert entered == [attention.CUDA_SDPA_BACKENDS, attention.CUDA_SDPA_BACKENDS]  # the pass, then backward
+
+
+def test_fused_optimizer_keeps_bf16_mixed_gradient_clipping(monkeypatch) -> None:
+    """Lightning's MixedPrecision refuses to clip for an optimizer that unscales itself; without
+    a scaler (bf16-mixed) the rebuilt fused optimizer must still be clipped."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    monkeypatch.setattr(optim, "fused_kernel_allowed", lambda *a, **k: True)
+    param = torch.nn.Parameter(torch.ones(4))
+    fused = with_fused_kernel(torch.optim.AdamW([param], lr=1e-3))
+    assert fused.defaults["fused"] is True
+    param.grad = torch.full((4,), 3.0)
+    MixedPrecision("bf16-mixed", "cuda").clip_gradients(fused, clip_val=1.0)
+    torch.testing.assert_close(torch.linalg.vector_norm(param.grad), torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_training_with_the_cuda_choice_forced_on_cpu_runs_and_clips(tokenizer, tmp_path, monkeypatch) -> None:
+    """The CUDA configuration (fused AdamW, bf16-mixed, gradient clipping, as the GPU benchmark
+    runs it), forced on CPU parameters: two steps train and the optimizer is the fused one."""
+    from dpo_lightning.data import PreferenceDataModule
+    from conftest import quickstart_rows
+
+    monkeypatch.setattr(optim, "fused_kernel_allowed", lambda *a, **k: True)
+    module = PreferenceModule(model=tiny_spec(), optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    data = PreferenceDataModule(train_data=quickstart_rows(8), batch_size=4, max_length=64)
+    data.connect(module.tokenizer, module.data_requirements)
+    before = module.policy.get_output_embeddings().weight.detach().clone()
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"] is True
+    assert not torch.equal(module.policy.get_output_embeddings().weight, before)
