@@ -37,9 +37,9 @@ Runs (``--runs a,b,...``; the extras, marked *, run only while time is left):
 | trl-bf16-liger | TRL ``bf16=True``, ``use_liger_kernel=True`` (the target's baseline) |
 | trl-bf16 | TRL ``bf16=True`` (``adamw_torch_fused``, random batches) |
 | trl-bf16-grouped | as trl-bf16 with ``train_sampling_strategy="group_by_length"`` |
+| ours-bf16-noliger * | ours, chunked head for the reference too: A/B of the liger head (first, so a liger failure still leaves a figure for ours) |
 | ours-bf16-cudnn * | ours, PyTorch's own SDPA choice (cuDNN allowed): A/B of the attention choice |
 | ours-bf16-foreach * | ours, foreach AdamW: A/B of the fused optimizer |
-| ours-bf16-noliger * | ours, chunked head for the reference too: A/B of the liger head |
 | ours-bf16-share * | ours, ``share_prompt=True`` |
 """
 
@@ -79,9 +79,9 @@ RUNS: dict[str, dict] = {
     "trl-bf16-liger": dict(tool="trl", liger=True),
     "trl-bf16": dict(tool="trl"),
     "trl-bf16-grouped": dict(tool="trl", grouped=True),
+    "ours-bf16-noliger": dict(tool="ours", patch="noliger", extra=True),
     "ours-bf16-cudnn": dict(tool="ours", patch="cudnn", extra=True),
     "ours-bf16-foreach": dict(tool="ours", patch="foreach", extra=True),
-    "ours-bf16-noliger": dict(tool="ours", patch="noliger", extra=True),
     "ours-bf16-share": dict(tool="ours", share_prompt=True, extra=True),
 }
 

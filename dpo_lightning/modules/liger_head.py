@@ -45,4 +45,11 @@ def liger_target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Te
 
     out = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, targets)
     loss = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+    if loss.shape != targets.shape:  # a release that ignores reduction="none" returns the mean
+        from importlib.metadata import version
+
+        raise RuntimeError(
+            f"liger-kernel {version('liger-kernel')} returned a {tuple(loss.shape)} loss for reduction='none' on "
+            f"{tuple(targets.shape)} targets; install the gpu extra (liger-kernel>=0.8) or uninstall liger-kernel"
+        )
     return -loss.to(torch.float32)
