@@ -246,13 +246,17 @@ def test_fused_optimizer_keeps_bf16_mixed_gradient_clipping(monkeypatch) -> None
     torch.testing.assert_close(torch.linalg.vector_norm(param.grad), torch.tensor(1.0), rtol=1e-5, atol=0)
 
 
-def test_training_with_the_cuda_choice_forced_on_cpu_runs_and_clips(tokenizer, tmp_path, monkeypatch) -> None:
-    """The CUDA configuration (fused AdamW, bf16-mixed, gradient clipping, as the GPU benchmark
-    runs it), forced on CPU parameters: two steps train and the optimizer is the fused one."""
+def test_training_with_the_cuda_choices_forced_on_cpu_runs_and_clips(tokenizer, tmp_path, monkeypatch) -> None:
+    """The CUDA configuration as the GPU benchmark runs it (fused AdamW, SDPA without cuDNN,
+    sync-free metrics, bf16-mixed, gradient clipping), forced on CPU: two steps train, the
+    optimizer is the fused one and the metrics hold the steps' values."""
     from dpo_lightning.data import PreferenceDataModule
+    from dpo_lightning.metrics import SyncFreeMean
     from conftest import quickstart_rows
 
     monkeypatch.setattr(optim, "fused_kernel_allowed", lambda *a, **k: True)
+    monkeypatch.setattr(attention, "sdpa_backends", lambda device_type: attention.CUDA_SDPA_BACKENDS)
+    monkeypatch.setattr(SyncFreeMean, "sync_free", staticmethod(lambda device_type: True))
     module = PreferenceModule(model=tiny_spec(), optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
     data = PreferenceDataModule(train_data=quickstart_rows(8), batch_size=4, max_length=64)
     data.connect(module.tokenizer, module.data_requirements)
@@ -263,3 +267,4 @@ def test_training_with_the_cuda_choice_forced_on_cpu_runs_and_clips(tokenizer, t
     trainer.fit(module, data)
     assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"] is True
     assert not torch.equal(module.policy.get_output_embeddings().weight, before)
+    assert float(trainer.callback_metrics["train_epoch/loss"]) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=0.05)
