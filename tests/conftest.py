@@ -114,7 +114,6 @@ def determined_content(folder: Path) -> dict[str, object]:
     return content
 
 
-
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -134,3 +133,41 @@ class MatmulDtypes(TorchDispatchMode):
             tensors = [a for a in args if isinstance(a, torch.Tensor)][-2:]
             self.seen.append((tensors[0].dtype, tensors[1].dtype))
         return func(*args, **(kwargs or {}))
+
+
+class NoHostReads:
+    """Fails any ``bool()`` / ``.item()`` / ``.tolist()`` of a tensor while active: what a host
+    sync looks like on CUDA, checked on CPU tensors."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "tolist")}
+        for name in self.saved:
+            setattr(torch.Tensor, name, lambda *a, _name=name, **k: pytest.fail(f"host read: Tensor.{_name}"))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def head_inputs(seed: int = 0, m: int = 12, h: int = 16, v: int = 50) -> tuple[torch.Tensor, ...]:
+    """Float32 ``hidden (m, h)`` and ``weight (v, h)`` requiring grad, ``targets (m,)``, ``upstream (m,)``."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, h, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(v, h, generator=g)).requires_grad_()
+    targets = torch.randint(0, v, (m,), generator=g)
+    upstream = torch.randn(m, generator=g)
+    return hidden, weight, targets, upstream
+
+
+GPU_BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
+
+
+def load_gpu_benchmark():
+    """benchmarks/gpu_throughput.py as a module (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_throughput", GPU_BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,17 +11,8 @@ from dpo_lightning.models import load_causal_lm
 from dpo_lightning.modules.logprobs import (
     ChunkedTargetLogProbs, autocast_compute_dtype, chunked_model_logprobs, token_logprobs,
 )
-from conftest import MatmulDtypes, tiny_spec
+from conftest import MatmulDtypes, head_inputs, tiny_spec
 from test_logprobs import rows
-
-
-def head_inputs(seed: int = 0, m: int = 12, h: int = 16, v: int = 50) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(m, h, generator=g, requires_grad=True)
-    weight = (0.3 * torch.randn(v, h, generator=g)).requires_grad_()
-    targets = torch.randint(0, v, (m,), generator=g)
-    upstream = torch.randn(m, generator=g)
-    return hidden, weight, targets, upstream
 
 
 def test_compute_dtype_follows_the_autocast_state() -> None:

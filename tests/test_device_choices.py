@@ -14,7 +14,7 @@ from dpo_lightning.models import load_causal_lm
 from dpo_lightning.modules import PreferenceModule, attention, liger_head, logprobs
 from dpo_lightning.modules.logprobs import ChunkedTargetLogProbs, LogProbSelector, target_logprobs
 from dpo_lightning.optim import fused_kernel_allowed, gradient_norm_and_finite, with_fused_kernel
-from conftest import tiny_spec
+from conftest import NoHostReads, tiny_spec
 from test_logprobs import rows
 
 NO_CHOICE = [{"fused": None, "foreach": None}]
@@ -154,21 +154,6 @@ def test_liger_is_not_imported_on_the_cpu_path(tokenizer) -> None:
 
 
 # -- no host syncs in the step's bookkeeping ---------------------------------------------------
-class NoHostReads:
-    """Fails any ``bool()`` / ``.item()`` / ``.tolist()`` of a tensor while active: what a host
-    sync looks like on CUDA, checked on CPU tensors."""
-
-    def __enter__(self):
-        self.saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "tolist")}
-        for name in self.saved:
-            setattr(torch.Tensor, name, lambda *a, _name=name, **k: pytest.fail(f"host read: Tensor.{_name}"))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 def test_sync_free_mean_is_chosen_off_the_cpu_and_equals_meanmetric(monkeypatch) -> None:
     from torchmetrics import MeanMetric
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -10,22 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import GPU_BENCHMARK, load_gpu_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_throughput.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("gpu_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = GPU_BENCHMARK
 
 
 def test_model_flops_per_token_by_hand() -> None:
     config = dict(hidden_size=4, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                   intermediate_size=8, vocab_size=10)
     # weights 2*16 + 2*4*2 + 3*4*8 = 144; per token 2*144 + 4*4*1*(8+1)/2 + 2*4*10*5/8 = 410; 4 passes
-    assert load_benchmark().model_flops_per_token(config, prompt=3, response=5) == 4 * 410
+    assert load_gpu_benchmark().model_flops_per_token(config, prompt=3, response=5) == 4 * 410
 
 
 def test_smoke_mode_runs_ours_on_cpu_and_prints_the_table(tmp_path) -> None:
