@@ -170,23 +170,30 @@ def test_gradcheck(make) -> None:
 
 
 # -- the running reward shift ------------------------------------------------------------------
-def test_running_shift_is_the_cumulative_mean_of_batch_means() -> None:
+def test_running_shift_is_the_mean_of_every_row_seen() -> None:
+    """Unequal batches: ``delta`` is the mean over every training row so far, so a short batch
+    weighs by its rows (TRL's former BCOTrainer), not as a whole step."""
     beta = 0.2
     loss = BCOLoss(beta)
-    batch_means, last = [], None
-    for step, n in enumerate((4, 7, 2)):  # unequal batches: a mean over steps, not over rows
+    rewards_seen, last = [], None
+    for step, n in enumerate((4, 7, 2)):
         policy, reference = unpaired_logps(n, seed=20 + step)
         label = random_labels(n, step) if n > 2 else [True, False]
         h = log_ratios(policy, reference)
-        batch_means.append(sum(beta * x for x in h) / n)
-        delta = sum(batch_means) / len(batch_means)  # updated before use
+        rewards_seen += [beta * x for x in h]
+        delta = sum(rewards_seen) / len(rewards_seen)  # updated before use
         out = loss(policy, reference, {"label": torch.tensor(label)})
         assert out.metrics["reward_shift"].item() == pytest.approx(delta, rel=1e-12)
         assert out.loss.item() == pytest.approx(bco_reference(h, label, beta, 1.0, 1.0, delta), rel=1e-12)
         last = delta
-    assert loss.shift.count.item() == 3 and loss.shift.mean.item() == pytest.approx(last, rel=1e-12)
+    assert loss.shift.count.item() == 13 and loss.shift.mean.item() == pytest.approx(last, rel=1e-12)
     assert loss.shift.mean.dtype == loss.shift.count.dtype == torch.float64
 
+
+def test_pair_shift_weighs_each_step_once() -> None:
+    """BCOPairLoss(reward_shift=True) folds each step's batch mean in with weight 1, as TRL's
+    former ``bco_pair``: ``self.running.update(torch.cat((chosen_rewards, rejected_rewards), 0).mean())``."""
+    beta = 0.2
     pair = BCOPairLoss(beta, reward_shift=True)
     means = []
     for step, b in enumerate((3, 5, 1)):
@@ -197,6 +204,7 @@ def test_running_shift_is_the_cumulative_mean_of_batch_means() -> None:
         out = pair(policy, reference, {})
         assert out.metrics["reward_shift"].item() == pytest.approx(delta, rel=1e-12)
         assert out.per_pair.tolist() == pytest.approx(bco_pair_reference(h[:b], h[b:], beta, delta), rel=1e-12)
+    assert pair.shift.count.item() == 3
 
 
 def test_eval_mode_reads_the_shift_and_never_moves_it() -> None:
@@ -215,7 +223,7 @@ def test_eval_mode_reads_the_shift_and_never_moves_it() -> None:
     assert out.loss.item() == pytest.approx(bco_reference(h, label.tolist(), 0.1, 1.0, 1.0, mean.item()), rel=1e-12)
     loss.train()
     loss(policy, reference, {"label": label})
-    assert loss.shift.count.item() == 2
+    assert loss.shift.count.item() == 10  # two training batches of 5 rows
 
 
 def test_state_dict_round_trip_restores_the_shift() -> None:
@@ -225,10 +233,10 @@ def test_state_dict_round_trip_restores_the_shift() -> None:
     for policy, reference in batches[:3]:
         original(policy, reference, {"label": label})
     state = original.state_dict()
-    assert set(state) == {"shift.mean", "shift.count"} and state["shift.count"].item() == 3
+    assert set(state) == {"shift.mean", "shift.count"} and state["shift.count"].item() == 12
     resumed = BCOLoss(0.3)
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.shift.mean, original.shift.mean) and resumed.shift.count.item() == 3
+    assert torch.equal(resumed.shift.mean, original.shift.mean) and resumed.shift.count.item() == 12
     for policy, reference in batches[3:]:  # continuing gives the same losses and shift
         a, b = original(policy, reference, {"label": label}), resumed(policy, reference, {"label": label})
         assert a.loss.item() == b.loss.item() and a.metrics["reward_shift"].item() == b.metrics["reward_shift"].item()
@@ -246,11 +254,11 @@ def test_shift_stays_float64_under_dtype_casts_and_skips_nonfinite_batches() -> 
     for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(), lambda m: m.to("cpu")):
         cast(loss)
         assert loss.shift.mean.dtype == loss.shift.count.dtype == torch.float64
-        assert torch.equal(loss.shift.mean, mean) and loss.shift.count.item() == 300
+        assert torch.equal(loss.shift.mean, mean) and loss.shift.count.item() == 600
     policy, reference = unpaired_logps(2, seed=0)
     bad = SequenceLogProbs(torch.tensor([float("nan"), -1.0], dtype=torch.float64), policy.counts)
     loss(bad, reference, {"label": torch.tensor([True, False])})  # its loss is NaN; the shift is untouched
-    assert torch.equal(loss.shift.mean, mean) and loss.shift.count.item() == 300
+    assert torch.equal(loss.shift.mean, mean) and loss.shift.count.item() == 600
 
 
 def _shift_worker(rank: int, world: int, port: int, out) -> None:
@@ -260,7 +268,7 @@ def _shift_worker(rank: int, world: int, port: int, out) -> None:
     loss = BCOLoss(beta=1.0)
     deltas = []
     # step 1: rank 0 holds rewards [1, 2, 3], rank 1 holds [-2]: the global batch mean is 4 / 4 = 1
-    # step 2: rank 0 holds [4], rank 1 holds [0, 2]: 6 / 3 = 2; delta = mean(1, 2) = 1.5
+    # step 2: rank 0 holds [4], rank 1 holds [0, 2]: 6 / 3 = 2; delta = (4 + 6) / 7, every row seen
     steps = {0: ([1.0, 2.0, 3.0], [4.0]), 1: ([-2.0], [0.0, 2.0])}[rank]
     for values in steps:
         sums = torch.tensor(values, dtype=torch.float64)
@@ -288,7 +296,7 @@ def test_shift_is_the_same_on_every_rank() -> None:
     mp.spawn(_shift_worker, args=(2, port, out), nprocs=2, join=True)
     assert out[0] == out[1]
     deltas, count = out[0]
-    assert deltas == pytest.approx([1.0, 1.5]) and count == 2
+    assert deltas == pytest.approx([1.0, 10 / 7]) and count == 7
 
 
 # -- the UNPAIRED layout -----------------------------------------------------------------------
@@ -365,7 +373,7 @@ def test_bco_fits_two_steps_on_paired_data(tmp_path, pair_files) -> None:
     trainer.fit(module, data)
     assert trainer.global_step == 2 and len(data.train_dataset) == 64  # 32 pairs -> 64 rows
     assert rows_seen and set(rows_seen) == {4}  # B rows a forward, no KL rows
-    assert module.loss.shift.count.item() == 2  # two training steps; validation moved nothing
+    assert module.loss.shift.count.item() == 8  # two training steps of 4 rows; validation moved nothing
     assert math.isfinite(trainer.callback_metrics["train/reward_shift"].item())
     sanity = module.validation_history[0]  # before step 1: the shift is still 0
     assert sanity["sanity_check"] and sanity["reward_shift"] == 0.0 and "rewards/accuracy" not in sanity
@@ -384,14 +392,14 @@ def test_bco_shift_is_checkpointed_and_resumed(tmp_path, pair_files) -> None:
     data = UnpairedDataModule(train_data=pair_files[0], val_data=pair_files[1], max_length=64, batch_size=4)
     data.connect(module.tokenizer, module.data_requirements)
     bco_trainer(tmp_path, max_steps=4, callbacks=[SaveAtTwo()]).fit(module, data)
-    assert module.loss.shift.count.item() == 4
+    assert module.loss.shift.count.item() == 16
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)["state_dict"]  # our own file
-    assert saved["loss.shift.count"].item() == 2 and saved["loss.shift.mean"].dtype == torch.float64
+    assert saved["loss.shift.count"].item() == 8 and saved["loss.shift.mean"].dtype == torch.float64
 
     L.seed_everything(0)
     resumed = bco_module()
     data.connect(resumed.tokenizer, resumed.data_requirements)
     trainer = bco_trainer(tmp_path, max_steps=4)
     trainer.fit(resumed, data, ckpt_path=str(tmp_path / "mid.ckpt"), weights_only=False)  # its hparams hold a ModelSpec
-    assert trainer.global_step == 4 and resumed.loss.shift.count.item() == 4
+    assert trainer.global_step == 4 and resumed.loss.shift.count.item() == 16
     assert resumed.loss.shift.mean.item() == pytest.approx(module.loss.shift.mean.item(), rel=1e-6)

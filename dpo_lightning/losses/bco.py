@@ -14,23 +14,31 @@ from ..contract import BatchLayout
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, policy_rewards
 
 
-def global_mean(values: Tensor) -> Tensor:
-    """Detached float64 mean of ``values`` ``(N,)`` over every row of every DDP rank (sum and
-    count all-reduced, as :func:`~dpo_lightning.losses.kto.estimate_kl`); a scalar."""
+def global_sum_count(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Detached float64 sum and number of ``values`` ``(N,)`` over every row of every DDP rank
+    (all-reduced, as :func:`~dpo_lightning.losses.kto.estimate_kl`); two scalars."""
     values = values.detach().double()
     total = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
-    return total[0] / total[1].clamp(min=1)
+    return total[0], total[1]
+
+
+def global_mean(values: Tensor) -> Tensor:
+    """Detached float64 mean of ``values`` ``(N,)`` over every row of every DDP rank; a scalar."""
+    total, count = global_sum_count(values)
+    return total / count.clamp(min=1)
 
 
 class RunningMean(nn.Module):
-    """The running reward shift ``delta``: the mean, over the updates so far, of one scalar per
-    update (each training step's batch-mean reward). ``delta = 0`` before the first update.
+    """The running reward shift ``delta``: a weighted mean of the values folded in so far, each
+    update bringing one value (a batch mean) and its weight (the rows behind it, or 1 per step).
+    ``delta = 0`` before the first update.
 
     Buffers (saved in ``state_dict``, hence in Lightning checkpoints, and restored on resume):
         mean: ``()`` float64, the running mean.
-        count: ``()`` float64, the number of updates.
+        count: ``()`` float64, the total weight folded in (rows for :class:`BCOLoss`, steps for
+            :class:`BCOPairLoss`).
 
     The buffers stay float64 whatever dtype the module is cast to (``.half()``, ``.to(torch.bfloat16)``,
     a ``*-true`` precision plugin, DeepSpeed): a cast would round the mean and stop ``count`` at
@@ -54,29 +62,36 @@ class RunningMean(nn.Module):
         return self
 
     @torch.no_grad()
-    def update(self, value: Tensor) -> None:
-        """Fold one scalar into the mean: ``count += 1; mean += (value - mean) / count``.
-        A non-finite value is skipped (it would poison every later step)."""
+    def update(self, value: Tensor, weight: float | Tensor = 1.0) -> None:
+        """Fold one scalar of weight ``weight > 0`` into the mean:
+        ``count += weight; mean += (value - mean) * weight / count``. A non-finite value is
+        skipped (it would poison every later step), and so is a zero weight."""
         value = value.detach().to(self.mean)
-        if not bool(torch.isfinite(value)):
+        weight = torch.as_tensor(weight).detach().to(self.mean)
+        if not bool(torch.isfinite(value)) or not bool(weight > 0):
             return
-        self.count += 1
-        self.mean += (value - self.mean) / self.count
+        self.count += weight
+        self.mean += (value - self.mean) * weight / self.count
 
 
 class _RewardShift(PreferenceLoss):
     """Shared by the BCO losses: the running reward shift, updated in training mode only."""
 
     shift: RunningMean | None
+    #: fold each step's batch mean in with the weight of its rows (True) or with weight 1 (False)
+    shift_weighted_by_rows: bool = True
 
     def running_shift(self, rewards: Tensor) -> Tensor:
         """``delta`` for this step, a detached scalar in ``rewards``' dtype: in training mode
         the batch mean of ``rewards`` (``beta * h`` of every row, both classes, all DDP ranks)
-        is folded into the running mean first; in eval mode the running mean is only read."""
+        is folded into the running mean first, weighted by its number of rows or by 1
+        (:attr:`shift_weighted_by_rows`); in eval mode the running mean is only read."""
         if self.shift is None:
             return rewards.new_zeros(())
         if self.training:
-            self.shift.update(global_mean(rewards))
+            total, count = global_sum_count(rewards)
+            weight = count if self.shift_weighted_by_rows else 1.0
+            self.shift.update(total / count.clamp(min=1), weight)
         return self.shift.mean.detach().to(device=rewards.device, dtype=rewards.dtype)
 
 
@@ -92,8 +107,10 @@ class BCOPairLoss(_RewardShift):
     ``reward_shift=False`` (default): ``delta = 0``, exactly TRL 1.16's ``bco_pair``.
     ``reward_shift=True``: ``delta`` is the paper's reward shift, the running mean over training
     steps of each step's batch-mean reward (chosen and rejected rewards together, all DDP ranks),
-    updated before it is used in that step and only in training mode (see :class:`BCOLoss`);
-    it is logged as ``reward_shift``.
+    each step weighing 1 as in TRL's former ``bco_pair`` (TRL < 1.16 folded the scalar
+    ``torch.cat((chosen_rewards, rejected_rewards), 0).mean()`` into its ``RunningMoments``), updated
+    before it is used in that step and only in training mode (see :class:`BCOLoss`); it is
+    logged as ``reward_shift``.
 
     Args:
         beta: > 0, default 0.1; typical 0.01 to 0.5.
@@ -103,6 +120,8 @@ class BCOPairLoss(_RewardShift):
     returned are ``(B,)`` implicit rewards ``beta * h`` (without ``delta``), detached;
     ``per_pair`` is ``(B,)``.
     """
+
+    shift_weighted_by_rows = False
 
     def __init__(self, beta: float = 0.1, reward_shift: bool = False) -> None:
         super().__init__()
@@ -132,15 +151,17 @@ class BCOLoss(_RewardShift):
         undesirable y:  w_u * -log sigmoid(-(beta * h - delta))
         L = mean over the batch's rows
 
-    ``delta`` is the paper's reward shift: the running mean, over training steps so far, of
-    each step's batch-mean reward ``beta * h`` (both classes together; under DDP the batch mean
-    is taken over every rank's rows, so all ranks hold the same ``delta``). It is updated
-    before it is used in that step's loss (as TRL's former ``BCOTrainer`` with
-    ``RunningMoments``) and only in training mode: validation reads it and never moves it. Each
-    training forward (a micro-batch, under gradient accumulation) counts as one step, as in
-    TRL; a non-finite batch mean is not folded in. Its state lives in the buffers
-    ``shift.mean`` / ``shift.count`` (:class:`RunningMean`, float64), so it is saved in
-    checkpoints and restored on resume. It is logged as ``reward_shift``.
+    ``delta`` is the paper's reward shift: the running mean of the rewards ``beta * h`` of
+    every training row seen so far (both classes together; under DDP every rank's rows, so all
+    ranks hold the same ``delta``). Each step's batch is weighted by its rows, so a short last
+    batch of an epoch weighs less than a full one, exactly as TRL's former ``BCOTrainer``, whose
+    ``RunningMoments.update`` receives every row's reward and adds ``xs.numel()`` to its count.
+    It is updated before it is used in that step's loss and only in training mode: validation
+    reads it and never moves it. Each training forward (a micro-batch, under gradient
+    accumulation) is one update, as in TRL; a non-finite batch mean is not folded in. Its state
+    lives in the buffers ``shift.mean`` / ``shift.count`` (the rows folded in;
+    :class:`RunningMean`, float64), so it is saved in checkpoints and restored on resume. It is
+    logged as ``reward_shift``.
 
     Not implemented: the paper's optional underlying distribution matching (UDM), which
     reweights rows by a density ratio from a classifier over prompt embeddings and needs an
@@ -202,4 +223,4 @@ class BCOLoss(_RewardShift):
         )
 
 
-__all__ = ["BCOLoss", "BCOPairLoss", "RunningMean", "global_mean"]
+__all__ = ["BCOLoss", "BCOPairLoss", "RunningMean", "global_mean", "global_sum_count"]

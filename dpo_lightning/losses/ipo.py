@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import FDivergence, LossOutput, PreferenceLoss, SequenceLogProbs, check_divergence, check_positive, divergence_scores
+from .base import (
+    FDivergence,
+    LossOutput,
+    PreferenceLoss,
+    SequenceLogProbs,
+    check_divergence,
+    check_positive,
+    divergence_scores,
+    implicit_rewards,
+)
 
 
 class IPOLoss(PreferenceLoss):
@@ -25,8 +34,11 @@ class IPOLoss(PreferenceLoss):
         length_normalize: use per-token means (default ``True``) or sums.
         divergence / divergence_alpha: as in :class:`~dpo_lightning.losses.DPOLoss`.
 
-    The implicit rewards logged are ``beta * (log pi - log pi_ref)`` on the same (mean or sum)
-    log-probs, ``(B,)`` each, detached.
+    Logged: the rewards ``beta * (log pi - log pi_ref)`` on log-probs SUMMED over completion
+    tokens, ``(B,)`` each, detached, whatever ``length_normalize`` and the divergence (as TRL 1.16
+    logs them for every loss type, so rewards, margins and reward accuracy compare with TRL's and
+    with the other losses'); and ``ipo_margin``, ``(B,)``, the margin ``d'`` the loss pulls
+    towards its target ``1 / (2 beta)`` (per-token means when ``length_normalize``).
     """
 
     def __init__(
@@ -56,5 +68,7 @@ class IPOLoss(PreferenceLoss):
                 b = h_w.shape[0]
                 h_w = h_w / policy.counts[:b].clamp(min=1).to(h_w.dtype)
                 h_l = h_l / policy.counts[b:].clamp(min=1).to(h_l.dtype)
-        losses = (h_w - h_l - 1 / (2 * self.beta)) ** 2
-        return LossOutput(losses.mean(), (self.beta * h_w).detach(), (self.beta * h_l).detach(), per_pair=losses)
+        margin = h_w - h_l
+        losses = (margin - 1 / (2 * self.beta)) ** 2
+        chosen, rejected = implicit_rewards(self.beta, policy, reference)
+        return LossOutput(losses.mean(), chosen, rejected, {"ipo_margin": margin.detach()}, per_pair=losses)
