@@ -109,7 +109,7 @@ def test_a_very_negative_log_ratio_stays_finite() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"divergence": "kl"}, {"divergence": "alpha_divergence", "divergence_alpha": 0.0},
-                                 {"divergence": "alpha_divergence", "divergence_alpha": 1.5}])
+                                 {"divergence": "alpha_divergence", "divergence_alpha": -0.5}])
 def test_bad_divergence_settings_name_the_recipe_key(bad: dict) -> None:
     key = "divergence_alpha" if "divergence_alpha" in bad else "divergence"
     with pytest.raises(ValueError, match=rf"model\.init_args\.loss\.init_args\.{key} must"):

@@ -471,7 +471,7 @@ BAD_ARGUMENTS = [
     (CPOLoss, {"beta": 0.0}, "beta"),
     (NormalizedDPOLoss, {"beta": 0.0}, "beta"),
     (NormalizedDPOLoss, {"divergence": "tv"}, "divergence"),
-    (NormalizedDPOLoss, {"divergence_alpha": 1.5}, "divergence_alpha"),
+    (NormalizedDPOLoss, {"divergence_alpha": -0.5}, "divergence_alpha"),
 ]
 
 

@@ -15,8 +15,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_lightning.losses import BCOLoss, IPOLoss, SequenceLogProbs
-from test_losses_dpo import random_logps
+from dpo_lightning.contract import BatchLayout, DataRequirements
+from dpo_lightning.losses import (
+    AlphaPOLoss,
+    APOZeroLoss,
+    APOZeroUnpairedLoss,
+    BCOLoss,
+    CPOHingeLoss,
+    CPOIPOLoss,
+    CPOLoss,
+    DPOLoss,
+    IPOLoss,
+    SequenceLogProbs,
+    SimPOLoss,
+)
+from test_losses_dpo import log_sigmoid, random_logps
 
 
 def per_pair_rows(policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> list[tuple]:
@@ -146,3 +159,287 @@ def test_bco_gradient_with_a_running_shift_matches_the_papers_formula() -> None:
         z = rewards[7 + i] - delta
         expected = (-beta * sig(-z) if y else beta * sig(z)) / 3
         assert grad[i].item() == pytest.approx(expected, rel=1e-12)
+
+
+# -- 5, 6. SimPO with label smoothing, AlphaPO, CPO's hinge and IPO ----------------------------------
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def smoothed(z: float, eps: float) -> float:
+    return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+
+
+def alpha_reward(mean_logp: float, beta: float, alpha: float) -> float:
+    """AlphaPO (arXiv 2501.03884): r = beta (1 - p^(-alpha)) / alpha on p = pi(y|x)^(1/|y|); beta * log p at alpha 0."""
+    if alpha == 0:
+        return beta * mean_logp
+    return beta * (1 - math.exp(mean_logp) ** -alpha) / alpha
+
+
+def simpo_pair(pw, pl, rw, rl, nw, nl, beta, gamma, eps, alpha=0.0) -> float:
+    """SimPO eq. 6 (arXiv 2405.14734) with cDPO smoothing, on AlphaPO's reward."""
+    return smoothed(alpha_reward(pw / nw, beta, alpha) - alpha_reward(pl / nl, beta, alpha) - gamma, eps)
+
+
+def token_nll(data: list[tuple]) -> float:
+    return -sum(row[0] for row in data) / sum(row[4] for row in data)
+
+
+def cpo_hinge_batch(data, beta, alpha) -> float:
+    """SLiC's hinge on CPO's reference-free margin (sums) + alpha * token-mean NLL of y_w."""
+    return sum(max(0.0, 1 - beta * (pw - pl)) for pw, pl, *_ in data) / len(data) + alpha * token_nll(data)
+
+
+def cpo_ipo_batch(data, beta, alpha) -> float:
+    """IPO eq. 17 on CPO's reference-free per-token-mean margin + alpha * token-mean NLL of y_w."""
+    pref = sum((pw / nw - pl / nl - 1 / (2 * beta)) ** 2 for pw, pl, _, _, nw, nl in data) / len(data)
+    return pref + alpha * token_nll(data)
+
+
+def batch_mean(per_pair, **kwargs):
+    return lambda data: sum(per_pair(*row, **kwargs) for row in data) / len(data)
+
+
+REFERENCE_FREE = {
+    "simpo_smoothed": (lambda: SimPOLoss(beta=2.5, gamma=0.7, label_smoothing=0.1),
+                       batch_mean(simpo_pair, beta=2.5, gamma=0.7, eps=0.1)),
+    "alphapo": (lambda: AlphaPOLoss(beta=2.0, gamma=0.5, alpha=0.25), batch_mean(simpo_pair, beta=2.0, gamma=0.5, eps=0.0, alpha=0.25)),
+    "alphapo_negative_smoothed": (lambda: AlphaPOLoss(beta=1.5, gamma=0.3, label_smoothing=0.2, alpha=-0.4),
+                                  batch_mean(simpo_pair, beta=1.5, gamma=0.3, eps=0.2, alpha=-0.4)),
+    "cpo_hinge": (lambda: CPOHingeLoss(beta=0.05, alpha=0.6), lambda d: cpo_hinge_batch(d, 0.05, 0.6)),
+    "cpo_ipo": (lambda: CPOIPOLoss(beta=0.4, alpha=0.8), lambda d: cpo_ipo_batch(d, 0.4, 0.8)),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 4, 17])
+@pytest.mark.parametrize("case", sorted(REFERENCE_FREE))
+def test_reference_free_variants_match_float64_formula(case: str, batch: int) -> None:
+    make, formula = REFERENCE_FREE[case]
+    loss = make()
+    policy, _ = random_logps(batch, seed=batch + 90, scale=1.0)
+    out = loss(policy, None, {})
+    assert not loss.needs_reference and loss.pairwise
+    assert out.loss.dtype == torch.float64
+    assert out.loss.item() == pytest.approx(formula(per_pair_rows(policy)), rel=1e-12, abs=1e-12)
+    assert out.per_pair.shape == (batch,) and out.per_pair.mean().item() == pytest.approx(out.loss.item(), rel=1e-13)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("case", sorted(REFERENCE_FREE))
+def test_reference_free_variants_gradient_matches_finite_difference(case: str, batch: int) -> None:
+    make, formula = REFERENCE_FREE[case]
+    policy, _ = random_logps(batch, seed=batch + 95, scale=0.5)
+    sums = policy.sums.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(make()(SequenceLogProbs(sums, policy.counts), None, {}).loss, sums)
+    h = 1e-6
+    for k in range(2 * batch):
+        up, down = policy.sums.clone(), policy.sums.clone()
+        up[k] += h
+        down[k] -= h
+        numeric = (formula(per_pair_rows(SequenceLogProbs(up, policy.counts)))
+                   - formula(per_pair_rows(SequenceLogProbs(down, policy.counts)))) / (2 * h)
+        assert grad[k].item() == pytest.approx(numeric, rel=1e-6, abs=1e-9), (case, k)
+
+
+def trl_cpo_loss(policy: SequenceLogProbs, loss_type: str, beta: float, label_smoothing: float, cpo_alpha: float,
+                 alpha: float = 0.0, simpo_gamma: float = 0.5) -> torch.Tensor:
+    """TRL 1.16's ``CPOTrainer`` (trl/experimental/cpo/cpo_trainer.py), ``concatenated_forward``
+    (``average_log_prob=self.loss_type in ["ipo", "simpo"]``, ``nll_loss`` the cross entropy over
+    the chosen half), ``cpo_loss`` and ``loss = losses.mean() + self.cpo_alpha * policy_nll_loss``::
+
+        if self.alpha != 0.0:
+            chosen_probs = torch.exp(policy_chosen_logps)
+            rejected_probs = torch.exp(policy_rejected_logps)
+            policy_chosen_rewards = (1 - chosen_probs.pow(-self.alpha)) / self.alpha
+            policy_rejected_rewards = (1 - rejected_probs.pow(-self.alpha)) / self.alpha
+            logits = (policy_chosen_rewards - policy_rejected_rewards).to(self.accelerator.device)
+        else:
+            logits = (policy_chosen_logps - policy_rejected_logps).to(self.accelerator.device)
+        if self.loss_type == "simpo":
+            gamma_logratios = self.simpo_gamma / self.beta
+            logits = logits - gamma_logratios
+            losses = (
+                -F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing)
+                - F.logsigmoid(-self.beta * logits) * self.label_smoothing
+            )
+        elif self.loss_type == "sigmoid":
+            losses = (... the same without gamma ...)
+        elif self.loss_type == "hinge":
+            losses = torch.relu(1 - self.beta * logits)
+        elif self.loss_type == "ipo":
+            losses = (logits - 1 / (2 * self.beta)) ** 2
+    """
+    average = loss_type in ("ipo", "simpo")
+    logps = policy.means if average else policy.sums
+    policy_chosen_logps, policy_rejected_logps = logps.chunk(2)
+    b = policy_chosen_logps.shape[0]
+    policy_nll_loss = -policy.sums[:b].sum() / policy.counts[:b].sum()  # CrossEntropyLoss: mean over chosen tokens
+    if alpha != 0.0:
+        chosen_probs = torch.exp(policy_chosen_logps)
+        rejected_probs = torch.exp(policy_rejected_logps)
+        logits = (1 - chosen_probs.pow(-alpha)) / alpha - (1 - rejected_probs.pow(-alpha)) / alpha
+    else:
+        logits = policy_chosen_logps - policy_rejected_logps
+    if loss_type == "simpo":
+        logits = logits - simpo_gamma / beta
+    if loss_type in ("simpo", "sigmoid"):
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    return losses.mean() + cpo_alpha * policy_nll_loss
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reference_free_variants_are_trls_cpo_trainer(seed: int) -> None:
+    policy, _ = random_logps(9, seed=110 + seed, scale=0.4)
+    cases = [
+        (CPOHingeLoss(beta=0.3, alpha=0.7), "hinge", 0.3, 0.0, 0.7, 0.0),
+        (CPOIPOLoss(beta=0.2, alpha=1.0), "ipo", 0.2, 0.0, 1.0, 0.0),
+        (CPOLoss(beta=0.1, label_smoothing=0.1, alpha=1.0), "sigmoid", 0.1, 0.1, 1.0, 0.0),
+        (SimPOLoss(beta=2.0, gamma=0.5, label_smoothing=0.15), "simpo", 2.0, 0.15, 0.0, 0.0),
+        (AlphaPOLoss(beta=2.0, gamma=0.5, alpha=0.2), "simpo", 2.0, 0.0, 0.0, 0.2),
+    ]
+    for loss, loss_type, beta, eps, cpo_alpha, alpha in cases:
+        expected = trl_cpo_loss(policy, loss_type, beta, eps, cpo_alpha, alpha)
+        assert loss(policy, None, {}).loss.item() == pytest.approx(expected.item(), rel=1e-12), loss_type
+
+
+def test_alphapo_alpha_zero_is_simpo_and_rewards_are_shaped() -> None:
+    policy, _ = random_logps(6, seed=120, scale=0.5)
+    simpo = SimPOLoss(beta=2.0, gamma=0.5, label_smoothing=0.1)(policy, None, {})
+    zero = AlphaPOLoss(beta=2.0, gamma=0.5, label_smoothing=0.1, alpha=0.0)(policy, None, {})
+    assert torch.equal(simpo.per_pair, zero.per_pair)
+    near = AlphaPOLoss(beta=2.0, gamma=0.5, label_smoothing=0.1, alpha=1e-7)(policy, None, {})
+    assert near.loss.item() == pytest.approx(simpo.loss.item(), rel=1e-5)
+    out = AlphaPOLoss(beta=2.0, gamma=0.5, alpha=0.25)(policy, None, {})
+    expected = [alpha_reward(m, 2.0, 0.25) for m in policy.chosen_means.tolist()]
+    assert out.chosen_rewards.tolist() == pytest.approx(expected, rel=1e-12) and not out.chosen_rewards.requires_grad
+
+
+def test_alphapo_is_finite_for_very_unlikely_responses() -> None:
+    for dtype in (torch.float64, torch.float32):
+        sums = torch.tensor([-5e4, -1.0, -1.0, -5e4], dtype=dtype, requires_grad=True)
+        out = AlphaPOLoss(alpha=0.5)(SequenceLogProbs(sums, torch.ones(4, dtype=torch.long)), None, {})
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and torch.isfinite(sums.grad).all(), dtype
+
+
+def test_cpo_variants_log_trls_rewards() -> None:
+    """TRL: ``chosen_rewards = self.beta * (policy_chosen_logps...)`` on the logps the loss type
+    reads: sums for hinge, per-token means for ipo."""
+    policy, _ = random_logps(4, seed=121)
+    hinge = CPOHingeLoss(beta=0.3)(policy, None, {})
+    torch.testing.assert_close(hinge.chosen_rewards, 0.3 * policy.chosen)
+    ipo = CPOIPOLoss(beta=0.3)(policy, None, {})
+    torch.testing.assert_close(ipo.rejected_rewards, 0.3 * policy.rejected_means)
+
+
+# -- 6. KTO's apo_zero_unpaired ---------------------------------------------------------------
+def apo_zero_unpaired(h: list[float], labels: list[bool], beta: float, wd: float, wu: float) -> float:
+    """APO-zero (arXiv 2408.06266, eq. 7) split by label, + 1 on the desirable side as TRL: mean over rows."""
+    losses = [wd * (1 - sigmoid(beta * x)) if y else wu * sigmoid(beta * x) for x, y in zip(h, labels)]
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("n", [1, 6, 25])
+@pytest.mark.parametrize("beta,wd,wu", [(0.1, 1.0, 1.0), (0.5, 1.33, 0.8)])
+def test_apo_zero_unpaired_matches_float64_formula(n: int, beta: float, wd: float, wu: float) -> None:
+    """TRL 1.16 ``KTOTrainer.kto_loss`` with ``loss_type="apo_zero_unpaired"`` (no KL rows,
+    ``calculate_KL`` is False)::
+
+        chosen_losses = 1 - F.sigmoid(self.beta * chosen_logratios)
+        ...
+        rejected_losses = F.sigmoid(self.beta * rejected_logratios)
+        ...
+        losses = torch.cat(
+            (self.desirable_weight * chosen_losses, self.undesirable_weight * rejected_losses), 0,
+        )
+    and ``loss = losses.nanmean()``: a mean over rows, which the order does not change.
+    """
+    policy, reference = random_logps(n, seed=130 + n, scale=0.3)
+    sums, ref = policy.sums[:n], reference.sums[:n]
+    labels = [(i * 7) % 3 != 0 for i in range(n)]
+    label = torch.tensor(labels)
+    h = (sums - ref).tolist()
+    out = APOZeroUnpairedLoss(beta, wd, wu)(SequenceLogProbs(sums, policy.counts[:n]), SequenceLogProbs(ref, reference.counts[:n]),
+                                            {"label": label})
+    assert out.loss.item() == pytest.approx(apo_zero_unpaired(h, labels, beta, wd, wu), rel=1e-12)
+    # TRL's own lines
+    logratios = sums - ref
+    chosen_losses = 1 - torch.sigmoid(beta * logratios[label])
+    rejected_losses = torch.sigmoid(beta * logratios[~label])
+    trl = torch.cat((wd * chosen_losses, wu * rejected_losses), 0).nanmean()
+    assert out.loss.item() == pytest.approx(trl.item(), rel=1e-13)
+    assert out.chosen_rewards.tolist() == pytest.approx([beta * x for x, y in zip(h, labels) if y], rel=1e-13)
+    assert out.rejected_rewards.tolist() == pytest.approx([beta * x for x, y in zip(h, labels) if not y], rel=1e-13)
+    assert out.per_pair is None
+
+
+def test_apo_zero_unpaired_gradient_and_layout() -> None:
+    """d/dh: desirable -w_d beta s(1-s), undesirable +w_u beta s(1-s), s = sigmoid(beta h), over n rows;
+    on one chosen and one rejected row per pair it is APO-zero's loss exactly."""
+    beta, wd, wu = 0.4, 1.2, 0.9
+    policy, reference = random_logps(5, seed=140, scale=0.3)
+    sums = policy.sums[:5].clone().requires_grad_(True)
+    labels = [True, False, False, True, False]
+    out = APOZeroUnpairedLoss(beta, wd, wu)(SequenceLogProbs(sums, policy.counts[:5]),
+                                            SequenceLogProbs(reference.sums[:5], reference.counts[:5]), {"label": torch.tensor(labels)})
+    (grad,) = torch.autograd.grad(out.loss, sums)
+    for i, y in enumerate(labels):
+        s = sigmoid(beta * (sums[i].item() - reference.sums[i].item()))
+        assert grad[i].item() == pytest.approx((-wd if y else wu) * beta * s * (1 - s) / 5, rel=1e-12)
+    loss = APOZeroUnpairedLoss()
+    assert loss.data_requirements == DataRequirements(BatchLayout.UNPAIRED, ()) and loss.needs_reference and not loss.pairwise
+    paired, paired_ref = random_logps(6, seed=141)
+    unpaired = loss(paired, paired_ref, {"label": torch.tensor([True] * 6 + [False] * 6)})
+    assert 2 * unpaired.loss.item() == pytest.approx(APOZeroLoss(0.1)(paired, paired_ref, {}).loss.item(), rel=1e-13)
+    with pytest.raises(KeyError, match="label"):
+        loss(paired, paired_ref, {})
+    with pytest.raises(ValueError, match="one log-prob per labelled row"):
+        loss(paired, paired_ref, {"label": torch.tensor([True, False])})
+
+
+# -- 6. f-DPO's alpha beyond 1 ------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [1.5, 3.0])
+def test_alpha_divergence_above_one_matches_formula(alpha: float) -> None:
+    """f-DPO (arXiv 2309.16240): f'(u) = (1 - u^(-alpha))/alpha, defined with 0 outside dom f' for
+    every alpha > 0; TRL's ``f_alpha_divergence_coef`` c = 1 - alpha < 0."""
+    beta = 0.3
+    policy, reference = random_logps(7, seed=150, scale=0.05)
+    sums = policy.sums.clone().requires_grad_(True)
+    out = DPOLoss(beta=beta, divergence="alpha_divergence", divergence_alpha=alpha)(SequenceLogProbs(sums, policy.counts), reference, {})
+    f = lambda log_u: (1 - math.exp(-alpha * log_u)) / alpha  # noqa: E731
+    expected = [-log_sigmoid(beta * (f(pw - rw) - f(pl - rl))) for pw, pl, rw, rl, _, _ in per_pair_rows(policy, reference)]
+    assert out.loss.item() == pytest.approx(sum(expected) / 7, rel=1e-12)
+    (grad,) = torch.autograd.grad(out.loss, sums)
+    for i, (pw, pl, rw, rl, _, _) in enumerate(per_pair_rows(policy, reference)):
+        z = beta * (f(pw - rw) - f(pl - rl))
+        dz = -sigmoid(-z) * beta / 7
+        assert grad[i].item() == pytest.approx(dz * math.exp(-alpha * (pw - rw)), rel=1e-10)
+        assert grad[7 + i].item() == pytest.approx(-dz * math.exp(-alpha * (pl - rl)), rel=1e-10)
+    # TRL's coefficient c = 1 - alpha: (u^(c-1) - 1) / (c - 1)
+    c = 1 - alpha
+    u = math.exp(0.3)
+    assert (u ** (c - 1) - 1) / (c - 1) == pytest.approx(f(0.3), rel=1e-14)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.5, math.inf, math.nan])
+def test_alpha_divergence_refuses_alpha_at_or_below_zero_saying_why(alpha: float) -> None:
+    with pytest.raises(ValueError, match=r"divergence_alpha must be > 0 and finite.*reverse_kl"):
+        DPOLoss(divergence="alpha_divergence", divergence_alpha=alpha)
+
+
+@pytest.mark.parametrize("make,key", [
+    (lambda: SimPOLoss(label_smoothing=0.5), "label_smoothing"),
+    (lambda: AlphaPOLoss(alpha=math.nan), "alpha"),
+    (lambda: AlphaPOLoss(gamma=-1.0), "gamma"),
+    (lambda: CPOHingeLoss(beta=0.0), "beta"),
+    (lambda: CPOIPOLoss(alpha=-1.0), "alpha"),
+    (lambda: APOZeroUnpairedLoss(desirable_weight=0.0), "desirable_weight"),
+])
+def test_bad_arguments_name_the_recipe_key(make, key: str) -> None:
+    with pytest.raises(ValueError, match=rf"model\.init_args\.loss\.init_args\.{key} must"):
+        make()

@@ -128,6 +128,32 @@ def test_kto_with_paired_data_module_is_a_clear_error(tmp_path: Path) -> None:
     assert isinstance(cli.model.loss, KTOLoss)
 
 
+
+def test_simpo_trl_recipe_is_trls_simpo(tmp_path: Path) -> None:
+    """recipes/simpo_trl.yaml, as trained, computes TRL 1.16's ``CPOTrainer`` with
+    ``loss_type="simpo"``, ``simpo_gamma=0.5``, ``cpo_alpha=1.0`` (beta 2.0)::
+
+        logits = policy_chosen_logps - policy_rejected_logps      # per-token means for simpo
+        gamma_logratios = self.simpo_gamma / self.beta
+        logits = logits - gamma_logratios
+        losses = (-F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing)
+                  - F.logsigmoid(-self.beta * logits) * self.label_smoothing)
+        loss = losses.mean() + self.cpo_alpha * policy_nll_loss  # nn.CrossEntropyLoss over chosen tokens
+    """
+    from dpo_lightning.losses import SequenceLogProbs
+
+    cli = run(quick("simpo_trl", tmp_path))
+    assert cli.trainer.global_step == 2 and isinstance(cli.model.reference, NoReference)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 30, (12,), generator=g)
+    policy = SequenceLogProbs(-torch.rand(12, generator=g, dtype=torch.float64) * counts, counts)
+    beta, gamma, cpo_alpha = 2.0, 0.5, 1.0
+    chosen, rejected = policy.means.chunk(2)
+    logits = chosen - rejected - gamma / beta
+    nll = -policy.sums[:6].sum() / counts[:6].sum()
+    expected = -torch.nn.functional.logsigmoid(beta * logits).mean() + cpo_alpha * nll
+    assert cli.model.loss(policy, None, {}).loss.item() == pytest.approx(expected.item(), rel=1e-13)
+
 # -- composition: base.yaml + an overlay ---------------------------------------------------------
 MISSING = object()
 

@@ -1,11 +1,11 @@
 """Preference losses. Each family lives in its own file; all share :class:`PreferenceLoss`."""
 
 from .aot import AOTLoss, AOTUnpairedLoss
-from .apo import APODownLoss, APOZeroLoss
+from .apo import APODownLoss, APOZeroLoss, APOZeroUnpairedLoss
 from .bradley_terry import BradleyTerryLoss
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs
 from .bco import BCOLoss, BCOPairLoss
-from .cpo import CPOLoss
+from .cpo import CPOHingeLoss, CPOIPOLoss, CPOLoss
 from .discopop import DiscoPOPLoss
 from .dpo import DPOLoss, HingeLoss, NormalizedDPOLoss, RobustDPOLoss
 from .dpop import DPOPLoss
@@ -18,7 +18,7 @@ from .nca import NCALoss
 from .odpo import ODPOLoss
 from .orpo import ORPOLoss
 from .rpo import ChosenNLLLoss, WithChosenNLL
-from .simpo import SimPOLoss
+from .simpo import AlphaPOLoss, SimPOLoss
 from .sppo import SPPOHardLoss
 from .weighting import WPOWeighted
 
@@ -27,9 +27,13 @@ __all__ = [
     "AOTUnpairedLoss",
     "APODownLoss",
     "APOZeroLoss",
+    "APOZeroUnpairedLoss",
+    "AlphaPOLoss",
     "BCOLoss",
     "BCOPairLoss",
     "BradleyTerryLoss",
+    "CPOHingeLoss",
+    "CPOIPOLoss",
     "CPOLoss",
     "ChosenNLLLoss",
     "DPOLoss",

@@ -1,4 +1,4 @@
-"""APO: anchored preference optimisation (APO-zero, APO-down)."""
+"""APO: anchored preference optimisation (APO-zero, APO-down; APO-zero on unpaired rows)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..contract import BatchLayout
 from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, policy_rewards
 
 
@@ -78,3 +79,70 @@ class APODownLoss(_Anchored):
         r_w, r_l = self.rewards(policy, reference)
         losses = torch.sigmoid(r_w) + (1 - torch.sigmoid(r_w - r_l))
         return LossOutput(losses.mean(), r_w.detach(), r_l.detach(), per_pair=losses)
+
+
+class APOZeroUnpairedLoss(PreferenceLoss):
+    r"""APO-zero on unpaired rows (D'Oosterlinck et al., 2024, arXiv 2408.06266, eq. 7 split by
+    label); TRL's ``KTOTrainer`` with ``loss_type="apo_zero_unpaired"``.
+
+    With ``r = beta * [log pi(y|x) - log pi_ref(y|x)]`` (summed over completion tokens)::
+
+        desirable   y:  w_d * (1 - sigmoid(r))
+        undesirable y:  w_u * sigmoid(r)
+        L = mean over the batch's rows
+
+    Each term is :class:`APOZeroLoss`'s chosen or rejected half (with TRL's + 1 on the desirable
+    side): raise desirable likelihoods and lower undesirable ones, each against the reference.
+    Unlike KTO there is no KL reference point, so the batch has no mismatched KL rows (TRL sets
+    ``calculate_KL = False`` for this loss type): batch layout ``UNPAIRED``, from
+    :class:`~dpo_lightning.data.UnpairedDataModule`, which also unpairs paired data. A batch that
+    is all desirable or all undesirable is fine.
+
+    Args:
+        beta: > 0, default 0.1.
+        desirable_weight: ``w_d`` > 0, default 1.0.
+        undesirable_weight: ``w_u`` > 0, default 1.0.
+
+    Shapes: ``policy``/``reference`` hold ``(B,)`` sums, one per labelled row; the batch holds
+    ``label`` ``(B,)`` bool. Returns the rewards ``r`` (detached) of the desirable rows as
+    ``chosen_rewards`` ``(n_d,)`` and of the undesirable ones as ``rejected_rewards`` ``(n_u,)``,
+    with the matching policy log-probs.
+    """
+
+    batch_layout = BatchLayout.UNPAIRED
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        super().__init__()
+        self.beta = check_positive("beta", beta)
+        self.desirable_weight = check_positive("desirable_weight", desirable_weight)
+        self.undesirable_weight = check_positive("undesirable_weight", undesirable_weight)
+
+    def forward(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
+    ) -> LossOutput:
+        if reference is None:
+            raise ValueError("APOZeroUnpairedLoss needs reference log-probs")
+        if "label" not in batch:
+            raise KeyError("APOZeroUnpairedLoss needs the batch column 'label'; use UnpairedDataModule")
+        label = batch["label"].bool()
+        if policy.sums.shape != label.shape or reference.sums.shape != label.shape:
+            raise ValueError(
+                f"APOZeroUnpairedLoss expects one log-prob per labelled row (the 'unpaired' layout): got policy "
+                f"{tuple(policy.sums.shape)}, reference {tuple(reference.sums.shape)} for {label.numel()} labels; "
+                "connect the data module with module.data_requirements"
+            )
+        rewards = self.beta * (policy.sums - reference.sums)
+        desirable = self.desirable_weight * (1 - torch.sigmoid(rewards))
+        undesirable = self.undesirable_weight * torch.sigmoid(rewards)
+        losses = torch.where(label, desirable, undesirable)
+        detached = rewards.detach()
+        return LossOutput(
+            losses.mean(),
+            detached[label],
+            detached[~label],
+            chosen_logps=policy.sums[label].detach(),
+            rejected_logps=policy.sums[~label].detach(),
+        )
+
+
+__all__ = ["APODownLoss", "APOZeroLoss", "APOZeroUnpairedLoss"]

@@ -222,11 +222,22 @@ _MAX_EXPONENT = 80.0
 
 
 def check_divergence(divergence: str, alpha: float) -> tuple[str, float]:
-    """Validate an f-divergence name and its alpha (``0 < alpha <= 1``); return them."""
+    """Validate an f-divergence name and its alpha (finite, ``> 0``); return them.
+
+    f-DPO (arXiv 2309.16240, Theorem 1) needs ``f`` strictly convex with ``0`` outside the domain
+    of ``f'``, so that the optimal policy has the closed form the loss relies on. The alpha
+    divergence's ``f'(u) = (1 - u^(-alpha)) / alpha`` satisfies both for every ``alpha > 0``
+    (``f''(u) = u^(-alpha-1) > 0`` and ``f'(u) -> -inf`` as ``u -> 0``), beyond the paper's (0, 1)
+    too; ``alpha = 0`` is its limit ``log u`` (``reverse_kl``); for ``alpha < 0`` ``f'`` stays
+    finite at ``u = 0`` and the closed form fails.
+    """
     if divergence not in F_DIVERGENCES:
         raise ValueError(f"{LOSS_KEY}.divergence must be one of {', '.join(F_DIVERGENCES)}, got {divergence!r}")
-    if not (0 < alpha <= 1 and math.isfinite(alpha)):
-        raise ValueError(f"{LOSS_KEY}.divergence_alpha must be in (0, 1], got {alpha}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(
+            f"{LOSS_KEY}.divergence_alpha must be > 0 and finite, got {alpha}: alpha = 0 is the reverse KL "
+            "(write divergence: reverse_kl), and below 0 f'(u) stays finite as u -> 0, where f-DPO's closed form fails"
+        )
     return divergence, float(alpha)
 
 
@@ -242,10 +253,11 @@ def divergence_scores(logratios: Tensor, divergence: str = "reverse_kl", alpha: 
         forward_kl        1 - 1/u
         js_divergence     log 2 + log sigmoid(log u)  = log(2u / (1 + u))
         alpha_divergence  (1 - u^(-alpha)) / alpha    (paper's convention: alpha -> 0 is reverse
-                                                       KL, alpha = 1 is forward KL)
+                                                       KL, alpha = 1 is forward KL; any alpha > 0)
 
     TRL's ``f_alpha_divergence_coef = c`` computes ``(u^(c-1) - 1) / (c - 1)``, which is this
-    with ``alpha = 1 - c``; the two agree at the shared default 0.5. Exponents are clamped at
+    with ``alpha = 1 - c``; the two agree at the shared default 0.5, and ``alpha > 1`` is TRL's
+    ``c < 0``. Exponents are clamped at
     80 so that a very negative log-ratio gives a large finite score, never ``inf``.
     """
     if divergence == "reverse_kl":

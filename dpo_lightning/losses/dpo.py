@@ -42,7 +42,8 @@ class DPOLoss(PreferenceLoss):
         beta: KL-penalty strength, > 0. Default 0.1; typical 0.01 to 0.5.
         label_smoothing: cDPO's ``eps`` in [0, 0.5). Default 0.
         divergence: ``reverse_kl`` (default), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``.
-        divergence_alpha: alpha of ``alpha_divergence``, in (0, 1]. Default 0.5.
+        divergence_alpha: alpha of ``alpha_divergence``, finite and > 0 (above 1 too; see
+            :func:`~dpo_lightning.losses.base.check_divergence`). Default 0.5.
 
     Shapes: ``policy``/``reference`` hold ``(2B,)`` sums; the rewards returned are ``(B,)``
     implicit rewards ``beta * (log pi - log pi_ref)``, detached.
