@@ -443,3 +443,27 @@ def test_alpha_divergence_refuses_alpha_at_or_below_zero_saying_why(alpha: float
 def test_bad_arguments_name_the_recipe_key(make, key: str) -> None:
     with pytest.raises(ValueError, match=rf"model\.init_args\.loss\.init_args\.{key} must"):
         make()
+
+
+# -- 4. wrapper order -------------------------------------------------------------------------
+def test_wrapper_order_that_matches_trl_leaves_the_nll_on_raw_tokens() -> None:
+    """TRL 1.16 with ``loss_type=["sigmoid", "sft"]`` and ``ld_alpha``: the sigmoid term reads the
+    length-desensitised sums (LD-DPO, arXiv 2409.06411), the ``sft`` term
+    ``-chosen_per_token_logps[chosen_mask].mean()`` reads the raw tokens. That is
+    ``MixtureLoss([LengthDesensitized(DPOLoss), ChosenNLLLoss])``; the other nesting reweights the
+    NLL's tokens too."""
+    from dpo_lightning.losses import ChosenNLLLoss, LengthDesensitized, MixtureLoss
+    from test_losses_options import ld_sums, row_tokens, token_logps
+
+    beta, alpha, b = 0.2, 0.3, 5
+    policy, reference = token_logps(b, seed=160)
+    lp, lr = ld_sums(policy, alpha), ld_sums(reference, alpha)
+    dpo = sum(-log_sigmoid(beta * ((lp[i] - lr[i]) - (lp[b + i] - lr[b + i]))) for i in range(b)) / b
+    raw_nll = -sum(sum(row_tokens(policy, i)) for i in range(b)) / sum(len(row_tokens(policy, i)) for i in range(b))
+    ld_nll = -sum(lp[:b]) / sum(len(row_tokens(policy, i)) for i in range(b))
+    trl_order = MixtureLoss([LengthDesensitized(DPOLoss(beta), ld_alpha=alpha), ChosenNLLLoss()])
+    other = LengthDesensitized(MixtureLoss([DPOLoss(beta), ChosenNLLLoss()]), ld_alpha=alpha)
+    assert trl_order.needs_token_logprobs and trl_order.needs_reference_tokens
+    assert trl_order(policy, reference, {}).loss.item() == pytest.approx(dpo + raw_nll, rel=1e-12)
+    assert other(policy, reference, {}).loss.item() == pytest.approx(dpo + ld_nll, rel=1e-12)
+    assert abs(raw_nll - ld_nll) > 1e-3  # the two orders differ on these rows

@@ -75,6 +75,15 @@ class LengthDesensitized(PreferenceLoss):
     The logged ``logps/chosen`` / ``logps/rejected`` stay the policy's plain log-probs; the
     rewards are the inner loss's, computed on the reweighted values.
 
+    **Wrapper order changes the numbers.** Every loss inside this wrapper sees the reweighted
+    sums: ``LengthDesensitized(MixtureLoss([DPOLoss, ChosenNLLLoss]))`` also reweights the NLL's
+    chosen tokens beyond the shared length. TRL's ``ld_alpha`` reweights the preference loss's
+    log-probs only, and its ``sft`` term reads the raw per-token log-probs; the order that
+    matches TRL (``loss_type=["sigmoid", "sft"]`` with ``ld_alpha``, and ``use_weighting`` on top)
+    puts this wrapper around each preference component, inside the mixture, and WPO outside::
+
+        WPOWeighted(MixtureLoss([LengthDesensitized(DPOLoss), ChosenNLLLoss]))
+
     Args:
         loss: the pairwise loss to wrap.
         ld_alpha: weight of the tokens beyond the shared length, in [0, 1]. Default 1.0 (no

@@ -32,6 +32,12 @@ class WPOWeighted(PreferenceLoss):
     ``sum_v pi(v)^2 <= 1`` its weights are never larger than TRL's (often much smaller on long
     responses), so the loss is on a lower scale than TRL's for the same pairs.
 
+    Wrapper order: the weights are computed from the log-probs this wrapper receives, so put it
+    outermost (``WPOWeighted(MixtureLoss([LengthDesensitized(DPOLoss), ChosenNLLLoss]))``): inside
+    :class:`~.length.LengthDesensitized` its weights would read the length-reweighted sums, which
+    TRL's weights never do; around a mixture it weights every component, the NLL term too (whose
+    ``per_pair`` is its batch value on every pair), as TRL applies ``use_weighting`` to each loss type.
+
     Args:
         loss: the pairwise loss to reweight.
     """
