@@ -278,13 +278,35 @@ def test_ld_dpo_refuses_what_it_cannot_compute() -> None:
     assert torch.isfinite(mixture(policy, SequenceLogProbs(reference.sums, reference.counts), {}).loss)
 
 
-def test_ld_dpo_with_a_precomputed_reference_is_refused(tmp_path, pair_files) -> None:
+def test_ld_dpo_with_a_precomputed_reference_equals_the_live_one(tmp_path, pair_files) -> None:
+    """The cache holds each response's sum beyond its pair's shared length as well, so LD-DPO
+    trains on a precomputed reference as on the live one; a second run reads the cache."""
     loss = {"class_path": "dpo_lightning.losses.length.LengthDesensitized",
             "init_args": {"ld_alpha": 0.5, "loss": {"class_path": "dpo_lightning.losses.DPOLoss"}}}
-    recipe = tiny_recipe(tmp_path, *pair_files, loss=loss, precompute_reference=True,
-                         reference_cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match="precompute_reference caches per-sequence sums only"):
-        run(["fit", "--config", write_recipe(tmp_path / "ld.yaml", recipe)])
+
+    def fit(name: str, precompute: bool):
+        recipe = tiny_recipe(tmp_path / name, *pair_files, loss=loss, precompute_reference=precompute,
+                             reference_cache_dir=str(tmp_path / "cache"), export_dir=str(tmp_path / name / "export"))
+        return run(["fit", "--config", write_recipe(tmp_path / f"{name}.yaml", recipe)])
+
+    from dpo_lightning.losses.length import beyond_shared_sums
+    from dpo_lightning.modules import model_logprobs
+
+    live, first = fit("live", False), fit("first", True)
+    assert first.model.reference.source is None and first.model.reference.batches_computed > 0
+    dm = first.datamodule
+    assert {"reference_chosen_beyond_shared", "reference_rejected_beyond_shared"} <= set(dm.train_dataset.column_names)
+    # the cached values are the reference's (the initial policy's) sums beyond the shared length
+    batch = dm.collator()([dm.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        tail = beyond_shared_sums(model_logprobs(live.model.reference.network, batch, with_tokens=True))
+    torch.testing.assert_close(batch["reference_chosen_beyond_shared"], tail[:4].float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(batch["reference_rejected_beyond_shared"], tail[4:].float(), rtol=1e-6, atol=1e-5)
+    # training on them follows the live run (float32 sums rounded in another order: Adam may
+    # amplify that on a parameter whose gradient is ~0, hence 1e-3)
+    for a, b in zip(live.model.policy.parameters(), first.model.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+    assert fit("second", True).model.reference.batches_computed == 0
 
 
 # -- WPO --------------------------------------------------------------------------------------------

@@ -467,3 +467,37 @@ def test_wrapper_order_that_matches_trl_leaves_the_nll_on_raw_tokens() -> None:
     assert trl_order(policy, reference, {}).loss.item() == pytest.approx(dpo + raw_nll, rel=1e-12)
     assert other(policy, reference, {}).loss.item() == pytest.approx(dpo + ld_nll, rel=1e-12)
     assert abs(raw_nll - ld_nll) > 1e-3  # the two orders differ on these rows
+
+
+# -- 9. LD-DPO on a precomputed reference -------------------------------------------------------
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.3, 1.0])
+def test_ld_dpo_from_cached_sums_beyond_the_shared_length_matches_the_token_form(ld_alpha: float) -> None:
+    """LD-DPO (arXiv 2409.06411): log pi_LD = sum_{t <= l_p} + alpha sum_{t > l_p}
+    = log pi - (1 - alpha) * (sum beyond l_p); the cached ``beyond_shared`` gives the reference's
+    values, loss and gradients (through the policy) of the per-token form."""
+    from dpo_lightning.losses import LengthDesensitized
+    from dpo_lightning.losses.length import beyond_shared_sums, length_desensitized
+    from test_losses_options import ld_sums, row_tokens, token_logps
+
+    beta, b = 0.3, 6
+    policy, reference = token_logps(b, seed=170)
+    tail = beyond_shared_sums(reference)
+    for i in range(b):  # written out: the tokens beyond min(|y_w|, |y_l|)
+        w, l = row_tokens(reference, i), row_tokens(reference, b + i)
+        shared = min(len(w), len(l))
+        assert tail[i].item() == pytest.approx(sum(w[shared:]), abs=1e-12)
+        assert tail[b + i].item() == pytest.approx(sum(l[shared:]), abs=1e-12)
+    cached = SequenceLogProbs(reference.sums, reference.counts, beyond_shared=tail)
+    assert length_desensitized(cached, ld_alpha, "reference").sums.tolist() == pytest.approx(ld_sums(reference, ld_alpha), rel=1e-12, abs=1e-12)
+    loss = LengthDesensitized(DPOLoss(beta), ld_alpha)
+    tokens = policy.tokens.clone().requires_grad_(True)
+    live_policy = SequenceLogProbs(tokens.sum(-1), policy.counts, tokens, policy.token_mask)
+    live = loss(live_policy, reference, {})
+    (live_grad,) = torch.autograd.grad(live.loss, tokens)
+    tokens2 = policy.tokens.clone().requires_grad_(True)
+    out = loss(SequenceLogProbs(tokens2.sum(-1), policy.counts, tokens2, policy.token_mask), cached, {})
+    (grad,) = torch.autograd.grad(out.loss, tokens2)
+    assert out.loss.item() == pytest.approx(live.loss.item(), rel=1e-12)
+    torch.testing.assert_close(grad, live_grad, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="per-token reference log-probs.*precompute_reference"):
+        LengthDesensitized(DPOLoss(beta), 0.5)(policy, SequenceLogProbs(reference.sums, reference.counts), {})

@@ -34,6 +34,10 @@ class SequenceLogProbs:
             nothing for it.
         token_mask: ``(N, T - 1)`` bool, True where ``tokens`` holds a completion token; set
             together with ``tokens``.
+        beyond_shared: ``(N,)`` for a paired batch, the part of ``sums`` over the completion
+            tokens beyond the pair's shared length ``min(|y_w|, |y_l|)``, or ``None``. What LD-DPO
+            reads from a precomputed reference, which caches sums and not per-token values
+            (:func:`~dpo_lightning.losses.length.length_desensitized`).
 
     For a paired batch ``N = 2B``: rows ``[0, B)`` are the chosen responses and rows
     ``[B, 2B)`` the rejected ones, in the same pair order. For an unpaired batch with KL rows
@@ -47,6 +51,7 @@ class SequenceLogProbs:
     counts: Tensor
     tokens: Tensor | None = None
     token_mask: Tensor | None = None
+    beyond_shared: Tensor | None = None
 
     @property
     def means(self) -> Tensor:

@@ -7,19 +7,45 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .base import LOSS_KEY, LossOutput, PreferenceLoss, SequenceLogProbs
 
 
 def require_tokens(logps: SequenceLogProbs, side: str) -> None:
-    """Raise a clear error when ``logps`` carries no per-token values."""
-    if logps.tokens is None or logps.token_mask is None:
-        hint = (
-            " model.init_args.precompute_reference caches per-sequence sums only: train LengthDesensitized "
-            "with a live reference (precompute_reference: false)"
-            if side == "reference" else ""
-        )
-        raise ValueError(f"LengthDesensitized needs per-token {side} log-probs (SequenceLogProbs.tokens), got none.{hint}")
+    """Raise a clear error when ``logps`` carries neither per-token values nor, for the
+    reference, the sums beyond the shared length (what a precomputed reference holds)."""
+    if logps.tokens is not None and logps.token_mask is not None:
+        return
+    if side == "reference" and logps.beyond_shared is not None:
+        return
+    raise ValueError(
+        f"LengthDesensitized needs per-token {side} log-probs (SequenceLogProbs.tokens), got none"
+        + (" (nor SequenceLogProbs.beyond_shared, which model.init_args.precompute_reference gives)" if side == "reference" else "")
+    )
+
+
+def shared_length_masks(token_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(head, tail)`` masks ``(2B, T - 1)`` of a paired batch's completion tokens: ``head`` the
+    first ``l_p = min(|y_w|, |y_l|)`` of each response, ``tail`` the ones beyond, whatever the
+    padding side."""
+    mask = token_mask.bool()
+    n = mask.shape[0]
+    if n % 2:
+        raise ValueError(f"expected an even number of sequences (2B), got {n}")
+    position = mask.long().cumsum(-1)  # 1 at the first completion token, whatever the padding side
+    lengths = mask.sum(-1)
+    shared = torch.minimum(lengths[: n // 2], lengths[n // 2 :]).repeat(2)
+    tail = mask & (position > shared[:, None])
+    return mask & ~tail, tail
+
+
+def beyond_shared_sums(logps: SequenceLogProbs) -> Tensor:
+    """``(2B,)`` sums of each response's log-probs beyond its pair's shared length, from
+    per-token values (what a precomputed reference caches for LD-DPO)."""
+    require_tokens(logps, "policy")
+    _, tail = shared_length_masks(logps.token_mask)
+    return (logps.tokens * tail).sum(-1)
 
 
 def length_desensitized(logps: SequenceLogProbs, ld_alpha: float, side: str = "policy") -> SequenceLogProbs:
@@ -30,9 +56,11 @@ def length_desensitized(logps: SequenceLogProbs, ld_alpha: float, side: str = "p
     weigh ``ld_alpha``::
 
         log pi_LD(y|x) = sum_{t <= l_p} log pi(y_t|...) + ld_alpha * sum_{t > l_p} log pi(y_t|...)
+                       = log pi(y|x) - (1 - ld_alpha) * beyond_shared
 
     Args:
-        logps: a paired batch's log-probs with ``tokens`` / ``token_mask`` ``(2B, T - 1)``.
+        logps: a paired batch's log-probs with ``tokens`` / ``token_mask`` ``(2B, T - 1)``, or
+            (a precomputed reference) with ``beyond_shared`` ``(2B,)``, used by the second form.
         ld_alpha: weight of the tokens beyond the shared length, in [0, 1].
         side: ``"policy"`` or ``"reference"``, named in the error when tokens are missing.
 
@@ -42,15 +70,10 @@ def length_desensitized(logps: SequenceLogProbs, ld_alpha: float, side: str = "p
         as TRL does).
     """
     require_tokens(logps, side)
-    mask = logps.token_mask.bool()
-    n = mask.shape[0]
-    if n % 2:
-        raise ValueError(f"expected an even number of sequences (2B), got {n}")
-    position = mask.long().cumsum(-1)  # 1 at the first completion token, whatever the padding side
-    lengths = mask.sum(-1)
-    shared = torch.minimum(lengths[: n // 2], lengths[n // 2 :]).repeat(2)
-    tail = mask & (position > shared[:, None])
-    head = mask & ~tail
+    if logps.tokens is None:
+        sums = logps.sums - (1 - ld_alpha) * logps.beyond_shared
+        return SequenceLogProbs(sums, logps.counts, beyond_shared=logps.beyond_shared)
+    head, tail = shared_length_masks(logps.token_mask)
     sums = (logps.tokens * head).sum(-1) + ld_alpha * (logps.tokens * tail).sum(-1)
     return SequenceLogProbs(sums, logps.counts, logps.tokens, logps.token_mask)
 
@@ -68,9 +91,10 @@ class LengthDesensitized(PreferenceLoss):
     Reference-free inner losses (SimPO, ORPO) are accepted: the reweighting is defined on the
     policy's log-probs alone. Per-token means (SimPO, IPO) keep dividing by the full length.
 
-    Needs per-token log-probs (``needs_token_logprobs``), of the reference too: a precomputed
-    reference (``precompute_reference: true``) caches sums only and is refused with an error
-    at the first batch.
+    Needs per-token log-probs (``needs_token_logprobs``), of the reference too
+    (``needs_reference_tokens``); a precomputed reference (``precompute_reference: true``)
+    caches, besides each response's sum, its sum beyond the pair's shared length
+    (``SequenceLogProbs.beyond_shared``), which gives the same values for every ``ld_alpha``.
 
     The logged ``logps/chosen`` / ``logps/rejected`` stay the policy's plain log-probs; the
     rewards are the inner loss's, computed on the reweighted values.
@@ -121,4 +145,4 @@ class LengthDesensitized(PreferenceLoss):
         return self.inner(ld_policy, ld_reference, batch)
 
 
-__all__ = ["LengthDesensitized", "length_desensitized", "require_tokens"]
+__all__ = ["LengthDesensitized", "beyond_shared_sums", "length_desensitized", "require_tokens", "shared_length_masks"]

@@ -193,17 +193,20 @@ class PrecomputedReference(ReferenceStrategy):
     cached on disk (:mod:`.reference_cache`); the source is then freed and the log-probs travel
     in the batch as ``reference_chosen`` / ``reference_rejected`` columns added to the data
     module's splits. A later run with the same data, tokenization, reference and tokenizer
-    reads the cache and runs no reference at all. Pairwise losses only.
+    reads the cache and runs no reference at all. Pairwise losses only. With ``beyond_shared``
+    (a loss that reads per-token reference log-probs: LD-DPO) each response's sum beyond its
+    pair's shared length is cached and carried too (``SequenceLogProbs.beyond_shared``).
 
     Attributes:
         batches_computed: reference batches run by this process (0 when the cache was read).
     """
 
-    def __init__(self, source: ReferenceStrategy, cache_dir: str, reference_id: str) -> None:
+    def __init__(self, source: ReferenceStrategy, cache_dir: str, reference_id: str, beyond_shared: bool = False) -> None:
         super().__init__()
         self.source: ReferenceStrategy | None = source
         self.cache_dir = cache_dir
         self.reference_id = reference_id
+        self.beyond_shared = beyond_shared
         self.batches_computed = 0
 
     def prepare(self, module: PreferenceModule) -> None:
@@ -215,7 +218,7 @@ class PrecomputedReference(ReferenceStrategy):
         device = trainer.strategy.root_device  # the module is not moved there yet
         results: dict[str, Tensor] = {}
         for split, dataset in datamodule.splits.items():
-            path = reference_cache.cache_path(self.cache_dir, dataset, self.reference_id, tokenizer_id)
+            path = reference_cache.cache_path(self.cache_dir, dataset, self.reference_id, tokenizer_id, self.beyond_shared)
 
             def compute(split: str = split) -> Tensor:
                 loader = datamodule.ordered_loader(split)
@@ -223,7 +226,8 @@ class PrecomputedReference(ReferenceStrategy):
                 self.batches_computed += len(loader)
                 self.source.to(device)
                 return reference_cache.compute(
-                    lambda batch: self.source.logprobs(module.policy, batch, module.logprobs), loader, device
+                    lambda batch: self.source.logprobs(module.policy, batch, module.logprobs), loader, device,
+                    self.beyond_shared,
                 )
 
             values, computed = reference_cache.load_or_compute(
@@ -232,7 +236,8 @@ class PrecomputedReference(ReferenceStrategy):
             rank_zero_info(f"reference log-probs for {split}: {'computed and saved to' if computed else 'read from'} {path}")
             results[split] = values
         for split, values in results.items():  # after every pass: the passes' batches carry no such columns
-            datamodule.add_columns(split, {name: values[:, i].tolist() for i, name in enumerate(reference_cache.COLUMNS)})
+            names = reference_cache.columns(self.beyond_shared)
+            datamodule.add_columns(split, {name: values[:, i].tolist() for i, name in enumerate(names)})
         self.source = None  # freed: training runs the policy alone
 
     def logprobs(self, policy, batch, compute) -> SequenceLogProbs:
@@ -242,7 +247,10 @@ class PrecomputedReference(ReferenceStrategy):
                 "set up through the trainer (trainer.fit / validate) so they can be attached"
             )
         counts = batch["completion_mask"][:, 1:].sum(-1)
-        return SequenceLogProbs(torch.cat([batch[c] for c in reference_cache.COLUMNS]), counts)
+        tail = None
+        if self.beyond_shared:
+            tail = torch.cat([batch[c] for c in reference_cache.BEYOND_SHARED_COLUMNS])
+        return SequenceLogProbs(torch.cat([batch[c] for c in reference_cache.COLUMNS]), counts, beyond_shared=tail)
 
 
 def choose_reference(
@@ -271,7 +279,8 @@ def choose_reference(
         separate_with_adapters: ``lora.separate_reference``.
         precompute / cache_dir / reference_id: ``precompute_reference`` and its cache.
         update: ``reference_update`` (moving reference) or ``None``.
-        reference_tokens: the loss reads per-token reference log-probs (``needs_reference_tokens``).
+        reference_tokens: the loss reads per-token reference log-probs (``needs_reference_tokens``);
+            a precomputed reference then caches the sums beyond the shared length as well.
     """
     if not needs_reference:
         for name, value in (("precompute_reference", precompute), ("reference_update", update), ("reference_model", reference_model)):
@@ -283,11 +292,6 @@ def choose_reference(
             "model.init_args.precompute_reference needs a pairwise loss: the cache holds one chosen and one "
             "rejected log-prob per pair (KTO's KL pairs change every batch; unpaired rows, as BCOLoss trains on, "
             "are not cached); set it to false"
-        )
-    if precompute and reference_tokens:
-        raise ValueError(
-            "model.init_args.precompute_reference caches per-sequence sums only, but the loss reads per-token "
-            "reference log-probs (LD-DPO's LengthDesensitized); set it to false"
         )
     if update is not None:
         if precompute:
@@ -302,4 +306,4 @@ def choose_reference(
         live = AdaptersDisabled()
     else:
         live = FrozenCopy(policy)
-    return PrecomputedReference(live, cache_dir, reference_id) if precompute else live
+    return PrecomputedReference(live, cache_dir, reference_id, beyond_shared=reference_tokens) if precompute else live

@@ -4,7 +4,9 @@ The cache file is keyed by the tokenized split's ``datasets`` fingerprint (which
 data, every tokenization setting and the tokenization code), the reference model's identity,
 the tokenizer and the code that computes log-probs, so a changed input never reads a stale file.
 Files are safetensors: ``(N, 2)`` float32 sums of the reference's log-probs over the chosen and
-rejected completion tokens, in dataset row order.
+rejected completion tokens, in dataset row order; for a loss that reads per-token reference
+log-probs (LD-DPO) ``(N, 4)``, with each response's sum beyond the pair's shared length as well
+(:data:`BEYOND_SHARED_COLUMNS`), keyed apart from the two-column file.
 
 The reference's identity is its spec (loading settings: dtype, attention, revision ...) plus
 the *content* of what it is loaded from (:func:`reference_identity`): for a local folder or a
@@ -31,11 +33,19 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from ..fingerprints import code_version
+from ..losses.length import beyond_shared_sums
 
 #: the code that computes the cached values (part of the key)
-LOGPROB_CODE_VERSION = code_version("modules.logprobs", "modules.reference_cache", "data.collator")
+LOGPROB_CODE_VERSION = code_version("modules.logprobs", "modules.reference_cache", "data.collator", "losses.length")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightning", "reference_logps")
 COLUMNS = ("reference_chosen", "reference_rejected")
+#: LD-DPO: each response's reference log-prob beyond its pair's shared length (``SequenceLogProbs.beyond_shared``)
+BEYOND_SHARED_COLUMNS = ("reference_chosen_beyond_shared", "reference_rejected_beyond_shared")
+
+
+def columns(beyond_shared: bool) -> tuple[str, ...]:
+    """The batch columns a cache file fills, in its column order."""
+    return COLUMNS + BEYOND_SHARED_COLUMNS if beyond_shared else COLUMNS
 
 
 #: files whose content makes a loaded model: weights (every shard) and architecture
@@ -120,29 +130,38 @@ def reference_identity(reference_id: str) -> str:
     return json.dumps({"spec": spec, "files": folder_digest(folder)}, sort_keys=True)
 
 
-def cache_path(cache_dir: str, dataset: datasets.Dataset, reference_id: str, tokenizer_id: str) -> Path:
+def cache_path(
+    cache_dir: str, dataset: datasets.Dataset, reference_id: str, tokenizer_id: str, beyond_shared: bool = False
+) -> Path:
     """Where the log-probs of ``dataset`` under the reference are (or will be) stored.
 
     ``reference_id``: the reference's spec (JSON), keyed with its files' content
-    (:func:`reference_identity`).
+    (:func:`reference_identity`). ``beyond_shared``: the file also holds the sums beyond the
+    shared length (:func:`columns`).
     """
     key = json.dumps(
         {"data": dataset._fingerprint, "reference": reference_identity(reference_id), "tokenizer": tokenizer_id,
-         "code": LOGPROB_CODE_VERSION},
+         "code": LOGPROB_CODE_VERSION, "columns": list(columns(beyond_shared))},
         sort_keys=True,
     )
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
 @torch.no_grad()
-def compute(logprobs_fn, loader: DataLoader, device: torch.device) -> torch.Tensor:
-    """``(N, 2)`` reference sums in row order; ``loader`` yields the split in row order and
+def compute(logprobs_fn, loader: DataLoader, device: torch.device, beyond_shared: bool = False) -> torch.Tensor:
+    """``(N, 2)`` reference sums in row order (``(N, 4)`` with ``beyond_shared``: then
+    ``logprobs_fn`` must give per-token values); ``loader`` yields the split in row order and
     ``logprobs_fn(batch) -> SequenceLogProbs``."""
     out = []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         logps = logprobs_fn(batch)
-        out.append(torch.stack([logps.chosen, logps.rejected], dim=1).float().cpu())
+        values = [logps.chosen, logps.rejected]
+        if beyond_shared:
+            tail = beyond_shared_sums(logps)
+            b = logps.chosen.shape[0]
+            values += [tail[:b], tail[b:]]
+        out.append(torch.stack(values, dim=1).float().cpu())
     return torch.cat(out)
 
 
