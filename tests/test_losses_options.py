@@ -323,7 +323,7 @@ def test_wpo_weights_pairs_by_length_normalised_policy_probability(batch: int) -
         weights.append(w)
         expected.append(w * -log_sigmoid(beta * ((pw - rw) - (pl - rl))))
     sums = policy.sums.clone().requires_grad_(True)
-    out = WPOWeighted(DPOLoss(beta=beta))(SequenceLogProbs(sums, policy.counts), reference, {})
+    out = WPOWeighted(DPOLoss(beta=beta), aligned=False)(SequenceLogProbs(sums, policy.counts), reference, {})
     assert out.loss.item() == pytest.approx(sum(expected) / batch, rel=1e-12)
     assert out.metrics["wpo_weight"].tolist() == pytest.approx(weights, rel=1e-12)
     assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
@@ -344,7 +344,7 @@ def test_wpo_refuses_losses_without_per_pair_values() -> None:
         WPOWeighted(aot.AOTLoss())(policy, reference, {})
     with pytest.raises(ValueError, match="init_args.loss must be a pairwise loss"):
         WPOWeighted(KTOLoss())
-    wrapped = WPOWeighted(WithChosenNLL(ODPOLoss()))  # RPO gives per-pair losses; needs pass through
+    wrapped = WPOWeighted(WithChosenNLL(ODPOLoss()), aligned=False)  # RPO gives per-pair losses; needs pass through
     assert wrapped.needs_reference and wrapped.score_columns == ("score_chosen", "score_rejected")
     assert torch.isfinite(wrapped(policy, reference, SCORES).loss)
     assert WPOWeighted(LengthDesensitized(DPOLoss(), 0.5)).needs_token_logprobs
@@ -415,7 +415,7 @@ def test_gradients_of_chosen_nll_and_wpo_match_their_formulas() -> None:
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=0)
 
     beta = 0.3
-    (grad,) = torch.autograd.grad(WPOWeighted(DPOLoss(beta=beta))(live, reference, {}).loss, sums)
+    (grad,) = torch.autograd.grad(WPOWeighted(DPOLoss(beta=beta), aligned=False)(live, reference, {}).loss, sums)
     expected = torch.zeros_like(sums)
     for i in range(5):
         hw = sums[i].item() - reference.sums[i].item()

@@ -501,3 +501,87 @@ def test_ld_dpo_from_cached_sums_beyond_the_shared_length_matches_the_token_form
     torch.testing.assert_close(grad, live_grad, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="per-token reference log-probs.*precompute_reference"):
         LengthDesensitized(DPOLoss(beta), 0.5)(policy, SequenceLogProbs(reference.sums, reference.counts), {})
+
+
+# -- 3. WPO's aligned weights --------------------------------------------------------------------
+def test_wpo_aligned_weights_are_trls() -> None:
+    """TRL 1.16 ``DPOTrainer`` with ``use_weighting`` (WPO eq. 2, arXiv 2406.11827)::
+
+        with torch.no_grad():
+            logprobs = F.log_softmax(logits, dim=-1)
+            weights_adjustment_factor = torch.logsumexp(2 * logprobs, dim=-1)  # same as sum(probs**2) in log space
+            per_token_logps_adjusted = per_token_logps - weights_adjustment_factor
+            all_weights = (per_token_logps_adjusted * loss_mask).sum(-1) / loss_mask.sum(-1)
+            chosen_weights = all_weights[:num_examples]
+            rejected_weights = all_weights[num_examples:]
+            output["policy_weights"] = torch.clamp(torch.exp(chosen_weights + rejected_weights), max=1)
+
+    and ``per_sequence_loss * policy_weights`` before the mean. Written here from logits, against
+    our selector's ``square_mass`` on every log-prob path, and a float64 formula per pair.
+    """
+    from dpo_lightning.losses import WPOWeighted
+    from dpo_lightning.modules.logprobs import logits_to_completion_logprobs
+
+    g = torch.Generator().manual_seed(180)
+    n, t, v, b = 6, 9, 11, 3
+    logits = 3 * torch.randn(n, t, v, generator=g, dtype=torch.float64)
+    input_ids = torch.randint(0, v, (n, t), generator=g)
+    completion = torch.zeros(n, t, dtype=torch.long)
+    for row, (start, end) in enumerate([(2, 9), (3, 6), (1, 8), (4, 9), (2, 4), (5, 9)]):
+        completion[row, start:end] = 1
+    policy = logits_to_completion_logprobs(logits, input_ids, completion, with_square_mass=True)
+    reference = SequenceLogProbs(policy.sums - 0.5, policy.counts)
+    # TRL's lines on the same logits
+    shift_logits, labels, loss_mask = logits[:, :-1], input_ids[:, 1:], completion[:, 1:].bool()
+    logprobs = F.log_softmax(shift_logits, dim=-1)
+    per_token_logps = torch.gather(logprobs, 2, labels[..., None])[..., 0] * loss_mask
+    adjusted = per_token_logps - torch.logsumexp(2 * logprobs, dim=-1)
+    all_weights = (adjusted * loss_mask).sum(-1) / loss_mask.sum(-1)
+    trl_weights = torch.clamp(torch.exp(all_weights[:b] + all_weights[b:]), max=1)
+    out = WPOWeighted(DPOLoss(0.1))(policy, reference, {})
+    torch.testing.assert_close(out.metrics["wpo_weight"], trl_weights, rtol=1e-12, atol=0)
+    # float64 per pair from the paper: p_t / sum_v p_v^2, geometric mean over tokens, product, min 1
+    probs = logprobs.exp()
+    for i in range(b):
+        logw = 0.0
+        for row in (i, b + i):
+            terms = [math.log(probs[row, s, labels[row, s]].item() / (probs[row, s] ** 2).sum().item())
+                     for s in range(t - 1) if loss_mask[row, s]]
+            logw += sum(terms) / len(terms)
+        assert out.metrics["wpo_weight"][i].item() == pytest.approx(min(1.0, math.exp(logw)), rel=1e-12)
+    dpo = DPOLoss(0.1)(policy, reference, {})
+    assert out.loss.item() == pytest.approx((trl_weights * dpo.per_pair).mean().item(), rel=1e-12)
+    plain = WPOWeighted(DPOLoss(0.1), aligned=False)(policy, reference, {})
+    assert (plain.metrics["wpo_weight"] <= out.metrics["wpo_weight"] + 1e-15).all()
+    with pytest.raises(ValueError, match="square_mass.*outermost.*aligned: false"):
+        WPOWeighted(DPOLoss(0.1))(SequenceLogProbs(policy.sums, policy.counts), reference, {})
+
+
+def test_square_mass_is_the_same_on_every_log_prob_path(tokenizer) -> None:
+    """full logits, the chunked LM head and the shared-prompt layout give the same square_mass."""
+    from conftest import tiny_spec
+    from dpo_lightning.models import load_causal_lm
+    from dpo_lightning.modules.logprobs import chunked_model_logprobs, model_logprobs, shared_prompt_model_logprobs
+
+    model = load_causal_lm(tiny_spec(), tokenizer).double()
+    prompts = [[1, 5, 7, 9], [1, 6, 8]]
+    completions = [[11, 12, 13, 2], [14, 2], [15, 16, 2], [17, 18, 19, 20, 2]]  # chosen 0, 1; rejected 2, 3
+    rows = [prompts[0] + completions[0], prompts[1] + completions[1], prompts[0] + completions[2], prompts[1] + completions[3]]
+    width = max(map(len, rows))
+    input_ids = torch.zeros(4, width, dtype=torch.long)
+    attention = torch.zeros(4, width, dtype=torch.long)
+    completion = torch.zeros(4, width, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        p = len(prompts[r % 2])
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        completion[r, p : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+    with torch.no_grad():
+        full = model_logprobs(model, batch, with_square_mass=True)
+        chunked = chunked_model_logprobs(model, batch, chunk_size=3, with_square_mass=True)
+        shared = shared_prompt_model_logprobs(model, batch, chunk_size=3, with_square_mass=True)
+    assert full.square_mass is not None and (full.square_mass < 0).all()
+    torch.testing.assert_close(chunked.square_mass, full.square_mass, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(shared.square_mass, full.square_mass, rtol=1e-8, atol=1e-8)
+    assert model_logprobs(model, batch).square_mass is None

@@ -38,6 +38,10 @@ class SequenceLogProbs:
             tokens beyond the pair's shared length ``min(|y_w|, |y_l|)``, or ``None``. What LD-DPO
             reads from a precomputed reference, which caches sums and not per-token values
             (:func:`~dpo_lightning.losses.length.length_desensitized`).
+        square_mass: ``(N,)`` detached sum over completion tokens of ``log sum_v pi(v | x, y_<t)^2``
+            (the log of the probability the model gives on average to its own samples there),
+            or ``None``. Only computed when the loss sets ``needs_square_mass`` (WPO's aligned
+            weights); it needs the whole vocabulary distribution at every completion position.
 
     For a paired batch ``N = 2B``: rows ``[0, B)`` are the chosen responses and rows
     ``[B, 2B)`` the rejected ones, in the same pair order. For an unpaired batch with KL rows
@@ -52,6 +56,7 @@ class SequenceLogProbs:
     tokens: Tensor | None = None
     token_mask: Tensor | None = None
     beyond_shared: Tensor | None = None
+    square_mass: Tensor | None = None
 
     @property
     def means(self) -> Tensor:
@@ -134,7 +139,10 @@ class PreferenceLoss(nn.Module, ABC):
         needs_token_logprobs: ask for per-token log-probs (``SequenceLogProbs.tokens``) as
             well as the sums. Default False.
         needs_reference_tokens: the per-token values are read from the reference too (LD-DPO);
-            a precomputed reference, which caches sums only, is then refused at construction.
+            a precomputed reference then also caches each response's sum beyond its pair's
+            shared length (``SequenceLogProbs.beyond_shared``), all LD-DPO reads from it.
+        needs_square_mass: ask for the policy's ``SequenceLogProbs.square_mass`` (WPO's aligned
+            weights). Default False.
     """
 
     needs_reference: ClassVar[bool] = True
@@ -142,6 +150,7 @@ class PreferenceLoss(nn.Module, ABC):
     score_columns: ClassVar[tuple[str, ...]] = ()
     needs_token_logprobs: ClassVar[bool] = False
     needs_reference_tokens: ClassVar[bool] = False
+    needs_square_mass: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -49,8 +49,29 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+@torch.no_grad()
+def log_square_mass(logits: Tensor) -> Tensor:
+    """``log sum_v softmax(logits)_v^2`` over the last dimension, detached, in float32 (float64
+    if given): ``logsumexp(2 logits) - 2 logsumexp(logits)``. ``(..., V)`` -> ``(...)``."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def chunked_log_square_mass(hidden: Tensor, weight: Tensor, chunk_size: int) -> Tensor:
+    """:func:`log_square_mass` of ``hidden @ weight.T`` ``(M, H) x (V, H)`` -> ``(M,)``, ``chunk_size``
+    positions at a time (no ``(M, V)`` logits held)."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        out[start : start + chunk_size] = log_square_mass((hidden[start : start + chunk_size] @ weight.T).to(dtype))
+    return out
+
+
 def logits_to_completion_logprobs(
-    logits: Tensor, input_ids: Tensor, completion_mask: Tensor, with_tokens: bool = False
+    logits: Tensor, input_ids: Tensor, completion_mask: Tensor, with_tokens: bool = False,
+    with_square_mass: bool = False,
 ) -> SequenceLogProbs:
     """Sum log-probs of completion tokens; prompt and padding contribute nothing.
 
@@ -61,21 +82,29 @@ def logits_to_completion_logprobs(
         input_ids: ``(N, T)``.
         completion_mask: ``(N, T)``, 1 on completion tokens.
         with_tokens: also return the ``(N, T - 1)`` per-token values and mask.
+        with_square_mass: also return ``square_mass`` ``(N,)`` (:func:`log_square_mass` summed
+            over completion positions).
     Returns:
         :class:`SequenceLogProbs` with ``(N,)`` sums and counts.
     """
     mask = completion_mask[:, 1:].bool()
     per_token = token_logprobs(logits[:, :-1], input_ids[:, 1:]).masked_fill(~mask, 0.0)
+    square_mass = log_square_mass(logits[:, :-1]).masked_fill(~mask, 0.0).sum(-1) if with_square_mass else None
     return SequenceLogProbs(
         sums=per_token.sum(-1), counts=mask.sum(-1),
         tokens=per_token if with_tokens else None, token_mask=mask if with_tokens else None,
+        square_mass=square_mass,
     )
 
 
-def model_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], with_tokens: bool = False) -> SequenceLogProbs:
+def model_logprobs(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], with_tokens: bool = False, with_square_mass: bool = False
+) -> SequenceLogProbs:
     """One forward pass of a causal LM over the whole batch (chosen and rejected together)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return logits_to_completion_logprobs(out.logits, batch["input_ids"], batch["completion_mask"], with_tokens)
+    return logits_to_completion_logprobs(
+        out.logits, batch["input_ids"], batch["completion_mask"], with_tokens, with_square_mass
+    )
 
 
 def autocast_compute_dtype(tensor: Tensor) -> torch.dtype | None:
@@ -190,7 +219,8 @@ def supports_chunked_logprobs(model: torch.nn.Module) -> bool:
 
 
 def chunked_model_logprobs(
-    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024, with_tokens: bool = False
+    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024, with_tokens: bool = False,
+    with_square_mass: bool = False,
 ) -> SequenceLogProbs:
     """Like :func:`model_logprobs`, but the LM head runs only at completion positions, chunked.
 
@@ -208,10 +238,13 @@ def chunked_model_logprobs(
     weight = model.get_output_embeddings().weight
     token = target_logprobs(picked, weight, targets, chunk_size)
     sums = torch.zeros(mask.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
+    square_mass = None
+    if with_square_mass:
+        square_mass = torch.zeros_like(sums).index_add(0, rows, chunked_log_square_mass(picked, weight, chunk_size))
     if not with_tokens:
-        return SequenceLogProbs(sums=sums, counts=mask.sum(-1))
+        return SequenceLogProbs(sums=sums, counts=mask.sum(-1), square_mass=square_mass)
     tokens = torch.zeros(mask.shape, dtype=token.dtype, device=token.device).masked_scatter(mask, token)
-    return SequenceLogProbs(sums=sums, counts=mask.sum(-1), tokens=tokens, token_mask=mask)
+    return SequenceLogProbs(sums=sums, counts=mask.sum(-1), tokens=tokens, token_mask=mask, square_mass=square_mass)
 
 
 def pack_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -266,7 +299,8 @@ def shared_prompt_mask(segment: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def shared_prompt_model_logprobs(
-    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024, with_tokens: bool = False
+    model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024, with_tokens: bool = False,
+    with_square_mass: bool = False,
 ) -> SequenceLogProbs:
     """:func:`chunked_model_logprobs` with each pair's prompt computed once instead of twice.
 
@@ -291,13 +325,20 @@ def shared_prompt_model_logprobs(
     counts = torch.zeros(n, dtype=torch.long, device=token.device).index_add(
         0, packed["side"][is_target], torch.ones_like(packed["side"][is_target])
     )
+    square_mass = None
+    if with_square_mass:
+        square_mass = torch.zeros_like(sums).index_add(
+            0, packed["side"][is_target], chunked_log_square_mass(picked, weight, chunk_size)
+        )
     if not with_tokens:
-        return SequenceLogProbs(sums=sums, counts=counts)
+        return SequenceLogProbs(sums=sums, counts=counts, square_mass=square_mass)
     # a completion token sits at the same position in the plain layout: column position - 1
     index = (packed["side"][is_target], packed["positions"][is_target] - 1)
     shape = (n, batch["input_ids"].shape[1] - 1)
     tokens = torch.zeros(shape, dtype=token.dtype, device=token.device).index_put(index, token)
-    return SequenceLogProbs(sums=sums, counts=counts, tokens=tokens, token_mask=batch["completion_mask"][:, 1:].bool())
+    return SequenceLogProbs(
+        sums=sums, counts=counts, tokens=tokens, token_mask=batch["completion_mask"][:, 1:].bool(), square_mass=square_mass
+    )
 
 
 def shared_prompt_is_exact(model: torch.nn.Module, width: int) -> bool:
@@ -379,7 +420,8 @@ class LogProbSelector:
         return not isinstance(strategy, FSDPStrategy) and supports_chunked_logprobs(model)
 
     def __call__(
-        self, model: torch.nn.Module, batch: Mapping[str, Tensor], strategy: Any = None, with_tokens: bool = False
+        self, model: torch.nn.Module, batch: Mapping[str, Tensor], strategy: Any = None, with_tokens: bool = False,
+        with_square_mass: bool = False,
     ) -> SequenceLogProbs:
         """Log-probs of ``batch``'s completion tokens under ``model`` (see the module docstring).
 
@@ -388,16 +430,17 @@ class LogProbSelector:
             batch: ``input_ids``, ``attention_mask``, ``completion_mask`` ``(N, T)``.
             strategy: the Lightning strategy running the model (FSDP forces the full path).
             with_tokens: also return per-token values (``(N, T - 1)``).
+            with_square_mass: also return ``square_mass`` ``(N,)`` (WPO's aligned weights).
 
         The attention kernels allowed are chosen for the batch's device
         (:func:`.attention.sdpa_backends`: no cuDNN attention on CUDA; the default elsewhere).
         """
         with attention_kernels(batch["input_ids"].device):
             if not self.chunked(model, strategy):
-                return model_logprobs(model, batch, with_tokens)
+                return model_logprobs(model, batch, with_tokens, with_square_mass)
             if self.shares_prompt(model, batch):
-                return shared_prompt_model_logprobs(model, batch, self.chunk_size, with_tokens)
-            return chunked_model_logprobs(model, batch, self.chunk_size, with_tokens)
+                return shared_prompt_model_logprobs(model, batch, self.chunk_size, with_tokens, with_square_mass)
+            return chunked_model_logprobs(model, batch, self.chunk_size, with_tokens, with_square_mass)
 
     def pair_rows(self, model: torch.nn.Module) -> PairRows:
         """How pair batches will run, told to the data module before the device is known (its

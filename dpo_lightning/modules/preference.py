@@ -140,7 +140,10 @@ class PreferenceModule(AlignmentModule):
         """``(2B,)`` log-prob sums and counts of ``model`` on ``batch`` (per-token values too when
         the loss asks), by the configured path; the reference strategy uses the same."""
         strategy = self.trainer.strategy if self._trainer is not None else None
-        return self.logprob_selector(model, batch, strategy, with_tokens=self.loss.needs_token_logprobs)
+        return self.logprob_selector(
+            model, batch, strategy, with_tokens=self.loss.needs_token_logprobs,
+            with_square_mass=self.loss.needs_square_mass and model is self.policy,
+        )
 
     # -- steps ----------------------------------------------------------------------------
     def trained_model(self) -> torch.nn.Module:
