@@ -30,6 +30,9 @@ class BatchLayout(str, Enum):
     * ``UNPAIRED``: ``(B, T)``: ``B`` labelled completions (``label`` ``(B,)`` bool, True =
       desirable) and nothing else, for unpaired losses without a KL estimate (BCO): no
       mismatched rows, so no forward pass is spent on them.
+    * ``TRIPLES``: ``(3B, T)``: rows ``[0, B)`` are ``prompt + chosen``, ``[B, 2B)``
+      ``prompt + rejected`` and ``[2B, 3B)`` ``prompt + gold`` of the same triples (TPO: a gold
+      completion besides the pair).
     * ``COMPLETIONS``: ``(B, T)``: one ``prompt + completion`` per row (SFT).
     * ``PROMPTS``: ``(B, T)``: prompts alone, left-padded for generation (online training
       samples the completions itself).
@@ -38,6 +41,7 @@ class BatchLayout(str, Enum):
     PAIRS = "pairs"
     UNPAIRED_WITH_KL = "unpaired_with_kl"
     UNPAIRED = "unpaired"
+    TRIPLES = "triples"
     COMPLETIONS = "completions"
     PROMPTS = "prompts"
 

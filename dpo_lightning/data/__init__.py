@@ -13,8 +13,10 @@ from .tokenization import (
     PairEncoder,
     RowEncoder,
     TokenizationSettings,
+    TripleEncoder,
     UnpairedEncoder,
 )
+from .triples import TripleCollator, TripleDataModule
 from .unpaired import UnpairedCollator, UnpairedDataModule
 
 __all__ = [
@@ -34,6 +36,9 @@ __all__ = [
     "SourceCount",
     "TokenizationSettings",
     "TokenizedDataModule",
+    "TripleCollator",
+    "TripleDataModule",
+    "TripleEncoder",
     "UnpairedCollator",
     "UnpairedDataModule",
     "UnpairedEncoder",

@@ -201,8 +201,24 @@ def normalize_unpaired(row: dict[str, Any]) -> tuple[Text, Text, bool] | str:
     return normalized[0], normalized[1], row["label"]
 
 
+def normalize_triple(row: dict[str, Any]) -> tuple[Text, Text, Text, Text] | str:
+    """``(prompt, chosen, rejected, gold)`` of one kind (TPO's rows), or a drop reason: the pair
+    as :func:`normalize_pair` with an explicit prompt, and ``gold`` made the kind of ``chosen``."""
+    if row.get("gold") is None:
+        return "missing_field"
+    pair = normalize_pair(row, has_prompt=True)
+    if isinstance(pair, str):
+        return pair
+    gold = split_completions(row["prompt"], row["chosen"], row["gold"])
+    if isinstance(gold, str):
+        return gold
+    if is_blank(gold[2]) or (isinstance(gold[2], list) and not gold[2]):
+        return "empty_completion"
+    return pair[0], pair[1], pair[2], gold[2]
+
+
 #: the fields that hold text or conversations, in any layout
-TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion", "messages")
+TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "messages")
 
 
 def row_kind(row: dict[str, Any]) -> str | None:

@@ -46,7 +46,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from ..fingerprints import code_version
-from .formats import normalize_completion, normalize_messages, normalize_pair, normalize_unpaired
+from .formats import normalize_completion, normalize_messages, normalize_pair, normalize_triple, normalize_unpaired
 
 #: the code that turns rows into ids; ``datasets.map`` hashes the encoder with it, so the
 #: tokenization cache is keyed by this code as well as by the data and settings
@@ -298,6 +298,29 @@ class PairEncoder(RowEncoder):
         if chosen_ids == rejected_ids:  # different texts, same ids once truncated (or tokenized)
             return self.drop(index, "identical_pair")
         return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, **self.outcome(index)}
+
+
+class TripleEncoder(RowEncoder):
+    """Triple rows (TPO): ``prompt``, ``chosen``, ``rejected`` and ``gold``, all strings or all
+    conversations (see :func:`.formats.normalize_triple`). Returns ``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``, ``gold_ids``, ``row_id``, ``drop_reason``."""
+
+    def drop(self, row_id: int, reason: str) -> dict[str, Any]:
+        return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "gold_ids": [], **self.outcome(row_id, reason)}
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        normalized = normalize_triple(row)
+        reason = normalized if isinstance(normalized, str) else self.check_scores(row)
+        encoded = reason or self.encode(normalized[0], list(normalized[1:]))
+        if isinstance(encoded, str):
+            return self.drop(index, encoded)
+        prompt_ids, (chosen_ids, rejected_ids, gold_ids) = encoded
+        if chosen_ids == rejected_ids:
+            return self.drop(index, "identical_pair")
+        return {
+            "prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "gold_ids": gold_ids,
+            **self.outcome(index),
+        }
 
 
 class UnpairedEncoder(RowEncoder):

@@ -20,6 +20,7 @@ from .orpo import ORPOLoss
 from .rpo import ChosenNLLLoss, WithChosenNLL
 from .simpo import AlphaPOLoss, SimPOLoss
 from .sppo import SPPOHardLoss
+from .tpo import TPOLLoss, TPOLoss
 from .weighting import WPOWeighted
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
     "SPPOHardLoss",
     "SequenceLogProbs",
     "SimPOLoss",
+    "TPOLLoss",
+    "TPOLoss",
     "WPOWeighted",
     "WithChosenNLL",
 ]

@@ -124,8 +124,14 @@ class PreferenceModule(AlignmentModule):
         self.logprob_selector.check(self.policy, pairwise=self.loss.pairwise)
         self.init_training(
             optimizer, scheduler, export_dir, overwrite_export, on_nonfinite,
-            metrics=functools.partial(PreferenceMetrics, paired=self.loss.pairwise),
+            metrics=functools.partial(PreferenceMetrics, paired=self.compares_pairs),
         )
+
+    @property
+    def compares_pairs(self) -> bool:
+        """Whether each chosen reward has its rejected one (``PAIRS``, and TPO's ``TRIPLES``): then
+        reward accuracy and margins are logged."""
+        return self.loss.batch_layout in (BatchLayout.PAIRS, BatchLayout.TRIPLES)
 
     @property
     def data_requirements(self) -> DataRequirements:
@@ -159,7 +165,7 @@ class PreferenceModule(AlignmentModule):
             chosen_logps = default_chosen if chosen_logps is None else chosen_logps
             rejected_logps = default_rejected if rejected_logps is None else rejected_logps
         metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics)
-        values = batch_values(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics, self.loss.pairwise)
+        values = batch_values(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.metrics, self.compares_pairs)
         return out.loss, values
 
     def logged_logps(self, policy: SequenceLogProbs, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
