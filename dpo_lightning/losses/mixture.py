@@ -59,7 +59,8 @@ class MixtureLoss(PreferenceLoss):
 
     What the mixture needs is the union of what its components need: a reference if any
     needs one, per-token log-probs if any asks, every score column. All components must share
-    one batch layout (pairs, or KTO's unpaired rows). ``per_pair`` is ``sum_i w_i *
+    one batch layout (pairs, or KTO's unpaired rows). ``needs_square_mass`` is not passed on:
+    ``WPOWeighted(aligned=True)`` goes around the mixture, not inside it. ``per_pair`` is ``sum_i w_i *
     per_pair_i`` when every component gives one, else ``None``.
 
     In YAML::
