@@ -24,6 +24,7 @@ from .console import verbose_libraries
 from .export import REFERENCE_RECORD, read_reference_record
 from .lora import LoraSpec
 from .models import ModelSpec
+from .modules import PreferenceModule
 
 #: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
 SPEC_KEYS = ("model.init_args.model", "model.init_args.reference_model")
@@ -170,6 +171,8 @@ class DPOLightningCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self.resolve_checkpoint()
+        if isinstance(self.model, PreferenceModule):
+            self.model.check_reference_is_not_the_policy(self.config_init[self.subcommand].get("ckpt_path"))
 
     def after_fit(self) -> None:
         history = getattr(self.model, "validation_history", None)

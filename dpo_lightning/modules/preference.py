@@ -185,12 +185,16 @@ class PreferenceModule(AlignmentModule):
             return None
         return self.reference_model_spec or self.model_spec
 
-    def check_reference_is_not_the_policy(self) -> None:
-        """Refuse to validate a policy against a copy of itself: with no ``reference_model``, no
-        adapters, no training step and no checkpoint, every implicit reward would be 0 (loss
-        log 2, accuracy 0.00) whatever the policy is."""
-        untrained = self.global_step == 0 and self.trainer.ckpt_path is None
-        if self.loss.needs_reference and self.reference_model_spec is None and self.lora is None and untrained:
+    #: validation measures implicit rewards against the reference (online modules measure samples)
+    validates_implicit_rewards = True
+
+    def check_reference_is_not_the_policy(self, ckpt_path: str | None) -> None:
+        """``dpo-lightning validate`` refuses to measure a policy against a copy of itself: with no
+        ``reference_model``, no adapters and no checkpoint, every implicit reward would be 0 (loss
+        log 2, accuracy 0.00) whatever the policy is. (From Python, validating before ``fit`` gives
+        exactly that on purpose: the "before" figure.)"""
+        same = self.reference_model_spec is None and self.lora is None and ckpt_path is None
+        if self.validates_implicit_rewards and self.loss.needs_reference and same:
             raise ValueError(
                 f"validate: the reference is a copy of the policy {self.model_spec.name_or_path or 'model'!r} "
                 "(model.init_args.reference_model is not set and the policy's folder records none in "
@@ -200,8 +204,6 @@ class PreferenceModule(AlignmentModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "validate":
-            self.check_reference_is_not_the_policy()
         # here, not in on_fit_start: Lightning builds the train loader for the scheduler's step
         # count before on_fit_start, and that loader must already carry precomputed columns
         self.reference.prepare(self)
