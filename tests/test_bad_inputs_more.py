@@ -87,15 +87,42 @@ def test_csv_cells_none_na_null_are_text(tmp_path) -> None:
     assert set_up(str(path), tok=tok).reports["train"].dropped == {"missing_field": 1}
 
 
-def test_infinite_scores_are_wrong_type(tmp_path) -> None:
+def test_infinite_scores_are_refused_naming_the_rows(tmp_path) -> None:
     rows = [{**r, "score_chosen": 2.0, "score_rejected": 1.0} for r in GOOD]
     rows[2]["score_chosen"] = math.inf
     rows[4]["score_rejected"] = -math.inf
     scores = DataRequirements(columns=("score_chosen", "score_rejected"))
-    dm = set_up(rows, requirements=scores)
-    assert dm.reports["train"].dropped == {"wrong_type": 2} and dm.reports["train"].examples == {"wrong_type": [2, 4]}
-    with pytest.raises(ValueError, match=r"row 2 is unusable \(wrong_type\)"):
-        set_up(rows, requirements=scores, strict=True)
+    with pytest.raises(ValueError, match=r"data.init_args.train_data: column 'score_chosen' must hold finite numbers, but "
+                                         r"1 row\(s\) hold NaN or an infinity \(row 2: inf\); fix the scores"):
+        set_up(rows, requirements=scores)
+    rows[2]["score_chosen"] = 3.0
+    with pytest.raises(ValueError, match=r"column 'score_rejected' .* \(row 4: -inf\)"):
+        set_up(rows, requirements=scores)
+    rows[4]["score_rejected"] = 1.0
+    assert set_up(rows, requirements=scores).reports["train"].rows_kept == 6
+
+
+def test_non_finite_scores_in_a_parquet_file_are_refused_naming_the_rows(tmp_path) -> None:
+    """ODPO's scores from a Parquet file: +inf, -inf and NaN are named by row, never trained on."""
+    rows = [{**r, "score_chosen": 2.0, "score_rejected": 1.0} for r in GOOD]
+    rows[1]["score_chosen"], rows[3]["score_chosen"], rows[5]["score_chosen"] = math.inf, -math.inf, math.nan
+    path = tmp_path / "scored.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    scores = DataRequirements(columns=("score_chosen", "score_rejected"))
+    with pytest.raises(ValueError, match=r"column 'score_chosen' must hold finite numbers, but 3 row\(s\) hold NaN or an "
+                                         r"infinity \(row 1: inf, row 3: -inf, row 5: nan\)"):
+        set_up(str(path), requirements=scores)
+
+
+def test_folder_with_a_file_named_after_no_split_is_refused(tmp_path) -> None:
+    """train.jsonl + extra_pairs.jsonl: datasets' file-name-to-split rule would drop the second file."""
+    write_jsonl(tmp_path / "d" / "train.jsonl", GOOD[:3])
+    write_jsonl(tmp_path / "d" / "extra_pairs.jsonl", GOOD[3:])
+    with pytest.raises(ValueError, match=r"data.init_args.train_data: folder .* holds \['extra_pairs.jsonl'\], which datasets "
+                                         r"would read into no split .*Rename it after its split \(e.g. train-extra_pairs.jsonl\)"):
+        set_up(str(tmp_path / "d"))
+    (tmp_path / "d" / "extra_pairs.jsonl").rename(tmp_path / "d" / "train-extra_pairs.jsonl")
+    assert set_up(str(tmp_path / "d")).reports["train"].rows_read == 6
 
 
 # --- tracebacks until now -----------------------------------------------------------------------

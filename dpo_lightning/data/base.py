@@ -32,6 +32,7 @@ from .sources import (
     rename_columns, sample_rows,
 )
 from .report import DataReport, SourceCount
+from .scores import check_finite
 from .samplers import PROMPT_PLUS_BOTH, PROMPT_PLUS_LONGEST, LengthGroupedSampler, ResumableSampler
 from .tokenization import RowEncoder, TokenizationSettings, TruncationMode, check_template_kwargs
 
@@ -389,6 +390,8 @@ class TokenizedDataModule(L.LightningDataModule):
             sources: rows per source of a weighted mixture, recorded in the report.
         """
         self.check_columns(rows, key)
+        for column in self.requirements.columns:
+            check_finite(rows, column, key)
         keep = list(self.requirements.columns)
         tokenized = rows.map(
             self.row_encoder(rows),

@@ -24,11 +24,14 @@ import glob
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import datasets
+from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.exceptions import DatasetGenerationError
 
+from .builder_cache import load_checked, load_saved
 from .sources import DataSource, DataSpec, as_sources, rows_from_list
 
 __all__ = ["DataSource", "DataSpec", "load_rows"]
@@ -142,9 +145,11 @@ def load_files(sources: list[str], key: str, split: str) -> datasets.Dataset:
         files.extend(m for m in matched if os.path.isfile(m))
     builder = one_builder(files, key)
     check_files(files, builder, key)
-    with explain_errors(key, where=repr(files[0]) if len(files) == 1 else f"the files {files}"):
-        return datasets.load_dataset(
-            builder, data_files=files, split="train" + split_slice(split), **(_CSV_KWARGS if builder == "csv" else {})
+    where = repr(files[0]) if len(files) == 1 else f"the files {files}"
+    with explain_errors(key, where=where):
+        return load_checked(
+            builder, split="train" + split_slice(split), sources=files, where=where, data_files=files,
+            **(_CSV_KWARGS if builder == "csv" else {}),
         )
 
 
@@ -203,7 +208,7 @@ def load_folder(folder: str, key: str, config: str | None, split: str, data_dir:
     ``validation*``; one split ``train`` otherwise), or one written by ``save_to_disk``."""
     if os.path.exists(os.path.join(folder, "dataset_dict.json")) or os.path.exists(os.path.join(folder, "state.json")):
         with explain_errors(key):
-            saved = datasets.load_from_disk(folder)
+            saved = load_saved(folder)
         return from_memory(saved, key, split)
     files = data_files_in(os.path.join(folder, data_dir) if data_dir else folder)
     kinds = sorted({_BUILDERS.get(os.path.splitext(f)[1].lower(), os.path.splitext(f)[1].lower()) for f in files})
@@ -217,13 +222,40 @@ def load_folder(folder: str, key: str, config: str | None, split: str, data_dir:
         )
     builder = kinds[0]
     check_files(files, builder, key)
-    kwargs: dict[str, Any] = {"split": split, **(_CSV_KWARGS if builder == "csv" else {})}
+    if config is None:
+        check_every_file_has_a_split(os.path.join(folder, data_dir) if data_dir else folder, files, key)
+    kwargs: dict[str, Any] = dict(_CSV_KWARGS) if builder == "csv" else {}
     if config is not None:
         kwargs["name"] = config
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
-    with explain_errors(key, split=split, where=f"folder {folder!r}"):
-        return datasets.load_dataset(folder, **kwargs)
+    where = f"folder {folder!r}"
+    with explain_errors(key, split=split, where=where):
+        return load_checked(folder, split=split, sources=files, where=where, **kwargs)
+
+
+def check_every_file_has_a_split(folder: str, files: list[str], key: str) -> None:
+    """Refuse a folder some of whose data files ``datasets`` would read into no split.
+
+    Once one file is named after a split (``train.jsonl``), ``datasets`` assigns the folder's
+    files to splits by name (``train*``, ``test*``, ``validation*``, ``eval*`` ...) and leaves
+    out any other (``extra_pairs.jsonl``) without a word. A folder whose ``README.md`` declares
+    ``configs:`` says itself which files form which split, and is not checked here.
+    """
+    readme = os.path.join(folder, "README.md")
+    if os.path.isfile(readme) and "configs:" in Path(readme).read_text(encoding="utf-8", errors="replace"):
+        return
+    found = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder)
+    splits = {str(name): sorted(os.path.relpath(f, folder) for f in matched) for name, matched in found.items()}
+    assigned = {os.path.realpath(os.path.join(folder, f)) for names in splits.values() for f in names}
+    left_out = [os.path.relpath(f, folder) for f in files if os.path.realpath(f) not in assigned]
+    if left_out:
+        listed = [os.path.join(folder, f) for f in sorted(splits.get("train", []) + left_out)]
+        raise ValueError(
+            f"{key}: folder {folder!r} holds {left_out}, which datasets would read into no split (a folder's "
+            f"files are split by name once one is named after a split; here {splits}). Rename it after its "
+            f"split (e.g. train-{os.path.basename(left_out[0])}), or list the files: {key}: {listed}"
+        )
 
 
 def load_hub(name: str, key: str, config: str | None, split: str, data_dir: str | None) -> datasets.Dataset:

@@ -1,0 +1,115 @@
+"""Rows read through a ``datasets`` builder (local files, a folder of them, a hub dataset), with
+its cache checked against what it was built from.
+
+``datasets`` keeps the parsed rows as Arrow files in its cache and knows a local data file by its
+path and modification time only: a file rewritten with other rows but its time kept would be
+read from the old Arrow files. Here every load first checks the builder's cache folder against a
+stamp written beside its Arrow files (``dpo_lightning_stamp.json``):
+
+* ``sources``: the content digest of the local data files it was built from
+  (:func:`~dpo_lightning.digests.files_digest`); another digest means the files changed;
+* ``files``: the digest of every Arrow file the builder wrote; another one means a damaged,
+  truncated or replaced cache file.
+
+Either, or a local cache with no stamp, rebuilds the cache from the data files with one line
+saying which folder and why. The rows' ``datasets`` fingerprint is then folded with the data
+files' digest (:func:`with_content`), so the tokenization cache, the reference cache and the run
+fingerprint, which all derive from it, follow the content too. A hub dataset's cache is keyed
+by the hub revision it was downloaded at; its Arrow files are checked the same way (a damaged
+one is downloaded again), and an unstamped one is trusted and stamped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+from filelock import FileLock
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..digests import bytes_digest, file_digest, files_digest, folder_files
+
+STAMP = "dpo_lightning_stamp.json"
+
+
+def builder_files(folder: Path) -> list[Path]:
+    """The Arrow files a builder wrote in ``folder`` (not the ``cache-*`` files of later maps)."""
+    return sorted(p for p in folder.glob("*.arrow") if not p.name.startswith("cache-"))
+
+
+def stale_reason(folder: Path, sources: str | None) -> str:
+    """Why the builder cache in ``folder`` cannot be read (``""``: it can, or it is not built).
+
+    Args:
+        folder: the builder's cache folder (``builder.cache_dir``).
+        sources: the content digest of the local data files, ``None`` for a hub dataset.
+    """
+    if not (folder / "dataset_info.json").exists():
+        return ""
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        return "" if sources is None else "it holds no record of the data files it was built from"
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("files"), dict):
+        return "its record of what it was built from is unreadable"
+    if sources is not None and stamp.get("sources") != sources:
+        return "the data files' content changed since it was built"
+    for name, digest in stamp["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"its file {name} is missing"
+        if file_digest(path) != digest:
+            return f"its file {name} does not match the digest recorded when it was written (damaged or replaced)"
+    if {p.name for p in builder_files(folder)} != set(stamp["files"]):
+        return "it holds Arrow files it did not write"
+    return ""
+
+
+def write_stamp(folder: Path, sources: str | None) -> None:
+    """Record ``sources`` and the digest of every builder Arrow file in ``folder`` (atomically)."""
+    stamp = {"sources": sources, "files": {p.name: file_digest(p) for p in builder_files(folder)}}
+    tmp = folder / f".{STAMP}.{os.getpid()}"
+    tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True))
+    os.replace(tmp, folder / STAMP)
+
+
+def with_content(rows: datasets.Dataset, digest: str) -> datasets.Dataset:
+    """``rows`` with a fingerprint that also covers ``digest`` (no data is copied)."""
+    return rows.select_columns(rows.column_names, new_fingerprint=bytes_digest(f"{rows._fingerprint}\0{digest}".encode()))
+
+
+def load_checked(path: str, *, split: str, sources: list[str] | None, where: str, **config_kwargs: Any) -> datasets.Dataset:
+    """``datasets.load_dataset(path, split=split, **config_kwargs)``, its cache checked first.
+
+    Args:
+        path: a builder name (``json``, ``parquet``, ``csv``), a folder or a hub id.
+        split: the split, may be sliced (``train[:10%]``).
+        sources: the local data files the rows come from (their content is the cache's key), or
+            ``None`` for a hub dataset.
+        where: what is read, for the message when the cache is rebuilt.
+        config_kwargs: passed to ``datasets.load_dataset_builder`` (``data_files``, ``name`` ...).
+    """
+    digest = files_digest(sources) if sources is not None else None
+    builder = datasets.load_dataset_builder(path, **config_kwargs)
+    folder = Path(builder.cache_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.dpo_lightning.lock"):  # one process checks and rebuilds; the others then read
+        reason = stale_reason(folder, digest)
+        if reason:
+            rank_zero_info(f"rebuilding the datasets cache {folder} of {where}: {reason}")
+        builder.download_and_prepare(download_mode="force_redownload" if reason else None)
+        write_stamp(folder, digest)
+    rows = builder.as_dataset(split=split)
+    return with_content(rows, digest) if digest is not None else rows
+
+
+def load_saved(folder: str) -> datasets.Dataset | datasets.DatasetDict:
+    """A folder written by ``save_to_disk``, its fingerprints folded with its files' digest."""
+    saved = datasets.load_from_disk(folder)
+    digest = files_digest(folder_files(folder))
+    if isinstance(saved, datasets.DatasetDict):
+        return datasets.DatasetDict({name: with_content(rows, digest) for name, rows in saved.items()})
+    return with_content(saved, digest)
