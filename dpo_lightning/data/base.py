@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import datasets
 import lightning as L
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +27,7 @@ from ..contract import BatchLayout, DataRequirements, PairRows
 from ..models import ModelSpec, load_tokenizer
 from .formats import TEXT_FIELDS
 from .loader import ResumableDataLoader
+from .map_cache import checked_map
 from .loading import describe, load_rows
 from .sources import (
     DataSpec, as_sources, check_column_case, check_source, combine, first_rows_by_kind, mixed_kinds_message,
@@ -227,7 +229,9 @@ class TokenizedDataModule(L.LightningDataModule):
         train_rows, train_sources = self.load_split(self.train_data, train_key, self.train_split)
         val_rows, val_sources = None, []
         if self.val_fraction is not None:
-            parts = train_rows.train_test_split(test_size=self.val_fraction, seed=self.split_seed)
+            parts = train_rows.train_test_split(  # indices in memory: no cache file to go stale
+                test_size=self.val_fraction, seed=self.split_seed, keep_in_memory=True
+            )
             train_rows, val_rows = parts["train"], parts["test"]
         elif self.val_data is not None:
             val_rows, val_sources = self.load_split(self.val_data, val_key, self.val_split)
@@ -393,7 +397,8 @@ class TokenizedDataModule(L.LightningDataModule):
         for column in self.requirements.columns:
             check_finite(rows, column, key)
         keep = list(self.requirements.columns)
-        tokenized = rows.map(
+        tokenized = checked_map(
+            rows,
             self.row_encoder(rows),
             with_indices=True,
             remove_columns=[c for c in rows.column_names if c not in keep],
@@ -410,7 +415,11 @@ class TokenizedDataModule(L.LightningDataModule):
                         "data.init_args.strict: false to drop and count such rows"
                     )
                 report.record_drop(reason, row_id, detail=detail)
-        kept = tokenized.filter(lambda r: r == "", input_columns="drop_reason") if report.dropped else tokenized
+        if report.dropped:  # an in-memory selection: no indices cache file to go stale
+            reasons = tokenized.select_columns(["drop_reason"]).with_format("numpy")["drop_reason"]
+            kept = tokenized.select(np.flatnonzero(np.asarray(reasons) == "").tolist())
+        else:
+            kept = tokenized
         report.prompt_lengths = [len(x) for x in kept["prompt_ids"]]
         report.completion_lengths = [len(x) for column in self.completion_fields for x in kept[column]]
         self.reports[split] = report

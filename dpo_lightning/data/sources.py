@@ -265,7 +265,7 @@ def combine(parts: list[datasets.Dataset], names: list[str], key: str) -> datase
         part = part.select_columns(parts[0].column_names)
         if part.features != parts[0].features:
             try:
-                part = part.cast(parts[0].features)
+                part = part.cast(parts[0].features, keep_in_memory=True)  # no cache file to go stale
             except Exception as err:  # noqa: BLE001 - any failed cast is the same problem
                 differ = [c for c in parts[0].column_names if part.features[c] != parts[0].features[c]]
                 raise ValueError(

@@ -15,6 +15,7 @@ from ..contract import BatchLayout, DataRequirements
 from .base import TokenizedDataModule
 from .collator import pad_sequences
 from .formats import normalize_pair
+from .map_cache import checked_map
 from .tokenization import UnpairedEncoder
 
 
@@ -145,7 +146,7 @@ class UnpairedDataModule(TokenizedDataModule):
                 out["label"] += [True, False]
             return out
 
-        return rows.map(unpair, batched=True, remove_columns=rows.column_names, desc="unpairing")
+        return checked_map(rows, unpair, batched=True, remove_columns=rows.column_names, desc="unpairing")
 
     def tokenize(self, rows: datasets.Dataset, split: str, key: str, **kwargs: Any) -> datasets.Dataset:
         tokenized = super().tokenize(rows, split, key, **kwargs)

@@ -218,7 +218,8 @@ class PrecomputedReference(ReferenceStrategy):
         device = trainer.strategy.root_device  # the module is not moved there yet
         results: dict[str, Tensor] = {}
         for split, dataset in datamodule.splits.items():
-            path = reference_cache.cache_path(self.cache_dir, dataset, self.reference_id, tokenizer_id, self.beyond_shared)
+            key = reference_cache.cache_key(dataset, self.reference_id, tokenizer_id, self.beyond_shared)
+            path = reference_cache.cache_file(self.cache_dir, key)
 
             def compute(split: str = split) -> Tensor:
                 loader = datamodule.ordered_loader(split)
@@ -231,7 +232,8 @@ class PrecomputedReference(ReferenceStrategy):
                 )
 
             values, computed = reference_cache.load_or_compute(
-                path, compute, trainer.is_global_zero, lambda: trainer.strategy.barrier("reference_cache")
+                path, key, len(dataset), compute, trainer.is_global_zero,
+                lambda: trainer.strategy.barrier("reference_cache"), width=len(reference_cache.columns(self.beyond_shared)),
             )
             rank_zero_info(f"reference log-probs for {split}: {'computed and saved to' if computed else 'read from'} {path}")
             results[split] = values

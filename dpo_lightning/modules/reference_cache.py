@@ -1,12 +1,15 @@
 """Precomputed reference log-probs: one pass of the reference over a split, cached on disk.
 
 The cache file is keyed by the tokenized split's ``datasets`` fingerprint (which covers the
-data, every tokenization setting and the tokenization code), the reference model's identity,
-the tokenizer and the code that computes log-probs, so a changed input never reads a stale file.
-Files are safetensors: ``(N, 2)`` float32 sums of the reference's log-probs over the chosen and
-rejected completion tokens, in dataset row order; for a loss that reads per-token reference
-log-probs (LD-DPO) ``(N, 4)``, with each response's sum beyond the pair's shared length as well
-(:data:`BEYOND_SHARED_COLUMNS`), keyed apart from the two-column file.
+data files' content, every tokenization setting and the tokenization code), the reference
+model's identity, the tokenizer and the code that computes log-probs, so a changed input never
+reads a stale file. Files are safetensors: ``(N, 2)`` float32 sums of the reference's log-probs
+over the chosen and rejected completion tokens, in dataset row order; for a loss that reads
+per-token reference log-probs (LD-DPO) ``(N, 4)``, with each response's sum beyond the pair's
+shared length as well (:data:`BEYOND_SHARED_COLUMNS`), keyed apart from the two-column file.
+The key, the row count and a checksum of the values are in the file's metadata; reading checks
+all three (:func:`read`), so a file copied under another name (the train and val files
+swapped), damaged or truncated is recomputed with one line naming it and why, never read.
 
 The reference's identity is its spec (loading settings: dtype, attention, revision ...) plus
 the *content* of what it is loaded from (:func:`reference_identity`): for a local folder or a
@@ -25,13 +28,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import datasets
 import torch
-from safetensors.torch import load_file, save_file
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from ..digests import bytes_digest
 from ..fingerprints import code_version
 from ..losses.length import beyond_shared_sums
 
@@ -46,6 +53,8 @@ BEYOND_SHARED_COLUMNS = ("reference_chosen_beyond_shared", "reference_rejected_b
 def columns(beyond_shared: bool) -> tuple[str, ...]:
     """The batch columns a cache file fills, in its column order."""
     return COLUMNS + BEYOND_SHARED_COLUMNS if beyond_shared else COLUMNS
+#: metadata format of a cache file (its key, row count and checksum are stored in it)
+FORMAT = "dpo_lightning.reference_logps/2"
 
 
 #: files whose content makes a loaded model: weights (every shard) and architecture
@@ -130,20 +139,29 @@ def reference_identity(reference_id: str) -> str:
     return json.dumps({"spec": spec, "files": folder_digest(folder)}, sort_keys=True)
 
 
-def cache_path(
-    cache_dir: str, dataset: datasets.Dataset, reference_id: str, tokenizer_id: str, beyond_shared: bool = False
-) -> Path:
-    """Where the log-probs of ``dataset`` under the reference are (or will be) stored.
-
-    ``reference_id``: the reference's spec (JSON), keyed with its files' content
-    (:func:`reference_identity`). ``beyond_shared``: the file also holds the sums beyond the
-    shared length (:func:`columns`).
-    """
-    key = json.dumps(
+def cache_key(dataset: datasets.Dataset, reference_id: str, tokenizer_id: str, beyond_shared: bool = False) -> str:
+    """What the log-probs of ``dataset`` under the reference depend on, as JSON: the tokenized
+    split's fingerprint (which follows the data files' content, see
+    :mod:`~dpo_lightning.data.builder_cache`), the reference's identity (its spec and files'
+    content, :func:`reference_identity`), the tokenizer, the code and the columns held
+    (:func:`columns`). Stored in the cache file and checked when it is read."""
+    return json.dumps(
         {"data": dataset._fingerprint, "reference": reference_identity(reference_id), "tokenizer": tokenizer_id,
          "code": LOGPROB_CODE_VERSION, "columns": list(columns(beyond_shared))},
         sort_keys=True,
     )
+
+
+def cache_path(
+    cache_dir: str, dataset: datasets.Dataset, reference_id: str, tokenizer_id: str, beyond_shared: bool = False
+) -> Path:
+    """Where the log-probs of ``dataset`` under the reference are (or will be) stored: named by
+    the hash of :func:`cache_key`."""
+    return cache_file(cache_dir, cache_key(dataset, reference_id, tokenizer_id, beyond_shared))
+
+
+def cache_file(cache_dir: str, key: str) -> Path:
+    """The file of the cache ``key`` (:func:`cache_key`) in ``cache_dir``."""
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
@@ -165,18 +183,70 @@ def compute(logprobs_fn, loader: DataLoader, device: torch.device, beyond_shared
     return torch.cat(out)
 
 
-def load_or_compute(path: Path, compute_fn, is_writer: bool, barrier) -> tuple[torch.Tensor, bool]:
-    """Read ``path``, or have the writer process compute and save it while others wait.
+def checksum(values: torch.Tensor) -> str:
+    """Digest of a tensor's dtype, shape and bytes."""
+    values = values.detach().contiguous().cpu()
+    header = f"{values.dtype}{tuple(values.shape)}".encode()
+    return bytes_digest(header, values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
 
-    Returns ``(values (N, 2), computed_here)``.
+
+def save(path: Path, values: torch.Tensor, key: str) -> None:
+    """Write ``values`` ``(N, 2)`` or ``(N, 4)`` to ``path`` with their key, row count and checksum in the
+    file's metadata; written beside it and renamed, so a kill never leaves half a file."""
+    values = values.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "key": key, "rows": str(values.shape[0]), "checksum": checksum(values)}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({"logps": values}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read(path: Path, key: str, rows: int, width: int = 2) -> tuple[torch.Tensor | None, str]:
+    """``(values (rows, width), "")`` from a cache file that passes every check, else ``(None, why)``:
+    unreadable (truncated, not safetensors), no record of its key, another key (another split,
+    data, reference or tokenizer: a file copied or swapped), another row count, or values that
+    differ from the checksum written with them (damaged bytes)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            values = f.get_tensor("logps") if "logps" in f.keys() else None
+    except Exception as err:  # noqa: BLE001 - whatever the reader says, the file is unusable
+        first = str(err).splitlines()[0][:160] if str(err) else ""
+        return None, f"unreadable ({type(err).__name__}: {first})"
+    if metadata.get("format") != FORMAT or values is None:
+        return None, "it holds no record of its key and checksum (not written by this version)"
+    if metadata.get("key") != key:
+        return None, "it holds the log-probs of another key (another split, data, reference or tokenizer)"
+    if metadata.get("rows") != str(rows) or tuple(values.shape) != (rows, width):
+        return None, f"it holds {tuple(values.shape)} values for {metadata.get('rows')} rows, the split has {rows} rows"
+    if checksum(values) != metadata.get("checksum"):
+        return None, "its values do not match the checksum written with them (damaged or altered bytes)"
+    return values, ""
+
+
+def load_or_compute(
+    path: Path, key: str, rows: int, compute_fn: Callable[[], torch.Tensor], is_writer: bool, barrier: Callable[[], Any],
+    width: int = 2,
+) -> tuple[torch.Tensor, bool]:
+    """Read ``path`` after checking it (:func:`read`), or compute and save it: the writer process
+    computes while the others wait; a file that fails a check is recomputed with one line naming
+    it and why.
+
+    Returns ``(values (rows, width), computed_here)``.
     """
-    computed = False
-    if not path.exists() and is_writer:
-        values = compute_fn()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"logps": values.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-        computed = True
+    values, computed = None, False
+    if is_writer:
+        values, reason = read(path, key, rows, width) if path.exists() else (None, "")
+        if values is None:
+            if reason:
+                rank_zero_info(f"reference log-prob cache {path}: {reason}; recomputing it")
+            values = compute_fn()
+            save(path, values, key)
+            computed = True
     barrier()
-    return load_file(str(path))["logps"], computed
+    if values is None:
+        values, reason = read(path, key, rows, width)
+        if values is None:  # the writer's file did not arrive intact here: compute, do not save
+            print(f"reference log-prob cache {path}: {reason}; recomputing it in this process", flush=True)
+            values, computed = compute_fn(), True
+    return values, computed

@@ -1,0 +1,218 @@
+"""Nothing stale, nothing silent: data files are known by their bytes, and every cache file is
+checked before it is read (the datasets builder cache, the tokenization cache, the reference
+log-prob cache). A damaged, truncated, swapped or outdated file is recomputed with one line
+naming it and why."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TOKENIZER_DIR, quickstart_rows, tiny_recipe, write_jsonl, write_recipe
+from dpo_lightning.cli import run
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.modules import reference_cache
+
+
+def rewrite_keeping_time(path: str, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` and give it back its old access and modification times."""
+    before = os.stat(path)
+    write_jsonl(Path(path), rows)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == before.st_mtime_ns
+
+
+def swapped_rows(n: int) -> list[dict]:
+    """The first ``n`` quickstart rows with chosen and rejected swapped (the same bytes, reordered)."""
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in quickstart_rows(n)]
+
+
+def data_module(path: str, **kwargs) -> PreferenceDataModule:
+    dm = PreferenceDataModule(train_data=path, tokenizer=TOKENIZER_DIR, max_length=64, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def by_row(dm: PreferenceDataModule, column: str, split: str = "train") -> list:
+    return list(dm.splits[split].sort("row_id")[column])
+
+
+def replace_bytes(path: Path, data: bytes) -> None:
+    """Give ``path`` new bytes through a new file renamed over it (a file this process still
+    memory-maps must not change under it)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --- data files known by their bytes --------------------------------------------------------------
+def test_rewritten_data_with_its_time_kept_is_retokenized_recomputed_and_refused_on_resume(tmp_path, pair_files) -> None:
+    train, val = pair_files
+    recipe = tiny_recipe(tmp_path, train, val, precompute_reference=True, reference_cache_dir=str(tmp_path / "cache"),
+                         overwrite_export=True)
+    recipe["trainer"]["enable_checkpointing"] = True
+    first = run(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    assert first.model.reference.batches_computed > 0
+    size = os.path.getsize(train)
+    rewrite_keeping_time(train, swapped_rows(32))
+    assert os.path.getsize(train) == size  # same path, size and time: only the bytes tell
+    (ckpt,) = list((tmp_path / "run").rglob("*.ckpt"))
+    with pytest.raises(ValueError, match=r"different run.*train_data: .*\(resume with the same data.init_args.train_data"):
+        run(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe), "--ckpt_path", str(ckpt)])
+    again = run(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    # the new rows got their own reference cache file (the refused resume computed it; val is unchanged)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    # retokenized: each row's chosen ids are the first run's rejected ids, and its reference values swap too
+    assert by_row(again.datamodule, "chosen_ids") == by_row(first.datamodule, "rejected_ids")
+    assert by_row(again.datamodule, "reference_chosen") == pytest.approx(by_row(first.datamodule, "reference_rejected"), rel=1e-6)
+
+
+def test_data_module_alone_reads_the_new_rows(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
+    before = data_module(path)
+    rewrite_keeping_time(path, swapped_rows(8))
+    after = data_module(path)
+    assert by_row(after, "chosen_ids") == by_row(before, "rejected_ids")
+    assert after.data_fingerprint != before.data_fingerprint
+    rewrite_keeping_time(path, quickstart_rows(8))  # the first bytes again: the first fingerprint
+    assert data_module(path).data_fingerprint == before.data_fingerprint
+
+
+# --- the datasets builder cache ------------------------------------------------------------------
+def builder_folder(dm: PreferenceDataModule) -> Path:
+    (stamp,) = {Path(f["filename"]).parent for f in dm.train_dataset.cache_files}
+    return stamp
+
+
+def test_damaged_builder_cache_is_rebuilt_naming_it(tmp_path, caplog) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
+    first = data_module(path)
+    folder, expected = builder_folder(first), by_row(first, "chosen_ids")
+    (arrow,) = [p for p in folder.glob("*.arrow") if not p.name.startswith("cache-")]
+    replace_bytes(arrow, b"\0" * arrow.stat().st_size)  # zeroed, same size
+    again = data_module(path)
+    assert f"rebuilding the datasets cache {folder} of '{path}': its file {arrow.name} does not match" in caplog.text
+    assert by_row(again, "chosen_ids") == expected
+    from dpo_lightning.data.builder_cache import STAMP
+
+    assert json.loads((folder / STAMP).read_text())["sources"]  # stamped again
+
+
+# --- the tokenization cache ----------------------------------------------------------------------
+def tokenized_file(dm: PreferenceDataModule, split: str = "train") -> Path:
+    (path,) = [Path(f["filename"]) for f in dm.splits[split].cache_files if Path(f["filename"]).name.startswith("cache-")]
+    return path
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "swapped"])
+def test_damaged_tokenization_cache_is_recomputed_naming_it(tmp_path, caplog, damage) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", quickstart_rows(12))
+    val = write_jsonl(tmp_path / "val.jsonl", quickstart_rows(6, "val"))
+    first = data_module(train, val_data=val)
+    target, expected = tokenized_file(first), by_row(first, "chosen_ids")
+    if damage == "zeroed":
+        replace_bytes(target, b"\0" * target.stat().st_size)
+    elif damage == "truncated":
+        replace_bytes(target, target.read_bytes()[: target.stat().st_size // 2])
+    else:  # the val split's tokenized rows under the train file's name
+        replace_bytes(target, tokenized_file(first, "val").read_bytes())
+    caplog.clear()
+    again = data_module(train, val_data=val)
+    assert f"recomputing {target} (tokenizing train): " in caplog.text
+    assert "damaged, truncated or replaced" in caplog.text
+    assert by_row(again, "chosen_ids") == expected and len(again.train_dataset) == 12
+    caplog.clear()
+    data_module(train, val_data=val)  # intact now: read without a word
+    assert "recomputing" not in caplog.text
+
+
+def test_unstamped_tokenization_cache_is_not_trusted(tmp_path, caplog) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
+    first = data_module(path)
+    target = tokenized_file(first)
+    target.with_name(target.stem + ".dpo_lightning.json").unlink()
+    caplog.clear()
+    data_module(path)
+    assert f"recomputing {target} (tokenizing train): it has no record of what was written" in caplog.text
+
+
+# --- the reference log-prob cache -------------------------------------------------------------------
+def counting(values: torch.Tensor):
+    calls = []
+
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return values.clone()
+
+    return compute, calls
+
+
+def no_barrier() -> None:
+    return None
+
+
+def data_offset(path: Path) -> int:
+    """Where a safetensors file's tensor bytes start (after its 8-byte length and JSON header)."""
+    (header,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return 8 + header
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("zeroed", "its values do not match the checksum written with them"),
+    ("truncated", "unreadable (SafetensorError"),
+    ("swapped", "it holds the log-probs of another key"),
+    ("rows", "it holds (4, 2) values for 4 rows, the split has 5 rows"),
+    ("old", "it holds no record of its key and checksum"),
+])
+def test_damaged_reference_cache_is_recomputed_naming_it(tmp_path, caplog, damage, why) -> None:
+    train, val = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), torch.randn(4, 2)
+    path, other = tmp_path / "train.safetensors", tmp_path / "val.safetensors"
+    reference_cache.save(path, train, "train-key")
+    reference_cache.save(other, val, "val-key")
+    if damage == "zeroed":
+        start = data_offset(path)
+        path.write_bytes(path.read_bytes()[:start] + b"\0" * (path.stat().st_size - start))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size - 7])
+    elif damage == "swapped":
+        shutil.copyfile(other, path)
+    elif damage == "rows":
+        reference_cache.save(path, val, "train-key")
+    else:  # written by an earlier version: no metadata
+        from safetensors.torch import save_file
+
+        save_file({"logps": train}, str(path))
+    compute, calls = counting(train)
+    values, computed = reference_cache.load_or_compute(path, "train-key", 5, compute, True, no_barrier)
+    assert computed and calls == [1]
+    assert f"reference log-prob cache {path}: {why}" in caplog.text
+    torch.testing.assert_close(values, train, rtol=0, atol=0)
+    caplog.clear()
+    values, computed = reference_cache.load_or_compute(path, "train-key", 5, compute, True, no_barrier)
+    assert not computed and calls == [1] and "reference log-prob cache" not in caplog.text  # saved intact
+    torch.testing.assert_close(values, train, rtol=0, atol=0)
+
+
+def test_swapped_train_and_val_reference_caches_are_recomputed_in_a_run(tmp_path, pair_files, caplog) -> None:
+    def fit(name: str):
+        recipe = tiny_recipe(tmp_path / name, *pair_files, precompute_reference=True,
+                             reference_cache_dir=str(tmp_path / "cache"))
+        return run(["fit", "--config", write_recipe(tmp_path / f"{name}.yaml", recipe)])
+
+    first = fit("first")
+    a, b = sorted((tmp_path / "cache").glob("*.safetensors"))
+    tmp = a.with_suffix(".x")
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    caplog.clear()
+    second = fit("second")
+    assert second.model.reference.batches_computed > 0
+    assert caplog.text.count("it holds the log-probs of another key (another split, data, reference or tokenizer); "
+                             "recomputing it") == 2
+    for split in ("train", "val"):
+        assert by_row(second.datamodule, "reference_chosen", split) == by_row(first.datamodule, "reference_chosen", split)
