@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import lightning as L
 import pytest
@@ -156,6 +157,29 @@ def test_mixture_refuses_bad_settings() -> None:
         MixtureLoss([DPOLoss()], names=[""])
     with pytest.raises(TypeError, match=rf"{key}.losses\[0\] must be a PreferenceLoss"):
         MixtureLoss([torch.nn.Linear(1, 1)])
+
+
+def test_mixture_with_every_weight_zero_is_refused() -> None:
+    """All-zero weights give a zero loss and gradient: nothing would train and the base model would
+    be exported with exit 0. One weight > 0 is enough."""
+    key = "model.init_args.loss.init_args"
+    for weights in ([0.0], [0.0, 0.0], [0, 0.0]):
+        losses = [DPOLoss(), ChosenNLLLoss()][: len(weights)]
+        with pytest.raises(ValueError, match=rf"{key}.weights are all 0 \({re.escape(str(weights))}\): the mixture's loss "
+                                             r"and gradient would be 0.*give at least one loss a weight > 0"):
+            MixtureLoss(losses, weights)
+    assert MixtureLoss([DPOLoss(), ChosenNLLLoss()], [0.0, 1e-3]).weights == (0.0, 1e-3)
+
+
+def test_mixture_with_every_weight_zero_is_refused_from_a_recipe(tmp_path, pair_files) -> None:
+    recipe = tiny_recipe(tmp_path, *pair_files, loss={
+        "class_path": "dpo_lightning.losses.MixtureLoss",
+        "init_args": {"weights": [0.0, 0.0], "losses": [
+            {"class_path": "dpo_lightning.losses.DPOLoss"}, {"class_path": "dpo_lightning.losses.ChosenNLLLoss"}]},
+    })
+    with pytest.raises(ValueError, match=r"model.init_args.loss.init_args.weights are all 0 \(\[0.0, 0.0\]\)"):
+        run(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    assert not (tmp_path / "export").exists()
 
 
 # -- ChosenNLLLoss and WithChosenNLL -----------------------------------------------------------------

@@ -76,7 +76,7 @@ class MixtureLoss(PreferenceLoss):
 
     Args:
         losses: the components, at least one.
-        weights: one weight >= 0 (finite) per component; default 1.0 each (as TRL).
+        weights: one weight >= 0 (finite) per component, at least one > 0; default 1.0 each (as TRL).
         names: one name per component, used in the metric names; default from the class name
             (see :func:`component_name`), repeats numbered ``_2``, ``_3``, ...
     """
@@ -110,6 +110,11 @@ class MixtureLoss(PreferenceLoss):
         for i, weight in enumerate(weights):
             if not (weight >= 0 and math.isfinite(weight)):
                 raise ValueError(f"{LOSS_KEY}.weights[{i}] must be >= 0 and finite, got {weight}")
+        if not any(weight > 0 for weight in weights):
+            raise ValueError(
+                f"{LOSS_KEY}.weights are all 0 ({list(weights)}): the mixture's loss and gradient would be 0, so "
+                "training would change nothing and export the base model; give at least one loss a weight > 0"
+            )
         if names is None:
             names = unique_names([component_name(loss) for loss in losses])
         else:
