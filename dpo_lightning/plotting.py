@@ -1,83 +1,125 @@
 """``dpo-lightning-plot RUN_DIR``: training curves of a run as a PNG, from its CSV logs.
 
-Reads the newest ``metrics.csv`` under ``RUN_DIR`` (Lightning's ``CSVLogger``, the default
-logger when TensorBoard is not installed) and draws, against the optimizer step: the loss, the
-reward margin, the reward accuracy, and a KL proxy, ``(rewards/chosen + rewards/rejected) / 2``
-= the mean of ``beta * (log pi - log pi_ref)`` over the data's responses (how far the policy
-has moved from the reference on them; not the KL of its own samples, which
-``dpo-lightning-evaluate`` estimates). Training values per logged step, validation values per
-validation. Needs matplotlib (``pip install 'dpo-lightning[plot]'``).
+Reads every ``metrics.csv`` of the newest run under ``RUN_DIR`` (Lightning's ``CSVLogger``, the
+default logger when TensorBoard is not installed), stitched in step order across the
+``version_*`` folders a resume writes (:mod:`.run_logs`), and draws, against the optimizer
+step: the loss, the reward margin, the reward accuracy, and a KL proxy,
+``(rewards/chosen + rewards/rejected) / 2`` = the mean of ``beta * (log pi - log pi_ref)`` over
+the data's responses (how far the policy has moved from the reference on them; not the KL of
+its own samples, which ``dpo-lightning-evaluate`` estimates). Training values per logged step
+(the epoch means where no step was logged), validation values as a line through every
+validation of the run. An empty, cut or missing log is an error in one line, never an empty
+figure. Needs matplotlib (``pip install 'dpo-lightning[plot]'``).
 """
 
 from __future__ import annotations
 
-import csv
-from collections import defaultdict
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .run_logs import Series, read_run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: ``(metric, title, y-axis label)`` of each panel
 PANELS = (
-    ("loss", "loss"),
-    ("rewards/margins", "reward margin"),
-    ("rewards/accuracy", "reward accuracy"),
-    ("kl_proxy", "KL proxy: mean beta * log(pi / pi_ref)"),
+    ("loss", "loss", "loss"),
+    ("rewards/margins", "reward margin", "reward margin (chosen - rejected)"),
+    ("rewards/accuracy", "reward accuracy", "share of pairs with r_w > r_l"),
+    ("kl_proxy", "KL proxy: mean beta * log(pi / pi_ref)", "mean implicit reward"),
 )
 
 
-def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{name: [(step, value), ...]}`` from a CSVLogger ``metrics.csv``."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for name, value in row.items():
-                if name not in ("step", "epoch") and value not in (None, ""):
-                    series[name].append((step, float(value)))
-    for prefix in ("train/", "val/"):
-        chosen, rejected = dict(series.get(f"{prefix}rewards/chosen", [])), dict(series.get(f"{prefix}rewards/rejected", []))
-        series[f"{prefix}kl_proxy"] = [(s, (chosen[s] + rejected[s]) / 2) for s in sorted(chosen) if s in rejected]
-    return series
+def training_points(series: Series, name: str) -> tuple[str, list[tuple[int, float]]]:
+    """The training curve of ``name``: per logged step, or the epoch means where no step was logged."""
+    if series.get(f"train/{name}"):
+        return "train", series[f"train/{name}"]
+    return "train (epoch mean)", series.get(f"train_epoch/{name}", [])
 
 
-def plot_run(run_dir: str, output: str | None = None) -> Path:
-    """Draw the curves of the newest ``metrics.csv`` under ``run_dir``; returns the PNG's path
-    (default ``<folder of metrics.csv>/curves.png``).
+def check_something_to_plot(series: Series, files: list[Path]) -> None:
+    """Refuse logs that hold none of the plotted metrics (a figure of empty axes says nothing)."""
+    if any(training_points(series, name)[1] or series.get(f"val/{name}") for name, _, _ in PANELS):
+        return
+    raise ValueError(
+        f"{', '.join(str(f) for f in files)}: no training or validation loss, reward margin, accuracy or reward "
+        f"logged (found {sorted(series) or 'no metric'}). A run logs every trainer.log_every_n_steps steps (10 in "
+        "the shipped recipes): lower it for a short run, and validate (a val split) to see validation"
+    )
 
-    Raises:
-        FileNotFoundError: no ``metrics.csv`` under ``run_dir`` (the run logged with another
-            logger, or ``logger: false``).
-    """
-    files = sorted(Path(run_dir).rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(
-            f"{run_dir}: no metrics.csv below it; plot a run logged with the CSV logger "
-            "(the default without TensorBoard), e.g. its trainer.default_root_dir"
-        )
+
+def figure(series: Series) -> Figure:
+    """The four panels of ``series``: per panel the training curve, the validation line and
+    labelled axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = read_metrics(files[-1])
+    steps = [s for points in series.values() for s, _ in points]
+    span = (min(steps), max(steps))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    for ax, (name, title) in zip(axes.flat, PANELS):
-        for split, style in (("train", "-"), ("val", "o-")):
-            points = series.get(f"{split}/{name}", [])
-            if points:
-                ax.plot(*zip(*points), style, label=split, markersize=4)
+    for ax, (name, title, ylabel) in zip(axes.flat, PANELS):
+        label, points = training_points(series, name)
+        if points:
+            ax.plot(*zip(*points), "-" if label == "train" else "s-", label=label, markersize=4)
+        val = series.get(f"val/{name}", [])
+        if len(val) > 1:
+            ax.plot(*zip(*val), "o-", label="val", markersize=4, linewidth=1.5)
+        elif val:  # one validation: its value across the run, marked where it was taken
+            (step, value), = val
+            ax.hlines(value, *span, linestyles="dotted", colors="C1")
+            ax.plot([step], [value], "o", color="C1", label=f"val (one validation, step {step})", markersize=5)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    target = Path(output) if output else files[-1].parent / "curves.png"
+    return fig
+
+
+def draw(series: Series, target: Path) -> None:
+    """The panels of ``series`` (:func:`figure`) saved as the PNG ``target``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(series)
     fig.savefig(target, dpi=100)
     plt.close(fig)
-    print(f"wrote {target}")
+
+
+def plot_run(run_dir: str, output: str | None = None) -> Path:
+    """Draw the curves of the newest run under ``run_dir`` (every version of its CSV logs);
+    returns the PNG's path (default ``curves.png`` beside the newest ``metrics.csv``).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist or holds no ``metrics.csv``.
+        ValueError: a log is empty or cut (naming the file and line), or none holds a plotted metric.
+    """
+    series, files = read_run(run_dir)
+    check_something_to_plot(series, files)
+    target = Path(output) if output else files[-1].parent / "curves.png"
+    draw(series, target)
+    print(f"wrote {target} from {len(files)} log file(s)")
     return target
 
 
-def main() -> None:
-    """Console-script entry point ``dpo-lightning-plot``."""
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point ``dpo-lightning-plot``: a failure is one line on stderr and
+    exit status 1."""
     from jsonargparse import auto_cli
 
-    auto_cli(plot_run, as_positional=True)
+    try:
+        auto_cli(plot_run, as_positional=True, args=args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ModuleNotFoundError as err:
+        print(f"error: dpo-lightning-plot needs {err.name}: pip install 'dpo-lightning[plot]'", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -61,8 +61,10 @@ def test_plot_writes_a_png_that_loads(tmp_path, pair_files) -> None:
     image = matplotlib.image.imread(path)
     assert path.name == "curves.png" and image.shape[0] > 300 and image.shape[1] > 500
     assert image[..., :3].std() > 0.05  # not blank: four panels with curves
-    with pytest.raises(FileNotFoundError, match="no metrics.csv"):
+    with pytest.raises(FileNotFoundError, match="nothing: no such folder"):
         plot_run(str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="no metrics.csv below it"):
+        plot_run(str(tmp_path / "export"))
 
 
 def test_export_has_a_model_card(tmp_path, pair_files) -> None:
