@@ -52,7 +52,8 @@ def run_fingerprint(module: Any) -> dict[str, str]:
         out["tokenizer"] = tokenizer_fingerprint(module.tokenizer)
     if getattr(module, "loss", None) is not None:
         out["loss"] = repr(module.loss) + json.dumps(
-            {k: v for k, v in vars(module.loss).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))},
+            {k: v for k, v in vars(module.loss).items()
+             if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))},  # mode, not a setting
             sort_keys=True,
         )
     if getattr(module, "judge", None) is not None:

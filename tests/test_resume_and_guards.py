@@ -242,3 +242,18 @@ def test_resume_with_a_changed_run_setting_is_refused(tmp_path, pair_files) -> N
         with pytest.raises(ValueError, match=message):
             run(["fit", "--config", recipe, "--ckpt_path", "last", *change])
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_resume_from_a_checkpoint_saved_after_validation(tmp_path, pair_files) -> None:
+    """A checkpoint written at the end of a validation (the module in eval mode) resumes: the
+    loss's train/eval mode is no setting of the run."""
+    recipe = tiny_recipe(tmp_path, *pair_files, overwrite_export=True)
+    recipe["trainer"].update(max_steps=4, val_check_interval=2, enable_checkpointing=True)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    first = run(["fit", "--config", path])
+    (ckpt,) = list((tmp_path / "run").rglob("*.ckpt"))
+    assert first.trainer.global_step == 4
+    resumed = run(["fit", "--config", path, "--ckpt_path", str(ckpt)])
+    assert resumed.trainer.global_step == 4
+    for a, b in zip(first.model.policy.parameters(), resumed.model.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
