@@ -1,4 +1,4 @@
-"""Rows read through a ``datasets`` builder (local files, a folder of them, a hub dataset), with
+"""Rows read through a ``datasets`` builder (local files or a folder of them), with
 its cache checked against what it was built from.
 
 ``datasets`` keeps the parsed rows as Arrow files in its cache and knows a local data file by its
@@ -12,11 +12,12 @@ stamp written beside its Arrow files (``dpo_lightning_stamp.json``):
   truncated or replaced cache file.
 
 Either, or a local cache with no stamp, rebuilds the cache from the data files with one line
-saying which folder and why. The rows' ``datasets`` fingerprint is then folded with the data
-files' digest (:func:`with_content`), so the tokenization cache, the reference cache and the run
-fingerprint, which all derive from it, follow the content too. A hub dataset's cache is keyed
-by the hub revision it was downloaded at; its Arrow files are checked the same way (a damaged
-one is downloaded again), and an unstamped one is trusted and stamped.
+saying which folder and why. The rows' ``datasets`` fingerprint is then made from the data
+files' digest and the reading settings (:func:`with_content`), so the tokenization cache, the
+reference cache and the run fingerprint, which all derive from it, follow the content: other
+bytes give another fingerprint, the same bytes written again the same one. A hub dataset is
+read by ``datasets.load_dataset`` as it is: its cache is keyed by the hub revision it was
+downloaded at.
 """
 
 from __future__ import annotations
@@ -76,19 +77,24 @@ def write_stamp(folder: Path, sources: str | None) -> None:
     os.replace(tmp, folder / STAMP)
 
 
-def with_content(rows: datasets.Dataset, digest: str) -> datasets.Dataset:
-    """``rows`` with a fingerprint that also covers ``digest`` (no data is copied)."""
-    return rows.select_columns(rows.column_names, new_fingerprint=bytes_digest(f"{rows._fingerprint}\0{digest}".encode()))
+def with_content(rows: datasets.Dataset, digest: str, settings: str | None = None) -> datasets.Dataset:
+    """``rows`` under a fingerprint from ``digest`` (no data is copied): with ``settings`` (how the
+    rows were read from the files: builder, split, options), that fingerprint is a function of
+    the files' content and those settings alone, so the same bytes read the same way give the
+    same fingerprint wherever and whenever they were written; without, it is folded with the
+    rows' own fingerprint."""
+    base = settings if settings is not None else rows._fingerprint
+    return rows.select_columns(rows.column_names, new_fingerprint=bytes_digest(f"{base}\0{digest}".encode()))
 
 
 def load_checked(path: str, *, split: str, sources: list[str] | None, where: str, **config_kwargs: Any) -> datasets.Dataset:
     """``datasets.load_dataset(path, split=split, **config_kwargs)``, its cache checked first.
 
     Args:
-        path: a builder name (``json``, ``parquet``, ``csv``), a folder or a hub id.
+        path: a builder name (``json``, ``parquet``, ``csv``) or a folder.
         split: the split, may be sliced (``train[:10%]``).
-        sources: the local data files the rows come from (their content is the cache's key), or
-            ``None`` for a hub dataset.
+        sources: the local data files the rows come from (their content is the cache's key);
+            ``None`` checks the Arrow files only (an unstamped cache is then trusted).
         where: what is read, for the message when the cache is rebuilt.
         config_kwargs: passed to ``datasets.load_dataset_builder`` (``data_files``, ``name`` ...).
     """
@@ -103,7 +109,14 @@ def load_checked(path: str, *, split: str, sources: list[str] | None, where: str
         builder.download_and_prepare(download_mode="force_redownload" if reason else None)
         write_stamp(folder, digest)
     rows = builder.as_dataset(split=split)
-    return with_content(rows, digest) if digest is not None else rows
+    if digest is None:
+        return rows
+    settings = json.dumps(
+        {"path": path, "split": split, "options": {k: v for k, v in config_kwargs.items() if k != "data_files"},
+         "datasets": datasets.__version__, "reader": "dpo_lightning.load_checked/1"},
+        sort_keys=True, default=str,
+    )
+    return with_content(rows, digest, settings)
 
 
 def load_saved(folder: str) -> datasets.Dataset | datasets.DatasetDict:
