@@ -10,8 +10,11 @@ The pipeline reward model -> scores -> ODPO::
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
+import datasets
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -36,7 +39,8 @@ def score_pairs(
     """Score every pair of ``data`` with ``reward_model`` and write them with two new columns.
 
     Rows are tokenized exactly as for training (same BOS/EOS and truncation rules). Rows that
-    cannot be used are left out of ``output`` and listed in the printed report.
+    cannot be used are left out of ``output`` and listed in the printed report. A NaN or
+    infinite reward is an error naming the rows; ``output`` is written whole or not at all.
 
     Args:
         reward_model: folder exported by ``RewardModule`` (or a hub id of a sequence classifier).
@@ -71,18 +75,45 @@ def score_pairs(
         b = batch["row_id"].numel()
         chosen += rewards[:b].tolist()
         rejected += rewards[b:].tolist()
-    rows = load_rows(data, key="--data", config=dataset_config, split=split).select(dm.train_dataset["row_id"])
+    row_ids = list(dm.train_dataset["row_id"])
+    check_finite_rewards(chosen, rejected, row_ids, reward_model)
+    rows = load_rows(data, key="--data", config=dataset_config, split=split).select(row_ids)
     rows = rows.remove_columns([c for c in ("score_chosen", "score_rejected") if c in rows.column_names])
     rows = rows.add_column("score_chosen", chosen).add_column("score_rejected", rejected)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.suffix == ".parquet":
-        rows.to_parquet(str(target))
-    elif target.suffix == ".csv":
-        rows.to_csv(str(target), index=False)
-    else:
-        rows.to_json(str(target), lines=True)
+    write_rows(rows, target)
     rank_zero_info(f"wrote {len(rows)} scored pairs to {target.resolve()}")
     return target
+
+
+def check_finite_rewards(chosen: list[float], rejected: list[float], row_ids: list[int], reward_model: str) -> None:
+    """Refuse NaN or infinite rewards (a reward model that overflowed, e.g. in float16), naming
+    the source rows: written out, they would reach ODPO as offsets of NaN."""
+    bad = [(row, c, r) for row, c, r in zip(row_ids, chosen, rejected) if not (math.isfinite(c) and math.isfinite(r))]
+    if bad:
+        shown = ", ".join(f"row {row}: chosen {c}, rejected {r}" for row, c, r in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ValueError(
+            f"--reward_model {reward_model!r} gave non-finite rewards for {len(bad)} pair(s) ({shown}{more}); "
+            "nothing was written. Check the model (load it in float32, look at those rows) and score again"
+        )
+
+
+def write_rows(rows: datasets.Dataset, target: Path) -> None:
+    """Write ``rows`` to ``target`` (Parquet, CSV or JSON lines by its extension) through a
+    temporary sibling renamed into place: a run killed while writing leaves no file cut at a row
+    boundary that would later read as fewer rows."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        if target.suffix == ".parquet":
+            rows.to_parquet(str(tmp))
+        elif target.suffix == ".csv":
+            rows.to_csv(str(tmp), index=False)
+        else:
+            rows.to_json(str(tmp), lines=True)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main() -> None:

@@ -84,6 +84,15 @@ def test_data_module_alone_reads_the_new_rows(tmp_path) -> None:
     assert data_module(path).data_fingerprint == before.data_fingerprint
 
 
+def test_the_same_bytes_written_again_keep_their_fingerprint(tmp_path) -> None:
+    """A new modification time alone (a copy, a checkout) changes nothing: caches and resume still hold."""
+    path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
+    before = data_module(path).data_fingerprint
+    write_jsonl(Path(path), quickstart_rows(8))
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    assert data_module(path).data_fingerprint == before
+
+
 # --- the datasets builder cache ------------------------------------------------------------------
 def builder_folder(dm: PreferenceDataModule) -> Path:
     (stamp,) = {Path(f["filename"]).parent for f in dm.train_dataset.cache_files}
@@ -216,3 +225,45 @@ def test_swapped_train_and_val_reference_caches_are_recomputed_in_a_run(tmp_path
                              "recomputing it") == 2
     for split in ("train", "val"):
         assert by_row(second.datamodule, "reference_chosen", split) == by_row(first.datamodule, "reference_chosen", split)
+
+
+# --- files the commands write -------------------------------------------------------------------------
+class RewardsWithNaN(torch.nn.Module):
+    """A reward model whose reward for the third sequence of every batch is NaN."""
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        logits = attention_mask.sum(-1, keepdim=True).float()
+        logits[2] = float("nan")
+        return SimpleNamespace(logits=logits)
+
+
+def test_score_refuses_non_finite_rewards_naming_the_rows(tmp_path, monkeypatch) -> None:
+    from dpo_lightning import scoring
+
+    monkeypatch.setattr(scoring, "load_reward_model", lambda spec, tokenizer: RewardsWithNaN())
+    data = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
+    out = tmp_path / "scored.jsonl"
+    with pytest.raises(ValueError, match=r"--reward_model '.*' gave non-finite rewards for 2 pair\(s\) \(row 2: chosen nan, "
+                                         r"rejected \d+.0, row 6: chosen nan, rejected \d+.0\); nothing was written"):
+        scoring.score_pairs(TOKENIZER_DIR, data, str(out), batch_size=4, max_length=64)
+    assert not out.exists()
+
+
+def test_score_output_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    import datasets
+
+    from dpo_lightning import scoring
+
+    def killed_while_writing(self, path, **kwargs):
+        Path(path).write_text('{"prompt": "cut at a row boundary"}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scoring, "load_reward_model", lambda spec, tokenizer: RewardsWithNaN().eval())
+    monkeypatch.setattr(scoring, "check_finite_rewards", lambda *args: None)
+    monkeypatch.setattr(datasets.Dataset, "to_json", killed_while_writing)
+    out = tmp_path / "scored.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        scoring.score_pairs(TOKENIZER_DIR, write_jsonl(tmp_path / "t.jsonl", quickstart_rows(4)), str(out), max_length=64)
+    assert list(tmp_path.iterdir()) == [tmp_path / "t.jsonl"]  # neither the output nor a partial file
