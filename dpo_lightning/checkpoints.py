@@ -7,12 +7,14 @@
 * :func:`find_resumable_checkpoint` resolves ``last``: the newest readable checkpoint under the
   run's folders (every logger version included), skipping unreadable files with a message.
 * :func:`check_checkpoint_file` reads a checkpoint with ``weights_only=True`` whatever the
-  environment says, so a planted pickle is refused.
+  environment says, so a planted pickle is refused, and checks every record against the CRC-32
+  stored with it, so changed bytes (which ``torch.load`` reads without a word) are refused.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,6 +99,26 @@ def check_checkpoint_file(path: str | Path, key: str = "--ckpt_path") -> None:
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{key} {str(path)!r} has no state_dict; it is not a Lightning checkpoint")
+    damaged = damaged_record(path)
+    if damaged:
+        raise ValueError(
+            f"{key} {str(path)!r} is damaged: its record {damaged} does not match the CRC-32 written with it "
+            "(bytes changed after it was saved; torch.load would read them without a word). Resume from another "
+            "checkpoint; --ckpt_path last skips damaged files"
+        )
+
+
+def damaged_record(path: str | Path) -> str | None:
+    """The first record of a checkpoint whose bytes differ from the CRC-32 ``torch.save`` wrote
+    for it in the zip archive, or ``None``. Reads the whole file (zlib's CRC-32, about a second
+    per GB); a file in the legacy, non-zip format has no CRC and is not checked."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"(the archive: {type(err).__name__}: {err})"
 
 
 def find_resumable_checkpoint(roots: Iterable[str | Path]) -> Path:

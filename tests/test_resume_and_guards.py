@@ -257,3 +257,32 @@ def test_resume_from_a_checkpoint_saved_after_validation(tmp_path, pair_files) -
     assert resumed.trainer.global_step == 4
     for a, b in zip(first.model.policy.parameters(), resumed.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpoint_with_changed_bytes_is_refused_naming_the_record(tmp_path, pair_files) -> None:
+    """Zeroed tensor bytes in a checkpoint load without a word through torch.load; the CRC-32 the
+    zip archive keeps for each record tells."""
+    import struct
+    import zipfile
+
+    from dpo_lightning.checkpoints import check_checkpoint_file, find_resumable_checkpoint
+
+    recipe = tiny_recipe(tmp_path, *pair_files, overwrite_export=True)
+    recipe["trainer"]["enable_checkpointing"] = True
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run(["fit", "--config", path])
+    (ckpt,) = list((tmp_path / "run").rglob("*.ckpt"))
+    data = bytearray(ckpt.read_bytes())
+    with zipfile.ZipFile(ckpt) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # the largest tensor
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26: record.header_offset + 30])
+    start = record.header_offset + 30 + name_length + extra_length
+    data[start: start + 64] = bytes(64)
+    ckpt.write_bytes(bytes(data))
+    assert torch.load(ckpt, weights_only=True)["state_dict"]  # torch reads it as it is
+    with pytest.raises(ValueError, match=rf"is damaged: its record {record.filename} does not match the CRC-32"):
+        check_checkpoint_file(ckpt)
+    with pytest.raises(ValueError, match=r"--ckpt_path .* is damaged"):
+        run(["fit", "--config", path, "--ckpt_path", str(ckpt)])
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint"):
+        find_resumable_checkpoint([tmp_path / "run"])
