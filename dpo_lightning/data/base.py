@@ -229,8 +229,8 @@ class TokenizedDataModule(L.LightningDataModule):
         train_rows, train_sources = self.load_split(self.train_data, train_key, self.train_split)
         val_rows, val_sources = None, []
         if self.val_fraction is not None:
-            parts = train_rows.train_test_split(  # indices in memory: no cache file to go stale
-                test_size=self.val_fraction, seed=self.split_seed, keep_in_memory=True
+            parts = train_rows.train_test_split(  # indices written afresh, never read from an old file
+                test_size=self.val_fraction, seed=self.split_seed, load_from_cache_file=False
             )
             train_rows, val_rows = parts["train"], parts["test"]
         elif self.val_data is not None:
