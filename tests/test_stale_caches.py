@@ -141,6 +141,19 @@ def test_damaged_tokenization_cache_is_recomputed_naming_it(tmp_path, caplog, da
     assert "recomputing" not in caplog.text
 
 
+def test_tokenization_cache_written_by_several_processes_is_checked_shard_by_shard(tmp_path, caplog) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(12))
+    first = data_module(path, num_proc=2)
+    shards = sorted(Path(f["filename"]) for f in first.train_dataset.cache_files)
+    assert [s.name[-21:] for s in shards] == ["_00000_of_00002.arrow", "_00001_of_00002.arrow"]
+    expected = by_row(first, "chosen_ids")
+    replace_bytes(shards[1], b"\0" * shards[1].stat().st_size)
+    caplog.clear()
+    again = data_module(path, num_proc=2)
+    assert f"{shards[1].name} does not match the digest recorded when it was written" in caplog.text
+    assert by_row(again, "chosen_ids") == expected
+
+
 def test_unstamped_tokenization_cache_is_not_trusted(tmp_path, caplog) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
     first = data_module(path)
