@@ -25,6 +25,21 @@ def code_version(*modules: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def library_versions(*distributions: str) -> dict[str, str]:
+    """``{name: installed version}`` of ``distributions`` (``"-"`` for one not installed): part of
+    cache keys whose values a library computes (an upgrade of torch or transformers may change
+    a model's initialisation or numerics, one of tokenizers the ids), read at call time."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in distributions:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the tokenizer's vocabulary, merges, special tokens and chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

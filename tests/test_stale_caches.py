@@ -280,3 +280,37 @@ def test_score_output_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> N
     with pytest.raises(KeyboardInterrupt):
         scoring.score_pairs(TOKENIZER_DIR, write_jsonl(tmp_path / "t.jsonl", quickstart_rows(4)), str(out), max_length=64)
     assert list(tmp_path.iterdir()) == [tmp_path / "t.jsonl"]  # neither the output nor a partial file
+
+
+def test_builder_cache_with_other_split_sizes_is_rebuilt(tmp_path, caplog) -> None:
+    """dataset_info.json decides how many rows are read: an edited one is no cache to trust."""
+    path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
+    folder = builder_folder(data_module(path))
+    info = folder / "dataset_info.json"
+    replace_bytes(info, info.read_text().replace('"num_examples": 8', '"num_examples": 4').encode())
+    caplog.clear()
+    again = data_module(path)
+    assert f"its file dataset_info.json does not match the digest recorded" in caplog.text
+    assert again.reports["train"].rows_read == 8
+
+
+def test_library_upgrades_change_the_cache_keys(tmp_path, monkeypatch) -> None:
+    """A new transformers (numerics, initialisation, tokenizers' ids) is no cache hit."""
+    import importlib.metadata
+
+    from dpo_lightning.data.map_cache import map_fingerprint
+
+    rows = data_module(write_jsonl(tmp_path / "t.jsonl", quickstart_rows(4))).train_dataset
+    before = reference_cache.cache_key(rows, "ref", "tok"), map_fingerprint(rows, len, {"with_indices": True})
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "transformers" else real(name))
+    after = reference_cache.cache_key(rows, "ref", "tok"), map_fingerprint(rows, len, {"with_indices": True})
+    assert json.loads(after[0])["libraries"]["transformers"] == "99.0"
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_data_rewritten_with_more_rows_and_its_time_kept_is_read_whole(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
+    assert data_module(path).reports["train"].rows_read == 8
+    rewrite_keeping_time(path, quickstart_rows(11))
+    assert data_module(path).reports["train"].rows_read == 11

@@ -8,8 +8,8 @@ stamp written beside its Arrow files (``dpo_lightning_stamp.json``):
 
 * ``sources``: the content digest of the local data files it was built from
   (:func:`~dpo_lightning.digests.files_digest`); another digest means the files changed;
-* ``files``: the digest of every Arrow file the builder wrote; another one means a damaged,
-  truncated or replaced cache file.
+* ``files``: the digest of every Arrow file the builder wrote and of its ``dataset_info.json``;
+  another one means a damaged, truncated or replaced cache file.
 
 Either, or a local cache with no stamp, rebuilds the cache from the data files with one line
 saying which folder and why. The rows' ``datasets`` fingerprint is then made from the data
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,11 @@ STAMP = "dpo_lightning_stamp.json"
 
 
 def builder_files(folder: Path) -> list[Path]:
-    """The Arrow files a builder wrote in ``folder`` (not the ``cache-*`` files of later maps)."""
-    return sorted(p for p in folder.glob("*.arrow") if not p.name.startswith("cache-"))
+    """The files a builder wrote in ``folder``: its Arrow files (not the ``cache-*`` files of
+    later maps) and ``dataset_info.json`` (its split sizes decide which rows are read)."""
+    arrow = [p for p in folder.glob("*.arrow") if not p.name.startswith("cache-")]
+    info = folder / "dataset_info.json"
+    return sorted(arrow + ([info] if info.is_file() else []))
 
 
 def stale_reason(folder: Path, sources: str | None) -> str:
@@ -65,7 +69,7 @@ def stale_reason(folder: Path, sources: str | None) -> str:
         if file_digest(path) != digest:
             return f"its file {name} does not match the digest recorded when it was written (damaged or replaced)"
     if {p.name for p in builder_files(folder)} != set(stamp["files"]):
-        return "it holds Arrow files it did not write"
+        return "it holds files it did not write"
     return ""
 
 
@@ -104,9 +108,11 @@ def load_checked(path: str, *, split: str, sources: list[str] | None, where: str
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{folder}.dpo_lightning.lock"):  # one process checks and rebuilds; the others then read
         reason = stale_reason(folder, digest)
-        if reason:
+        if reason:  # removed, and a new builder made: the old one holds the old split sizes
             rank_zero_info(f"rebuilding the datasets cache {folder} of {where}: {reason}")
-        builder.download_and_prepare(download_mode="force_redownload" if reason else None)
+            shutil.rmtree(folder)
+            builder = datasets.load_dataset_builder(path, **config_kwargs)
+        builder.download_and_prepare()
         write_stamp(folder, digest)
     rows = builder.as_dataset(split=split)
     if digest is None:

@@ -24,15 +24,20 @@ from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..digests import file_digest
+from ..fingerprints import library_versions
 
+#: libraries whose upgrade may change a tokenizer's ids or the rows' types
+LIBRARIES = ("transformers", "tokenizers", "datasets")
 #: map arguments that do not change the result
 _NOT_IN_KEY = ("num_proc", "desc")
 
 
 def map_fingerprint(rows: datasets.Dataset, function: Callable, kwargs: dict[str, Any]) -> str:
-    """The fingerprint of ``rows.map(function, **kwargs)``: rows, function and settings."""
+    """The fingerprint of ``rows.map(function, **kwargs)``: rows, function, settings and the
+    versions of the libraries that turn text into ids (:data:`LIBRARIES`)."""
     settings = {k: v for k, v in sorted(kwargs.items()) if k not in _NOT_IN_KEY}
-    return Hasher.hash([rows._fingerprint, function, settings, "dpo_lightning.checked_map/1"])
+    libraries = library_versions(*LIBRARIES)
+    return Hasher.hash([rows._fingerprint, function, settings, libraries, "dpo_lightning.checked_map/1"])
 
 
 def stamp_path(folder: Path, fingerprint: str) -> Path:

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ..digests import bytes_digest
-from ..fingerprints import code_version
+from ..fingerprints import code_version, library_versions
 from ..losses.length import beyond_shared_sums
 
 #: the code that computes the cached values (part of the key)
@@ -53,6 +53,8 @@ BEYOND_SHARED_COLUMNS = ("reference_chosen_beyond_shared", "reference_rejected_b
 def columns(beyond_shared: bool) -> tuple[str, ...]:
     """The batch columns a cache file fills, in its column order."""
     return COLUMNS + BEYOND_SHARED_COLUMNS if beyond_shared else COLUMNS
+#: libraries that compute the cached values (their versions are part of the key)
+LIBRARIES = ("torch", "transformers", "peft")
 #: metadata format of a cache file (its key, row count and checksum are stored in it)
 FORMAT = "dpo_lightning.reference_logps/2"
 
@@ -143,11 +145,13 @@ def cache_key(dataset: datasets.Dataset, reference_id: str, tokenizer_id: str, b
     """What the log-probs of ``dataset`` under the reference depend on, as JSON: the tokenized
     split's fingerprint (which follows the data files' content, see
     :mod:`~dpo_lightning.data.builder_cache`), the reference's identity (its spec and files'
-    content, :func:`reference_identity`), the tokenizer, the code and the columns held
-    (:func:`columns`). Stored in the cache file and checked when it is read."""
+    content, :func:`reference_identity`), the tokenizer, the code, the columns held
+    (:func:`columns`) and the versions of the libraries that compute the values
+    (:data:`LIBRARIES`: a new torch may initialise a model built from ``config`` differently, a
+    new transformers compute other numerics). Stored in the cache file and checked when it is read."""
     return json.dumps(
         {"data": dataset._fingerprint, "reference": reference_identity(reference_id), "tokenizer": tokenizer_id,
-         "code": LOGPROB_CODE_VERSION, "columns": list(columns(beyond_shared))},
+         "code": LOGPROB_CODE_VERSION, "columns": list(columns(beyond_shared)), "libraries": library_versions(*LIBRARIES)},
         sort_keys=True,
     )
 
