@@ -314,3 +314,22 @@ def test_data_rewritten_with_more_rows_and_its_time_kept_is_read_whole(tmp_path)
     assert data_module(path).reports["train"].rows_read == 8
     rewrite_keeping_time(path, quickstart_rows(11))
     assert data_module(path).reports["train"].rows_read == 11
+
+
+def test_save_to_disk_folder_is_known_by_its_bytes(tmp_path, caplog) -> None:
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(quickstart_rows(8)).save_to_disk(str(folder))
+    first = data_module(str(folder))
+    caplog.clear()
+    second = data_module(str(folder))  # its tokenization cache, written into the folder, is read
+    assert second.data_fingerprint == first.data_fingerprint and "recomputing" not in caplog.text
+    expected = by_row(first, "rejected_ids")
+    (tmp_path / "other").mkdir()
+    datasets.Dataset.from_list(swapped_rows(8)).save_to_disk(str(tmp_path / "other"))
+    for arrow in (tmp_path / "other").glob("data-*.arrow"):  # other rows under the same state.json
+        replace_bytes(folder / arrow.name, arrow.read_bytes())
+    third = data_module(str(folder))
+    assert third.data_fingerprint != first.data_fingerprint
+    assert by_row(third, "chosen_ids") == expected

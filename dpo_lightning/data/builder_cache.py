@@ -112,8 +112,10 @@ def load_checked(path: str, *, split: str, sources: list[str] | None, where: str
             rank_zero_info(f"rebuilding the datasets cache {folder} of {where}: {reason}")
             shutil.rmtree(folder)
             builder = datasets.load_dataset_builder(path, **config_kwargs)
+        unstamped = reason or not (folder / STAMP).exists()
         builder.download_and_prepare()
-        write_stamp(folder, digest)
+        if unstamped:
+            write_stamp(folder, digest)
     rows = builder.as_dataset(split=split)
     if digest is None:
         return rows
@@ -125,10 +127,16 @@ def load_checked(path: str, *, split: str, sources: list[str] | None, where: str
     return with_content(rows, digest, settings)
 
 
+def saved_files(folder: str) -> list[Path]:
+    """The files ``save_to_disk`` wrote in ``folder`` (not the ``cache-*`` files that maps of its
+    rows, the tokenization among them, write beside them)."""
+    return [p for p in folder_files(folder) if not p.name.startswith("cache-")]
+
+
 def load_saved(folder: str) -> datasets.Dataset | datasets.DatasetDict:
     """A folder written by ``save_to_disk``, its fingerprints folded with its files' digest."""
     saved = datasets.load_from_disk(folder)
-    digest = files_digest(folder_files(folder))
+    digest = files_digest(saved_files(folder))
     if isinstance(saved, datasets.DatasetDict):
         return datasets.DatasetDict({name: with_content(rows, digest) for name, rows in saved.items()})
     return with_content(saved, digest)
