@@ -5,13 +5,17 @@ What ``data.init_args.train_data`` (and ``val_data``) may be:
 * a hub dataset id (``org/name``), with ``dataset_config``, ``data_dir`` and a split that may be
   sliced (``train[:10%]``, ``train[100:200]``), all passed to ``datasets.load_dataset``;
 * a local folder: files named by split (``train.jsonl``, ``test.jsonl``, ...) of ONE kind, all
-  of them read, or a folder written by ``save_to_disk``;
+  of them read (a file named after no split beside split-named ones is refused, since
+  ``datasets`` would leave it out), or a folder written by ``save_to_disk``;
 * one or more local files / globs ending in ``.json``, ``.jsonl``, ``.parquet`` or ``.csv``
   (several files of one dataset; a slice in the split, ``train[:10%]``, applies to them);
 * from Python: a ``datasets.Dataset``, a ``datasets.DatasetDict`` (the split is picked by
   name, and may be sliced) or a list of row dicts;
 * a weighted mixture: a list of :class:`~.sources.DataSource` (``{path, fraction | rows, split, ...}``),
   read by the data modules (:meth:`~dpo_lightning.data.TokenizedDataModule.load_split`).
+
+Local files are known by their bytes (:mod:`.builder_cache`): the ``datasets`` cache of them is
+checked against their content before it is read, and the rows' fingerprint follows it.
 
 A string that exists on disk or looks like a path (``./x``, ``/x``, ``a/b/c``, a data-file
 extension) is never sent to the hub. CSV cells holding ``None``, ``NA`` or ``null`` stay text;
