@@ -30,9 +30,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .data.formats import kind_of
 from .data.loading import load_rows
+from .generation import (
+    Samples, check_positions, encode_prompt, generating_model, generation_seed, judge_samples, left_padded,
+    position_limit, sample_completions, stop_token_ids, write_jsonl,
+)
 from .judges import Judge, PairwiseJudge, Prompt
-from .modules.online import generation_seed, sample_completions
-from .sampling import encode_prompt, generating_model, stop_token_ids, write_jsonl
 
 #: how the callback is named in errors
 KEY = "trainer.callbacks: LogCompletions"
@@ -173,13 +175,8 @@ class LogCompletions(Callback):
             encode_prompt(tokenizer, p, self.chat_template_kwargs, where=f"{KEY}.prompts[{i}]")
             for i, p in enumerate(self.prompts)
         ]
-        limit = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-        longest = max(map(len, self.prompt_ids))
-        if isinstance(limit, int) and longest + self.max_new_tokens > limit:
-            raise ValueError(
-                f"{KEY}: a prompt of {longest} tokens plus max_new_tokens={self.max_new_tokens} exceeds the model's "
-                f"{limit} positions (max_position_embeddings); lower {KEY}.max_new_tokens or use shorter prompts"
-            )
+        check_positions(max(map(len, self.prompt_ids)), self.max_new_tokens, position_limit(policy),
+                        f"{KEY}.max_new_tokens", "use shorter prompts")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.validations += 1
@@ -217,29 +214,24 @@ class LogCompletions(Callback):
         settings = {"temperature": self.temperature, "top_p": 1.0, "top_k": 0} if self.do_sample else {
             "temperature": 1.0, "top_p": 1.0, "top_k": 1,  # one candidate token: greedy decoding
         }
+        prompt_ids: list[list[int]] = []
+        completions: list[list[int]] = []
         texts: list[str] = []
         for start in range(0, len(self.prompts), self.batch_size):
-            ids = self.prompt_ids[start : start + self.batch_size]
-            width = max(map(len, ids))
-            input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, row in enumerate(ids):  # left padding, for generation
-                input_ids[i, width - len(row) :] = torch.tensor(row)
-                attention_mask[i, width - len(row) :] = 1
-            batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                     "prompt": self.prompts[start : start + self.batch_size]}
+            padded = left_padded(self.prompt_ids[start : start + self.batch_size], tokenizer.pad_token_id)
+            batch = {**{n: v.to(device) for n, v in padded.items()}, "prompt": self.prompts[start : start + self.batch_size]}
             samples = sample_completions(
                 policy, tokenizer, batch, 1, seed=generation_seed(self.seed, start), max_new_tokens=self.max_new_tokens,
                 stop_ids=stops, **settings,
             )
+            prompt_ids += samples.prompt_ids
+            completions += samples.completion_ids
             texts += samples.texts
         scores: list[float | None] = [None] * len(texts)
         if self.judge is not None:
             self.judge.to(device)
-            values = self.judge.score(self.prompts, texts)
-            if tuple(values.shape) != (len(texts),):
-                raise ValueError(f"{KEY}.judge returned scores of shape {tuple(values.shape)} for {len(texts)} completions")
-            scores = [float(v) for v in values.tolist()]
+            everything = Samples(prompt_ids, completions, [True] * len(texts), texts, list(self.prompts), 1)
+            scores = [float(v) for v in judge_samples(self.judge, everything).tolist()]
         return [{"prompt": p, "completion": t, "score": s} for p, t, s in zip(self.prompts, texts, scores)]
 
     def publish(self, trainer: L.Trainer, rows: list[dict[str, Any]], step: int) -> None:

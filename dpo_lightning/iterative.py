@@ -4,9 +4,9 @@ train one epoch on them), in one ``dpo-lightning fit`` run.
 Xiong et al. 2024 ("RLHF Workflow", arXiv 2405.07863) and OpenRLHF's iterative DPO run each
 round as its own job; here a round is an epoch. :class:`IterativePairsDataModule` reads a
 prompt set and, when Lightning asks for the training loader of epoch ``r``
-(``trainer.reload_dataloaders_every_n_epochs: 1``), samples ``num_samples`` completions per
-prompt from the module's *current* policy, judges them, forms pairs
-(:func:`~dpo_lightning.modules.online.form_pairs`) and serves them as ``PAIRS`` batches
+(``trainer.reload_dataloaders_every_n_epochs: 1``), samples ``sampling.num_samples`` completions
+per prompt from the module's *current* policy, judges them and forms pairs (the pipeline of
+:mod:`dpo_lightning.generation`) and serves them as ``PAIRS`` batches
 (:class:`~dpo_lightning.data.PairCollator`) carrying the judge's scores as ``score_chosen`` /
 ``score_rejected``. Any pairwise loss trains on them through the unchanged
 :class:`~dpo_lightning.modules.PreferenceModule` step (DPO, IPO, ODPO on the judge's scores,
@@ -18,13 +18,13 @@ resumable), which is what a data module serves; the module's training step stays
 one. The data module reaches the policy through ``trainer.lightning_module.trained_model()``
 (any module that trains a causal LM) and the tokenizer it was given by ``connect``.
 
-Sampling. :func:`~dpo_lightning.modules.online.sample_completions` (``generate`` with the KV
+Sampling. :func:`~dpo_lightning.generation.sample_completions` (``generate`` with the KV
 cache under ``no_grad`` and eval mode, modes restored after, in a forked RNG: the run's random
 stream is untouched), the settings below, each completion cut at its first EOS and kept as
 sampled when it has none (``missing_eos_penalty`` lowers its score instead). Prompts are cut
 into generation batches of ``generation_batch_size`` (by length when ``group_by_length``, else
 in row order); batch ``g`` of round ``r`` is sampled with seed
-``generation_seed(base, 2, r, g)`` (``base``: ``generation_seed``, default the Lightning seed),
+``generation_seed(base, 2, r, g)`` (``base``: ``sampling.seed``, default the Lightning seed),
 so the pairs of a round are a function of the policy at the round's start, the seed and the
 prompts only: not of the world size, the rank or a resume. Under DDP each process samples the
 batches ``g = rank, rank + world, ...`` and all processes gather every pair.
@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -86,12 +85,11 @@ from .contract import BatchLayout, DataRequirements
 from .data.collator import PairCollator
 from .data.prompts import PromptCollator, PromptDataModule
 from .data.sources import DataSpec
-from .data.tokenization import TruncationMode
-from .judges import Judge, PairwiseJudge
-from .modules.online import (
-    SCORE_COLUMNS, OnlineSamples, PairMode, form_pairs, generation_seed, pairwise_win_rates, sample_completions,
+from .generation import (
+    SCORE_COLUMNS, JudgedPairs, SamplingSpec, check_judge, check_pair_columns, check_positions, generating_model,
+    generation_seed, judge_and_pair, pair_rows, refuse_flat_sampling, sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
 )
-from .sampling import generating_model, pair_row, stop_token_ids, write_jsonl
+from .judges import Judge, PairwiseJudge
 
 DATA_KEY = "data.init_args"
 #: ``stage`` parts of the seeds (see the module docstring)
@@ -114,6 +112,17 @@ class RoundStats:
     chosen_sum: float = 0.0
     rejected_sum: float = 0.0
 
+    @classmethod
+    def of(cls, judged: JudgedPairs) -> RoundStats:
+        """The counts and sums of one generation batch."""
+        samples, flat = judged.samples, judged.scores.double().tolist()
+        chosen, rejected = judged.pair_scores()
+        return cls(
+            prompts=len(samples.prompts), samples=len(flat), score_sum=sum(flat),
+            length_sum=float(sum(map(len, samples.completion_ids))), eos=sum(samples.has_eos), pairs=len(judged.pairs),
+            tied=judged.ties, chosen_sum=sum(chosen), rejected_sum=sum(rejected),
+        )
+
     def add(self, other: RoundStats) -> None:
         for name in ("prompts", "samples", "score_sum", "length_sum", "eos", "pairs", "tied", "chosen_sum", "rejected_sum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -133,21 +142,6 @@ class RoundStats:
             out["score_chosen"] = self.chosen_sum / self.pairs
             out["score_rejected"] = self.rejected_sum / self.pairs
         return {prefix + k: v for k, v in out.items()}
-
-
-def judge_samples(judge: Judge | PairwiseJudge, samples: OnlineSamples, missing_eos_penalty: float | None) -> torch.Tensor:
-    """``(B * k,)`` float32 scores: a pointwise judge's, or a pairwise judge's mean win rates
-    (:func:`~dpo_lightning.modules.online.pairwise_win_rates`); minus ``missing_eos_penalty``
-    for a completion without an EOS."""
-    if isinstance(judge, PairwiseJudge):
-        scores = pairwise_win_rates(judge, samples)
-    else:
-        scores = judge.score(samples.prompts_per_sample(), samples.texts).float().cpu()
-    if tuple(scores.shape) != (len(samples.texts),):
-        raise ValueError(f"the judge returned scores of shape {tuple(scores.shape)} for {len(samples.texts)} completions")
-    if missing_eos_penalty is not None:
-        scores = scores - missing_eos_penalty * (~torch.tensor(samples.has_eos)).float()
-    return scores
 
 
 def plan_batches(n_pairs: int, n_batches: int, seed: int) -> list[list[int]]:
@@ -290,18 +284,14 @@ class IterativePairsDataModule(PromptDataModule):
         judge: a :class:`~dpo_lightning.judges.Judge` or :class:`~dpo_lightning.judges.PairwiseJudge`
             (with a pairwise judge, each sample's score is its mean win probability against the
             prompt's other samples).
-        num_samples: completions per prompt, >= 2. Default 4 (RLHF Workflow samples 8).
-        pairs: ``"best_vs_worst"`` (default, one pair per prompt) or ``"all"``.
-        max_new_tokens: most tokens per completion. Default 64; the longest prompt plus this
-            must fit the model's ``max_position_embeddings``.
-        temperature / top_p / top_k: sampling settings (defaults 1.0 / 1.0 / 0: exact sampling).
-        missing_eos_penalty: subtracted from the score of a completion without an EOS.
-        generation_seed: base seed of sampling; ``None``: the Lightning seed, else 0.
+        sampling: :class:`~dpo_lightning.generation.SamplingSpec`; default ``num_samples: 4``
+            (RLHF Workflow samples 8), the rest the spec's defaults.
         generation_batch_size: prompts per ``generate`` call (each gives ``num_samples``
             sequences); default ``batch_size``. Part of the seeding: keep it to reproduce a run.
         batch_size: at most this many pairs per training batch (see steps per round).
         eval_batch_size: validation pairs per batch; default ``batch_size``.
         group_by_length: generation batches of prompts of similar length (less left padding).
+        kwargs: :class:`~dpo_lightning.data.PromptDataModule`'s other arguments, passed through.
     """
 
     layout = BatchLayout.PAIRS
@@ -310,67 +300,18 @@ class IterativePairsDataModule(PromptDataModule):
         self,
         train_data: DataSpec,
         judge: Judge | PairwiseJudge,
-        num_samples: int = 4,
-        pairs: PairMode = "best_vs_worst",
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        missing_eos_penalty: float | None = None,
-        generation_seed: int | None = None,
+        sampling: SamplingSpec | None = None,
         generation_batch_size: int | None = None,
-        val_data: DataSpec | None = None,
-        dataset_config: str | None = None,
-        train_split: str = "train",
-        val_split: str = "test",
-        val_fraction: float | None = None,
-        split_seed: int = 0,
-        max_rows: int | None = None,
-        tokenizer: str | None = None,
-        max_length: int = 1024,
-        max_prompt_length: int | None = None,
-        truncation_mode: TruncationMode = "keep_end",
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        num_proc: int | None = None,
-        strict: bool = False,
-        shuffle_seed: int = 0,
-        group_by_length: bool = True,
-        columns: dict[str, str] | None = None,
-        data_dir: str | None = None,
-        chat_template_kwargs: dict[str, Any] | None = None,
-        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> None:
-        from .modules.online import OnlinePreferenceModule
-
-        try:  # online training's rules for the same settings; here they sit under data.init_args
-            OnlinePreferenceModule.check_settings(
-                judge, None, num_samples, pairs, max_new_tokens, float(temperature), float(top_p), top_k, missing_eos_penalty
-            )
-        except (TypeError, ValueError) as err:
-            raise type(err)(str(err).replace("model.init_args", DATA_KEY)) from err
+        refuse_flat_sampling(kwargs, DATA_KEY)
+        check_judge(judge, f"{DATA_KEY}.judge")
+        self.sampling = (sampling or SamplingSpec(num_samples=4)).validate(f"{DATA_KEY}.sampling")
         if generation_batch_size is not None and generation_batch_size < 1:
             raise ValueError(f"{DATA_KEY}.generation_batch_size must be >= 1 (or null for batch_size), got {generation_batch_size}")
-        super().__init__(
-            train_data=train_data, val_data=val_data, dataset_config=dataset_config, train_split=train_split,
-            val_split=val_split, val_fraction=val_fraction, split_seed=split_seed, max_rows=max_rows,
-            tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-            truncation_mode=truncation_mode, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, num_proc=num_proc, strict=strict, shuffle_seed=shuffle_seed,
-            group_by_length=group_by_length, columns=columns, data_dir=data_dir,
-            chat_template_kwargs=chat_template_kwargs, tools=tools,
-        )
+        super().__init__(train_data=train_data, **kwargs)
         self.judge = judge
-        self.num_samples = num_samples
-        self.pairs = pairs
-        self.max_new_tokens = max_new_tokens
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.top_k = int(top_k)
-        self.missing_eos_penalty = missing_eos_penalty
-        self.generation_seed = generation_seed
-        self.generation_batch_size = generation_batch_size or batch_size
+        self.generation_batch_size = generation_batch_size or self.batch_size
         self.round_index: int | None = None  # 0-based round whose pairs are held
         self.round_rows: list[dict[str, Any]] | None = None
         self.val_rows: list[dict[str, Any]] | None = None
@@ -379,12 +320,7 @@ class IterativePairsDataModule(PromptDataModule):
     # -- the contract -------------------------------------------------------------------------------
     def connect(self, tokenizer: Any, requirements: DataRequirements | None = None) -> None:
         """As :meth:`TokenizedDataModule.connect`; the loss may read only the judge's scores."""
-        other = [c for c in (requirements.columns if requirements else ()) if c not in SCORE_COLUMNS]
-        if other:
-            raise ValueError(
-                f"the loss reads {other} from each pair; IterativePairsDataModule's pairs carry only the judge's "
-                f"scores as {list(SCORE_COLUMNS)}"
-            )
+        check_pair_columns(requirements.columns if requirements else (), "the loss", "IterativePairsDataModule's pairs")
         super().connect(tokenizer, requirements)
 
     def check_columns(self, rows: datasets.Dataset, key: str) -> None:
@@ -398,10 +334,11 @@ class IterativePairsDataModule(PromptDataModule):
 
     def sampling_settings(self) -> dict[str, Any]:
         """Everything besides the prompts that decides a round's pairs (part of ``data_fingerprint``)."""
+        spec = self.sampling
         return {
-            "judge": repr(self.judge), "num_samples": self.num_samples, "pairs": self.pairs,
-            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-            "top_k": self.top_k, "missing_eos_penalty": self.missing_eos_penalty, "generation_seed": self.generation_seed,
+            "judge": repr(self.judge), "num_samples": spec.num_samples, "pairs": spec.pairs,
+            "max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature, "top_p": spec.top_p,
+            "top_k": spec.top_k, "missing_eos_penalty": spec.missing_eos_penalty, "generation_seed": spec.seed,
             "generation_batch_size": self.generation_batch_size, "group_by_length": self.group_by_length,
             "batch_size": self.batch_size, "shuffle_seed": self.shuffle_seed,
         }
@@ -415,18 +352,10 @@ class IterativePairsDataModule(PromptDataModule):
             self.data_fingerprint = f"{self.splits['train']._fingerprint} {settings}"
 
     # -- rounds ---------------------------------------------------------------------------------------
-    def base_seed(self) -> int:
-        if self.generation_seed is not None:
-            return int(self.generation_seed)
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-    def pairs_per_prompt(self) -> int:
-        return 1 if self.pairs == "best_vs_worst" else self.num_samples * (self.num_samples - 1) // 2
-
     def steps_per_round(self, world_size: int = 1) -> int:
         """Training batches each process gets in every round (see the module docstring)."""
         assert self.train_dataset is not None, "call setup() first"
-        return max(1, math.ceil(len(self.train_dataset) * self.pairs_per_prompt() / (self.batch_size * world_size)))
+        return max(1, math.ceil(len(self.train_dataset) * self.sampling.pairs_per_prompt() / (self.batch_size * world_size)))
 
     def check_trainer(self) -> None:
         trainer = self.trainer
@@ -454,48 +383,25 @@ class IterativePairsDataModule(PromptDataModule):
         self.judge.to(device)
         dataset = self.splits[split]
         lengths = [len(ids) for ids in dataset["prompt_ids"]]
-        limit = self.requirements.max_positions
-        if limit is not None and max(lengths) + self.max_new_tokens > limit:
-            raise ValueError(
-                f"a prompt of {max(lengths)} tokens plus {DATA_KEY}.max_new_tokens={self.max_new_tokens} exceeds the "
-                f"model's {limit} positions (max_position_embeddings); lower max_new_tokens or {DATA_KEY}.max_prompt_length "
-                f"so that they add up to at most {limit}"
-            )
+        spec = self.sampling
+        check_positions(max(lengths), spec.max_new_tokens, self.requirements.max_positions,
+                        f"{DATA_KEY}.sampling.max_new_tokens", f"{DATA_KEY}.max_prompt_length")
         order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if self.group_by_length else list(range(len(lengths)))
         groups = [order[i : i + self.generation_batch_size] for i in range(0, len(order), self.generation_batch_size)]
         world, rank = trainer.world_size, trainer.global_rank
         collate = PromptCollator(self.tokenizer.pad_token_id)
         stops = stop_token_ids(policy, self.tokenizer)
-        k = self.num_samples
         local = []
         for g in range(rank, len(groups), world):
             batch = collate([dataset[i] for i in groups[g]])
             batch = {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in batch.items()}
             samples = sample_completions(
-                policy, self.tokenizer, batch, k, seed=generation_seed(self.base_seed(), stage, round_index, g),
-                max_new_tokens=self.max_new_tokens, stop_ids=stops, temperature=self.temperature, top_p=self.top_p,
-                top_k=self.top_k,
+                policy, self.tokenizer, batch, spec.num_samples, seed=generation_seed(spec.base_seed(), stage, round_index, g),
+                max_new_tokens=spec.max_new_tokens, stop_ids=stops, **spec.distribution(),
             )
-            scores = judge_samples(self.judge, samples, self.missing_eos_penalty)
-            n = len(samples.prompts)
-            found, ties = form_pairs(scores.view(n, k), self.pairs)
-            flat = scores.double().tolist()
-            row_ids = batch["row_id"].tolist()
-            rows, texts = [], []
-            for i, c, r in found:
-                rows.append({
-                    "prompt_ids": samples.prompt_ids[i], "chosen_ids": samples.completion_ids[i * k + c],
-                    "rejected_ids": samples.completion_ids[i * k + r], "row_id": int(row_ids[i]),
-                    "score_chosen": flat[i * k + c], "score_rejected": flat[i * k + r],
-                })
-                texts.append(pair_row(samples.prompts[i], samples.texts[i * k + c], samples.texts[i * k + r],
-                                      flat[i * k + c], flat[i * k + r]))
-            stats = RoundStats(
-                prompts=n, samples=len(flat), score_sum=sum(flat), length_sum=float(sum(map(len, samples.completion_ids))),
-                eos=sum(samples.has_eos), pairs=len(rows), tied=ties,
-                chosen_sum=sum(row["score_chosen"] for row in rows), rejected_sum=sum(row["score_rejected"] for row in rows),
-            )
-            local.append((g, rows, texts, stats))
+            judged = judge_and_pair(self.judge, samples, spec)
+            rows = pair_rows(samples, judged.pairs, judged.scores, samples.row_ids or [])
+            local.append((g, rows, text_pair_rows(judged), RoundStats.of(judged)))
         merged = sorted((item for part in gather(local, world) for item in part), key=lambda item: item[0])
         total = RoundStats(round=round_index + 1)
         out = SampledSplit([], total)
@@ -509,15 +415,15 @@ class IterativePairsDataModule(PromptDataModule):
         """Sample round ``round_index``'s pairs, log and write them."""
         trainer = self.trainer
         rank_zero_info(
-            f"round {round_index + 1}: sampling {self.num_samples} completions for each of {len(self.train_dataset)} "
+            f"round {round_index + 1}: sampling {self.sampling.num_samples} completions for each of {len(self.train_dataset)} "
             "prompts from the current policy"
         )
         sampled = self.sample_split("train", TRAIN_STAGE, round_index)
         metrics = sampled.stats.metrics()
         if not sampled.rows:
             raise ValueError(
-                f"round {round_index + 1}: no pairs: the judge gave every prompt's {self.num_samples} samples the same "
-                f"score ({sampled.stats.tied} tied); raise {DATA_KEY}.num_samples or temperature, start from a policy "
+                f"round {round_index + 1}: no pairs: the judge gave every prompt's {self.sampling.num_samples} samples the "
+                f"same score ({sampled.stats.tied} tied); raise {DATA_KEY}.sampling.num_samples or temperature, start from a policy "
                 "whose samples differ, or use a judge that tells them apart"
             )
         self.round_index, self.round_rows = round_index, sampled.rows
@@ -562,7 +468,7 @@ class IterativePairsDataModule(PromptDataModule):
 
     # -- validation -----------------------------------------------------------------------------------
     def sample_val(self) -> list[dict[str, Any]]:
-        rank_zero_info(f"sampling the validation pairs: {self.num_samples} completions for each of {len(self.splits['val'])} prompts")
+        rank_zero_info(f"sampling the validation pairs: {self.sampling.num_samples} completions for each of {len(self.splits['val'])} prompts")
         sampled = self.sample_split("val", VAL_STAGE, 0)
         rank_zero_info(
             f"validation pairs: {sampled.stats.pairs} ({sampled.stats.tied} tied), mean score "

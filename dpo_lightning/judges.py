@@ -31,6 +31,7 @@ In a recipe, a judge sits under ``model.init_args.judge``::
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -48,6 +49,31 @@ from .models import ModelSpec, load_reward_model, load_tokenizer
 Prompt = str | list[dict[str, str]]
 #: where a judge's arguments sit in a recipe, named in errors
 JUDGE_KEY = "model.init_args.judge.init_args"
+#: a function judge's function: ``(completion) -> float`` or ``(prompt, completion) -> float``
+Scorer = Callable[..., float]
+
+
+class JudgeError(ValueError):
+    """A judge raised, or gave a value it must not give (non-finite, out of range).
+
+    ``position``: the index, within the judge's call, of the completion (or pair) it failed on,
+    when known; :func:`~dpo_lightning.generation.judge_samples` turns it into the prompt's index.
+    """
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+def load_scorer(path: str) -> Scorer:
+    """Import ``module:function`` (or ``module.function``)."""
+    module, _, name = path.replace(":", ".").rpartition(".")
+    if not module:
+        raise ValueError(f"--scorer {path!r}: give module:function, e.g. dpo_lightning.experiments.sentiment:score")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"--scorer {path!r}: {module} has no function {name!r}")
+    return fn
 
 
 class Judge:
@@ -82,10 +108,8 @@ def _check_lengths(*columns: Sequence[Any]) -> int:
 
 
 def _load_function(path: str, key: str) -> Callable[..., Any]:
-    """``module:function`` (or ``module.function``) through :func:`~dpo_lightning.sampling.load_scorer`,
-    with errors naming the recipe ``key``."""
-    from .sampling import load_scorer  # here: sampling imports modules/, which imports the online module and this one
-
+    """``module:function`` (or ``module.function``) through :func:`load_scorer`, with errors
+    naming the recipe ``key``."""
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"{key}: give the function as module:function, e.g. dpo_lightning.experiments.sentiment:score; got {path!r}")
     try:
@@ -111,15 +135,21 @@ def _required_positional(fn: Callable[..., Any]) -> tuple[int, bool] | None:
     return required, any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
-def _as_float(value: Any, path: str, what: str) -> float:
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], path: str, what: str, position: int) -> float:
+    """``fn(*args)`` as a finite float; anything else (an exception inside ``fn``, a value that
+    is no number or not finite) is a :class:`JudgeError` naming the path, ``what`` and ``position``."""
+    try:
+        value = fn(*args)
+    except Exception as err:  # the user's function: any error, reported in one line
+        raise JudgeError(f"{JUDGE_KEY}.path {path!r} raised {type(err).__name__}: {err} for {what}", position) from err
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
     try:
         out = float(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{JUDGE_KEY}.path {path!r} returned {value!r} for {what}; it must return a number") from err
+        raise JudgeError(f"{JUDGE_KEY}.path {path!r} returned {value!r:.80} for {what}; it must return a number", position) from err
     if not math.isfinite(out):
-        raise ValueError(f"{JUDGE_KEY}.path {path!r} returned {out} for {what}; scores must be finite")
+        raise JudgeError(f"{JUDGE_KEY}.path {path!r} returned {out} for {what}; scores must be finite", position)
     return out
 
 
@@ -158,10 +188,10 @@ class FunctionJudge(Judge):
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> Tensor:
         _check_lengths(prompts, completions)
-        if self.arguments == "completion":
-            values = [_as_float(self.fn(c), self.path, f"completion {c!r}") for c in completions]
-        else:
-            values = [_as_float(self.fn(p, c), self.path, f"completion {c!r}") for p, c in zip(prompts, completions)]
+        values = [
+            _call(self.fn, (c,) if self.arguments == "completion" else (p, c), self.path, f"completion {c!r:.80}", i)
+            for i, (p, c) in enumerate(zip(prompts, completions))
+        ]
         return torch.tensor(values, dtype=torch.float32)
 
     def __repr__(self) -> str:
@@ -189,12 +219,12 @@ class FunctionPairwiseJudge(PairwiseJudge):
     def prefer(self, prompts: Sequence[Prompt], first: Sequence[str], second: Sequence[str]) -> Tensor:
         _check_lengths(prompts, first, second)
         values = []
-        for p, a, b in zip(prompts, first, second):
-            value = _as_float(self.fn(p, a, b), self.path, f"the pair {a!r} / {b!r}")
+        for i, (p, a, b) in enumerate(zip(prompts, first, second)):
+            value = _call(self.fn, (p, a, b), self.path, f"the pair {a!r:.80} / {b!r:.80}", i)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(
-                    f"{JUDGE_KEY}.path {self.path!r} returned {value} for the pair {a!r} / {b!r}; a pairwise judge "
-                    "returns the probability that the first completion is better, in [0, 1]"
+                raise JudgeError(
+                    f"{JUDGE_KEY}.path {self.path!r} returned {value} for the pair {a!r:.80} / {b!r:.80}; a pairwise "
+                    "judge returns the probability that the first completion is better, in [0, 1]", i
                 )
             values.append(value)
         return torch.tensor(values, dtype=torch.float32)
@@ -307,7 +337,9 @@ __all__ = [
     "FunctionJudge",
     "FunctionPairwiseJudge",
     "Judge",
+    "JudgeError",
     "PairwiseJudge",
     "Prompt",
     "RewardModelJudge",
+    "load_scorer",
 ]

@@ -26,16 +26,14 @@ any of the ``generation_config``'s).
 ``completion``, ``score`` and, for ``evaluate``, ``log_ratio`` (``log pi(y|x) - log pi_ref(y|x)``,
 the sample's term of the KL estimate), ``logp_policy`` and ``logp_reference``.
 
-This module also holds the generation helpers the training-time samplers share
-(:func:`stop_token_ids`, :func:`generating_model`, :func:`encode_prompt`).
+Sampling, judging and pairing are :mod:`dpo_lightning.generation`'s, as in online and iterative
+training; a prompt is paired as ``sampling.pairs: best_vs_worst`` pairs it.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,26 +43,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data.collator import pad_sequences
-from .data.formats import as_assistant_replies, is_conversation
-from .data.tokenization import PairEncoder, TokenizationSettings
-from .judges import JUDGE_KEY, FunctionJudge, Judge, PairwiseJudge, Prompt
+from .data.formats import is_conversation
+from .generation import (
+    EXACT, Samples, SamplingSpec, encode_prompt, generating_model, judge_and_pair, judge_samples, left_padded,
+    sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
+)
+from .judges import JUDGE_KEY, FunctionJudge, Judge, PairwiseJudge, Prompt, Scorer, load_scorer
 from .models import ModelSpec, load_causal_lm, load_tokenizer
 from .modules.logprobs import LogProbSelector
 
-Scorer = Callable[[str], float]
 #: the scorer used when neither --scorer nor --judge is given
 DEFAULT_SCORER = "dpo_lightning.experiments.sentiment:score"
-
-
-def load_scorer(path: str) -> Scorer:
-    """Import ``module:function`` (or ``module.function``)."""
-    module, _, name = path.replace(":", ".").rpartition(".")
-    if not module:
-        raise ValueError(f"--scorer {path!r}: give module:function, e.g. dpo_lightning.experiments.sentiment:score")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"--scorer {path!r}: {module} has no function {name!r}")
-    return fn
 
 
 def choose_judge(scorer: str | None, judge: Judge | PairwiseJudge | None, pairwise: bool = False) -> Judge | PairwiseJudge:
@@ -111,122 +100,42 @@ def read_prompts(path: str) -> list[Prompt]:
     return [r["prompt"] for r in rows]
 
 
-# -- generation helpers shared with training-time samplers -----------------------------------------
-def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS, then any other EOS of the model's ``generation_config``."""
-    ids = [int(tokenizer.eos_token_id)]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for token in configured if isinstance(configured, (list, tuple)) else [configured]:
-        if token is not None and int(token) not in ids:
-            ids.append(int(token))
-    return ids
-
-
-def generating_model(module: Any, what: str) -> torch.nn.Module:
-    """The network a training module trains, checked to be a generating causal LM.
-
-    Args:
-        module: a training module (:class:`~dpo_lightning.modules.AlignmentModule`: its
-            ``trained_model()``), or a model.
-        what: who asks, named in the error (e.g. ``"LogCompletions"``).
-    Raises:
-        TypeError: the module trains no causal LM (a reward model, ``RewardModule``).
-    """
-    model = module.trained_model() if hasattr(module, "trained_model") else module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    can_generate = getattr(base, "can_generate", None)
-    if not callable(can_generate) or not can_generate():
-        raise TypeError(
-            f"{what} samples completions from the policy, but {type(module).__name__} trains "
-            f"{type(base).__name__}, which does not generate (a reward model has no policy). Use it with "
-            "PreferenceModule, SFTModule or OnlinePreferenceModule"
-        )
-    return model
-
-
-def encode_prompt(
-    tokenizer: Any, prompt: Prompt, chat_template_kwargs: dict[str, Any] | None = None, where: str = "prompt"
-) -> list[int]:
-    """Token ids of one prompt as online training encodes it
-    (:class:`~dpo_lightning.data.PromptEncoder`'s rules, not truncated): a string gets the
-    tokenizer's leading special tokens once; a conversation is rendered through the chat
-    template with the generation prompt.
-
-    Raises:
-        ValueError: naming ``where``, when the prompt cannot be encoded (a template that raises,
-            a tokenizer without a chat template, an empty prompt).
-    """
-    encoder = PairEncoder(tokenizer, TokenizationSettings(max_length=10**9), chat_template_kwargs=chat_template_kwargs)
-    encoded = encoder.encode(prompt, [])
-    if isinstance(encoded, str):
-        detail = getattr(encoded, "detail", "")
-        raise ValueError(f"{where}: cannot encode {prompt!r:.200} ({encoded}{': ' + detail if detail else ''})")
-    return encoded[0]
-
-
-def pair_row(prompt: Prompt, chosen: str, rejected: str, score_chosen: float, score_rejected: float) -> dict[str, Any]:
-    """One preference row in the data modules' format; after a conversational prompt the
-    completions are written as one assistant message each."""
-    if isinstance(prompt, list):
-        (chosen_out, rejected_out) = as_assistant_replies([chosen, rejected])
-        return {"prompt": prompt, "chosen": chosen_out, "rejected": rejected_out,
-                "score_chosen": score_chosen, "score_rejected": score_rejected}
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "score_chosen": score_chosen, "score_rejected": score_rejected}
-
-
-def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write ``rows`` as JSON lines (parent folders created); return the path."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return target
-
-
 # -- sampling and scoring ------------------------------------------------------------------------------
 @dataclass
-class Samples:
+class PromptSamples:
     """``n`` completions of one prompt: token ids (each ending at its first EOS, if any) and text."""
 
     prompt_ids: list[int]
     completion_ids: list[list[int]]
     texts: list[str]
 
+    def as_samples(self, prompt: Prompt) -> Samples:
+        """The same completions as the generation pipeline's :class:`~dpo_lightning.generation.Samples`."""
+        n = len(self.texts)
+        return Samples([self.prompt_ids], self.completion_ids, [True] * n, list(self.texts), [prompt], n)
 
-@torch.no_grad()
+
 def sample(
     model, tokenizer, prompt: Prompt, n: int, max_new_tokens: int, chat_template_kwargs: dict[str, Any] | None = None
-) -> Samples:
+) -> PromptSamples:
     """``n`` exact samples (temperature 1, no truncation of the distribution) for ``prompt``
-    (a string, or a conversation rendered with the generation prompt)."""
+    (a string, or a conversation rendered with the generation prompt), drawn from the caller's
+    random stream (the commands seed it once with ``--seed``)."""
     prompt_ids = encode_prompt(tokenizer, prompt, chat_template_kwargs, where="--prompts")
-    stops = stop_token_ids(model, tokenizer)
-    input_ids = torch.tensor([prompt_ids] * n, device=model.device)
-    out = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0,
-        top_k=0, top_p=1.0, repetition_penalty=1.0, typical_p=1.0, min_p=0.0, no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+    batch = {name: value.to(model.device) for name, value in left_padded([prompt_ids], tokenizer.pad_token_id).items()}
+    out = sample_completions(
+        model, tokenizer, {**batch, "prompt": [prompt]}, n, seed=None, max_new_tokens=max_new_tokens,
+        stop_ids=stop_token_ids(model, tokenizer), **EXACT,
     )
-    completions = []
-    for row in out[:, len(prompt_ids) :].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        completions.append(row if end is None else row[: end + 1])
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Samples(prompt_ids, completions, texts)
+    return PromptSamples(prompt_ids, out.completion_ids, out.texts)
 
 
 def score_samples(judge: Judge | PairwiseJudge, prompt: Prompt, texts: list[str]) -> list[float]:
     """Each sample's score: the judge's, or with a pairwise judge the mean probability of
-    beating the prompt's other samples (as online training scores them)."""
-    if isinstance(judge, PairwiseJudge):
-        from .modules.online import OnlineSamples, pairwise_win_rates
-
-        samples = OnlineSamples([[]], [[]] * len(texts), [True] * len(texts), list(texts), [prompt], len(texts))
-        return pairwise_win_rates(judge, samples).double().tolist()
-    scores = judge.score([prompt] * len(texts), texts)
-    if tuple(scores.shape) != (len(texts),):
-        raise ValueError(f"the judge returned scores of shape {tuple(scores.shape)} for {len(texts)} completions")
-    return scores.double().tolist()
+    beating the prompt's other samples (:func:`~dpo_lightning.generation.judge_samples`, as
+    online training scores them)."""
+    samples = PromptSamples([], [[]] * len(texts), list(texts)).as_samples(prompt)
+    return judge_samples(judge, samples).double().tolist()
 
 
 @torch.no_grad()
@@ -349,16 +258,14 @@ def sample_pairs(
     model, tokenizer = _load(policy, trust_remote_code)
     scoring.to(model.device)
     rows, ties, saved = [], 0, []
+    spec = SamplingSpec(num_samples=samples_per_prompt, pairs="best_vs_worst", max_new_tokens=max_new_tokens)
     for prompt in tqdm(read_prompts(prompts), desc="sampling pairs", unit="prompt"):
         s = sample(model, tokenizer, prompt, samples_per_prompt, max_new_tokens, chat_template_kwargs)
-        scores = score_samples(scoring, prompt, s.texts)
+        judged = judge_and_pair(scoring, s.as_samples(prompt), spec)
+        scores = judged.scores.double().tolist()
         saved += [{"prompt": prompt, "completion": t, "score": r} for t, r in zip(s.texts, scores)]
-        scored = sorted(zip(scores, s.texts), key=lambda x: x[0])
-        (low, worst), (high, best) = scored[0], scored[-1]
-        if high <= low or best == worst:
-            ties += 1
-            continue
-        rows.append(pair_row(prompt, best, worst, high, low))
+        rows += text_pair_rows(judged)
+        ties += judged.ties
     target = write_jsonl(output, rows)
     if save_samples:
         print(f"wrote {len(saved)} samples to {write_jsonl(save_samples, saved)}")
@@ -378,3 +285,10 @@ def main_sample_pairs() -> None:
     from jsonargparse import auto_cli
 
     auto_cli(sample_pairs, as_positional=False)
+
+
+__all__ = [
+    "DEFAULT_SCORER", "PromptSamples", "Scorer", "choose_judge", "completion_logprobs", "encode_prompt",
+    "evaluate_policy", "generating_model", "load_scorer", "main_evaluate", "main_sample_pairs", "mean_and_stderr",
+    "read_prompts", "sample", "sample_pairs", "score_samples", "write_jsonl",
+]

@@ -242,7 +242,7 @@ def train(job: dict) -> Path:
         fit(out, name, job["recipe"], {
             "seed_everything": seed,
             "trainer": {**trainer, "max_epochs": epochs, "limit_val_batches": 0, "num_sanity_val_steps": 0},
-            "model": {"init_args": {**model, "num_samples": k, "pairs": settings["pairs"]}},
+            "model": {"init_args": {**model, "sampling": {"num_samples": k, "pairs": settings["pairs"]}}},
             "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": settings["batch_size"]}},
         })
     elif kind == "iterative":  # the budget: rounds x prompts x num_samples
@@ -253,8 +253,8 @@ def train(job: dict) -> Path:
             "trainer": {**trainer, "max_epochs": rounds, "limit_val_batches": 0, "num_sanity_val_steps": 0,
                         "callbacks": []},
             "model": {"init_args": {**model, "reference_reset": settings["reference_reset"]}},
-            "data": {"init_args": {"train_data": str(prompts), "val_data": None, "num_samples": k,
-                                   "pairs": settings["pairs"], "batch_size": settings["batch_size"]}},
+            "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": settings["batch_size"],
+                                   "sampling": {"num_samples": k, "pairs": settings["pairs"]}}},
         })
     else:
         raise ValueError(kind)

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from conftest import tiny_spec
 from dpo_lightning.callbacks import LogCompletions, markdown_table
 from dpo_lightning.data import PreferenceDataModule, SFTDataModule
+from dpo_lightning.generation import SamplingSpec
 from dpo_lightning.judges import FunctionJudge, FunctionPairwiseJudge
 from dpo_lightning.modules import OnlinePreferenceModule, PreferenceModule, RewardModule, SFTModule
 
@@ -123,7 +124,7 @@ def test_wandb_gets_a_table(tmp_path) -> None:
 
 def test_sft_and_online_modules_generate_and_every_n_val_counts(tmp_path) -> None:
     sft = SFTModule(model=tiny_spec())
-    online = OnlinePreferenceModule(model=tiny_spec(), judge=judge(), max_new_tokens=4)
+    online = OnlinePreferenceModule(model=tiny_spec(), judge=judge(), sampling=SamplingSpec(max_new_tokens=4))
     for module in (sft, online):
         callback = LogCompletions(prompts=PROMPTS, num_prompts=2, max_new_tokens=4, do_sample=True, seed=3)
         callback.setup(MagicMock(), module, "fit")

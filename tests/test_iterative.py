@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, tiny_spec
 from dpo_lightning.cli import run
 from dpo_lightning.experiments.sentiment import score as sentiment
+from dpo_lightning.generation import SamplingSpec
 from dpo_lightning.iterative import (
     TRAIN_STAGE, IterativePairsDataModule, PairRows, RoundLoader, RoundSampler, plan_batches,
 )
@@ -58,7 +59,7 @@ def fit(root: Path, *extra: str):
     (so that runs of different lengths share a schedule)."""
     return run([
         "fit", "--config", str(ROOT / "recipes" / "base.yaml"), "--config", str(ROOT / "recipes" / "iterative_dpo.yaml"),
-        "--data.init_args.max_rows", "8", "--data.init_args.batch_size", "4", "--data.init_args.max_new_tokens", "8",
+        "--data.init_args.max_rows", "8", "--data.init_args.batch_size", "4", "--data.init_args.sampling.max_new_tokens", "8",
         "--trainer.callbacks.init_args.num_prompts", "2", "--trainer.callbacks.init_args.max_new_tokens", "8",
         "--model.init_args.scheduler.init_args.warmup", "0", "--model.init_args.scheduler.init_args.decay", "constant",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
@@ -114,10 +115,10 @@ def test_two_rounds_through_the_cli(straight) -> None:
         assert dm.sample_split("train", TRAIN_STAGE, 1).rows != served
         # and a different seed samples other pairs from the same policy
         module.policy.load_state_dict(snapshot)
-        dm.generation_seed = 12345
+        dm.sampling.seed = 12345
         assert dm.sample_split("train", TRAIN_STAGE, 1).rows != served
     finally:
-        dm.generation_seed = None
+        dm.sampling.seed = None
         module.policy.load_state_dict(trained)
     # LogCompletions (in the recipe) wrote its table after each validation
     assert sorted(p.name for p in (log_dir / "completions").glob("*.jsonl")) == ["step_0.jsonl", "step_2.jsonl", "step_4.jsonl"]
@@ -167,7 +168,8 @@ def test_pairwise_losses_train_on_the_judged_pairs(tmp_path, loss_class) -> None
     loss = loss_class(beta=0.1, alpha=1.0, offset_fn="identity") if loss_class is RecordingODPO else loss_class(beta=0.1)
     module = IterativePreferenceModule(model=tiny_spec(), loss=loss, optimizer=lambda p: torch.optim.AdamW(p, lr=0.01))
     judge = FunctionJudge("test_iterative:by_length")
-    dm = IterativePairsDataModule(train_data=list(PROMPTS), judge=judge, num_samples=3, pairs="all", max_new_tokens=6,
+    dm = IterativePairsDataModule(train_data=list(PROMPTS), judge=judge,
+                                  sampling=SamplingSpec(num_samples=3, pairs="all", max_new_tokens=6),
                                   max_length=64, batch_size=4)
     dm.connect(module.tokenizer, module.data_requirements)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, reload_dataloaders_every_n_epochs=1, logger=False,
@@ -221,8 +223,8 @@ def test_batches_are_planned_evenly_and_resume_only_within_their_round() -> None
 
 def test_settings_are_checked_with_the_recipe_key(tmp_path) -> None:
     judge = FunctionJudge(SENTIMENT)
-    with pytest.raises(ValueError, match="data.init_args.num_samples must be"):
-        IterativePairsDataModule(train_data=list(PROMPTS), judge=judge, num_samples=1)
+    with pytest.raises(ValueError, match="data.init_args.sampling.num_samples must be"):
+        IterativePairsDataModule(train_data=list(PROMPTS), judge=judge, sampling=SamplingSpec(num_samples=1))
     with pytest.raises(TypeError, match="data.init_args.judge must be"):
         IterativePairsDataModule(train_data=list(PROMPTS), judge=sentiment)
     from dpo_lightning.lora import LoraSpec
@@ -252,7 +254,7 @@ def test_settings_are_checked_with_the_recipe_key(tmp_path) -> None:
         trainer.fit(module, dm)
     # a round whose samples all tie has nothing to train on
     tied = IterativePairsDataModule(train_data=list(PROMPTS), judge=FunctionJudge("test_iterative:constant"),
-                                    max_new_tokens=4, max_length=64)
+                                    sampling=SamplingSpec(num_samples=4, max_new_tokens=4), max_length=64)
     tied.connect(module.tokenizer, module.data_requirements)
     one_round = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))

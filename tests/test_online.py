@@ -16,6 +16,7 @@ from dpo_lightning.contract import BatchLayout, DataRequirements
 from dpo_lightning.data import PreferenceDataModule, PromptDataModule
 from dpo_lightning.data.tokenization import PairEncoder, TokenizationSettings
 from dpo_lightning.experiments.sentiment import score as sentiment
+from dpo_lightning.generation import SamplingSpec
 from dpo_lightning.judges import FunctionJudge, FunctionPairwiseJudge, Judge, PairwiseJudge, RewardModelJudge
 from dpo_lightning.losses import DPOLoss, KTOLoss, LossOutput, ODPOLoss
 from dpo_lightning.models import load_reward_model, load_tokenizer
@@ -71,9 +72,12 @@ class RecordingODPO(ODPOLoss):
 
 
 def online_module(judge=None, **kwargs) -> OnlinePreferenceModule:
-    kwargs.setdefault("max_new_tokens", 8)
+    """The module on the tiny model; ``SamplingSpec`` fields among ``kwargs`` go to ``sampling``."""
+    sampling = {name: kwargs.pop(name) for name in list(kwargs) if name in SamplingSpec.__dataclass_fields__}
+    sampling.setdefault("max_new_tokens", 8)
     kwargs.setdefault("optimizer", lambda params: torch.optim.AdamW(params, lr=0.01))
-    return OnlinePreferenceModule(model=tiny_spec(), judge=judge or FunctionJudge(SENTIMENT), **kwargs)
+    return OnlinePreferenceModule(model=tiny_spec(), judge=judge or FunctionJudge(SENTIMENT),
+                                  sampling=SamplingSpec(**sampling), **kwargs)
 
 
 def prompt_data(module, rows=PROMPTS, **kwargs) -> PromptDataModule:
@@ -282,7 +286,7 @@ def test_generation_runs_in_eval_mode_without_grad_and_restores_everything() -> 
     assert again.completion_ids == samples.completion_ids
     assert module.sample(batch, 3, seed=2).completion_ids != samples.completion_ids
     # missing_eos_penalty lowers the score of completions cut at max_new_tokens
-    module.missing_eos_penalty = 0.5
+    module.sampling.missing_eos_penalty = 0.5
     base = FunctionJudge(SENTIMENT).score(samples.prompts_per_sample(), samples.texts)
     penalty = torch.tensor([0.0 if e else 0.5 for e in samples.has_eos])
     assert torch.allclose(module.judge_samples(samples), base - penalty)
@@ -297,8 +301,9 @@ def test_same_seed_same_first_step(tmp_path: Path) -> None:
 
     def first_step(generation_seed=None):
         L.seed_everything(0)
-        module = Recording(model=tiny_spec(), judge=FunctionJudge("test_online:with_prompt"), max_new_tokens=8,
-                           generation_seed=generation_seed, optimizer=lambda p: torch.optim.AdamW(p, lr=0.01))
+        module = Recording(model=tiny_spec(), judge=FunctionJudge("test_online:with_prompt"),
+                           sampling=SamplingSpec(max_new_tokens=8, seed=generation_seed),
+                           optimizer=lambda p: torch.optim.AdamW(p, lr=0.01))
         fit = trainer(1)
         fit.fit(module, prompt_data(module))
         weights = [p.detach().clone() for p in module.policy.parameters()]
@@ -322,9 +327,9 @@ def test_settings_are_checked_before_loading_the_model() -> None:
     with pytest.raises(ValueError, match=r"reads \['margin'\]"):
         OnlinePreferenceModule(model=tiny_spec(), judge=judge, loss=NeedsMargin())
     with pytest.raises(ValueError, match="num_samples must be an int >= 2"):
-        OnlinePreferenceModule(model=tiny_spec(), judge=judge, num_samples=1)
+        OnlinePreferenceModule(model=tiny_spec(), judge=judge, sampling=SamplingSpec(num_samples=1))
     with pytest.raises(ValueError, match="pairs must be"):
-        OnlinePreferenceModule(model=tiny_spec(), judge=judge, pairs="random")
+        OnlinePreferenceModule(model=tiny_spec(), judge=judge, sampling=SamplingSpec(pairs="random"))
     with pytest.raises(TypeError, match="judge must be"):
         OnlinePreferenceModule(model=tiny_spec(), judge=sentiment)
     with pytest.raises(ValueError, match="max_new_tokens=200 exceeds"):
@@ -361,8 +366,10 @@ def test_all_tied_batches_skip_the_step() -> None:
     module = online_module(Constant())
     before = [p.detach().clone() for p in module.policy.parameters()]
     fit = trainer(1)
-    fit.fit(module, prompt_data(module))
+    with pytest.raises(RuntimeError, match="every one of the 1 optimizer steps was skipped"):  # nothing trained
+        fit.fit(module, prompt_data(module))
     assert fit.global_step == 1 and module.skipped_steps == 1
+    assert fit.callback_metrics["train/online/skipped_steps"].item() == 1
     assert fit.callback_metrics["train/online/tied_pairs"].item() == len(PROMPTS)
     assert fit.callback_metrics["train/online/pairs"].item() == 0
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))
@@ -417,7 +424,7 @@ def test_online_dpo_trains_two_steps_through_the_cli(tmp_path: Path) -> None:
         "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
         "--trainer.default_root_dir", str(tmp_path), "--model.init_args.export_dir", str(tmp_path / "model"),
-        "--data.init_args.batch_size", "4", "--model.init_args.max_new_tokens", "8",
+        "--data.init_args.batch_size", "4", "--model.init_args.sampling.max_new_tokens", "8",
     ])
     assert isinstance(cli.model, OnlinePreferenceModule) and isinstance(cli.model.loss, DPOLoss)
     assert isinstance(cli.model.judge, FunctionJudge) and cli.model.judge.path == SENTIMENT
@@ -437,7 +444,7 @@ def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(tmp_path: Path)
             "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.save_last", "true",
             "--trainer.default_root_dir", str(tmp_path / name), "--model.init_args.export_dir", str(tmp_path / name / "model"),
             "--model.init_args.scheduler.init_args.warmup", "0", "--model.init_args.scheduler.init_args.decay", "constant",
-            "--data.init_args.batch_size", "4", "--data.init_args.max_rows", "16", "--model.init_args.max_new_tokens", "8",
+            "--data.init_args.batch_size", "4", "--data.init_args.max_rows", "16", "--model.init_args.sampling.max_new_tokens", "8",
             *extra,
         ])
 

@@ -122,6 +122,11 @@ class AlignmentModule(L.LightningModule):
     def trained_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def note_rows(self, row_ids: torch.Tensor) -> None:
+        """Record a batch's ``(B,)`` dataset row ids as part of the coming optimizer step (named
+        if its gradient turns out non-finite; read only then: no host sync)."""
+        self._rows_since_step.append(row_ids)
+
     @property
     def data_requirements(self) -> DataRequirements:
         """The batch layout and extra columns this module trains on."""
@@ -135,7 +140,7 @@ class AlignmentModule(L.LightningModule):
     # -- loops ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.step(batch, self.train_metrics)
-        self._rows_since_step.append(batch["row_id"])  # read only when a step goes wrong: no host sync
+        self.note_rows(batch["row_id"])
         batch_size = batch["row_id"].numel()
         self.log("train/loss", loss.detach(), batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)  # short, for the bar
