@@ -240,7 +240,7 @@ class OnlinePreferenceModule(PreferenceModule):
         steps = int(self.global_step)
         if steps and self.skipped_steps >= steps:
             raise RuntimeError(
-                f"every one of the {steps} optimizer steps was skipped: the judge gave all samples of every prompt "
+                f"every optimizer step ({steps} of {steps}) was skipped: the judge gave all samples of every prompt "
                 f"the same score, so there was no pair to train on and the policy is unchanged (not exported). Use a "
                 f"judge that tells the samples apart, raise {MODEL_KEY}.sampling.num_samples or temperature, or start "
                 "from a policy whose samples differ"
