@@ -2,7 +2,7 @@
 
 from .base import AlignmentModule
 from .logprobs import LogProbSelector, logits_to_completion_logprobs, model_logprobs, token_logprobs
-from .iterative import IterativePreferenceModule, RoundReference
+from .iterative import IterativePreferenceModule
 from .online import OnlinePreferenceModule
 from .preference import PreferenceModule
 from .reference import (
@@ -11,7 +11,9 @@ from .reference import (
     MovingReference,
     NoReference,
     PrecomputedReference,
+    PrepareContext,
     ReferenceStrategy,
+    RoundReference,
     ReferenceUpdate,
     SeparateModel,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "PreferenceModule",
     "ReferenceStrategy",
     "ReferenceUpdate",
+    "PrepareContext",
     "RoundReference",
     "RewardModule",
     "SFTModule",

@@ -22,7 +22,7 @@ from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
 from . import reference_cache
 from .base import AlignmentModule, batch_values
 from .logprobs import LogProbSelector
-from .reference import ReferenceStrategy, ReferenceUpdate, choose_reference
+from .reference import PrepareContext, ReferenceStrategy, ReferenceUpdate, choose_reference
 
 REFERENCE_PREFIX = "reference."
 # A frozen reference is in eval mode on purpose; Lightning warns about every eval-mode module at
@@ -115,7 +115,7 @@ class PreferenceModule(AlignmentModule):
             separate_with_adapters=bool(lora and lora.separate_reference), precompute=precompute_reference,
             cache_dir=reference_cache_dir or reference_cache.DEFAULT_CACHE_DIR,
             reference_id=spec_fingerprint(reference_model if reference_model is not None else model),
-            update=reference_update, reference_tokens=self.loss.needs_reference_tokens,
+            update=reference_update, reference_tokens=self.loss.needs_reference_tokens, **self.reference_options(),
         )
         if lora is not None:
             self.policy = add_adapters(self.policy, lora, gradient_checkpointing)
@@ -126,6 +126,11 @@ class PreferenceModule(AlignmentModule):
             optimizer, scheduler, export_dir, overwrite_export, on_nonfinite,
             metrics=functools.partial(PreferenceMetrics, paired=self.compares_pairs),
         )
+
+    def reference_options(self) -> dict[str, Any]:
+        """Further :func:`~.reference.choose_reference` settings a subclass adds (the iterative
+        module's ``per_round``); none here. Called in ``__init__``, before the policy exists."""
+        return {}
 
     @property
     def compares_pairs(self) -> bool:
@@ -206,7 +211,18 @@ class PreferenceModule(AlignmentModule):
         super().setup(stage)
         # here, not in on_fit_start: Lightning builds the train loader for the scheduler's step
         # count before on_fit_start, and that loader must already carry precomputed columns
-        self.reference.prepare(self)
+        trainer = self.trainer
+        self.reference.prepare(PrepareContext(
+            policy=self.policy, compute=self.logprobs, tokenizer=self.tokenizer,
+            datamodule=getattr(trainer, "datamodule", None), device=trainer.strategy.root_device,
+            is_global_zero=trainer.is_global_zero, barrier=trainer.strategy.barrier,
+        ))
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        values = self.reference.on_train_epoch_start(self.policy, int(self.current_epoch))
+        for logger in self.loggers if values else ():
+            logger.log_metrics(values, step=self.global_step)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -3,10 +3,13 @@
 Every strategy has the same small interface, and :class:`~.preference.PreferenceModule` holds
 exactly one and never asks which:
 
-* :meth:`ReferenceStrategy.prepare`: before training or validation (at ``setup``);
+* :meth:`ReferenceStrategy.prepare`: before training or validation (at ``setup``), given what it
+  may use (:class:`PrepareContext`: the policy, the log-prob path, the data module, ...);
 * :meth:`ReferenceStrategy.logprobs`: the reference's :class:`SequenceLogProbs` for a batch;
 * :meth:`ReferenceStrategy.after_optimizer_step`: after each optimizer step (a moving reference
   updates itself here);
+* :meth:`ReferenceStrategy.on_train_epoch_start`: at the start of each training epoch (the
+  iterative reference becomes the policy at each round's start);
 * :meth:`ReferenceStrategy.on_save_checkpoint` / :meth:`on_load_checkpoint`: what of it goes into
   a checkpoint. A fixed reference is left out (it is rebuilt from the recipe on resume); a
   moving reference is saved and restored.
@@ -14,8 +17,9 @@ exactly one and never asks which:
 Strategies: :class:`NoReference` (SimPO, ORPO), :class:`FrozenCopy` (the initial policy, the
 default), :class:`SeparateModel` (``reference_model``), :class:`AdaptersDisabled` (LoRA: the
 policy with its adapters switched off), :class:`PrecomputedReference` (one pass before
-training, cached on disk; wraps one of the live strategies) and :class:`MovingReference`
-(TR-DPO: soft or hard updates towards the policy). Adding one is a class here plus a line in
+training, cached on disk; wraps one of the live strategies), :class:`MovingReference`
+(TR-DPO: soft or hard updates towards the policy) and :class:`RoundReference` (iterative DPO:
+the policy at the start of each round). Adding one is a class here plus a line in
 :func:`choose_reference`.
 """
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -35,11 +39,33 @@ from ..losses import SequenceLogProbs
 from ..models import ModelSpec, freeze, load_causal_lm
 from . import reference_cache
 
-if TYPE_CHECKING:
-    from .preference import PreferenceModule
-
 #: ``compute(network, batch) -> SequenceLogProbs``: the module's log-prob path (:class:`.logprobs.LogProbSelector`)
 LogProbFn = Callable[[nn.Module, Mapping[str, Tensor]], SequenceLogProbs]
+MODEL_KEY = "model.init_args"
+
+
+@dataclass
+class PrepareContext:
+    """What a strategy may use when it prepares (at ``setup``), handed over by the module.
+
+    Attributes:
+        policy: the policy (peft model with LoRA).
+        compute: the module's log-prob path.
+        tokenizer: the policy's tokenizer.
+        datamodule: the trainer's data module, or ``None``; a strategy reads its ``splits`` and
+            ``ordered_loader(split)`` and writes ``add_columns(split, columns)`` (the allowed reach).
+        device: where the run computes (the module may not be moved there yet).
+        is_global_zero: whether this is the process that writes shared files.
+        barrier: ``barrier(name)`` waits for every process.
+    """
+
+    policy: nn.Module
+    compute: LogProbFn
+    tokenizer: Any
+    datamodule: Any | None
+    device: torch.device
+    is_global_zero: bool = True
+    barrier: Callable[[str], None] = lambda name: None
 
 
 class ReferenceStrategy(nn.Module):
@@ -51,7 +77,7 @@ class ReferenceStrategy(nn.Module):
         super().__init__()
         self.training = False
 
-    def prepare(self, module: PreferenceModule) -> None:
+    def prepare(self, context: PrepareContext) -> None:
         """Called at ``setup`` of every stage, after the data module is set up."""
 
     def logprobs(self, policy: nn.Module, batch: Mapping[str, Tensor], compute: LogProbFn) -> SequenceLogProbs | None:
@@ -60,6 +86,11 @@ class ReferenceStrategy(nn.Module):
 
     def after_optimizer_step(self, policy: nn.Module) -> None:
         """Called after each optimizer step with the (updated) policy."""
+
+    def on_train_epoch_start(self, policy: nn.Module, epoch: int) -> dict[str, float]:
+        """Called at the start of each training epoch (0-based ``epoch``) with the policy; returns
+        values for the loggers (none by default)."""
+        return {}
 
     def on_save_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
         """Edit the module's ``state_dict`` before it is saved; default: leave this strategy out."""
@@ -188,6 +219,55 @@ class MovingReference(FrozenNetwork):
             )
 
 
+class RoundReference(FrozenNetwork):
+    """Iterative DPO's reference: frozen, and set to the policy at the start of each round
+    (training epoch) after the first, so each round is a DPO run around the policy that sampled
+    its pairs.
+
+    ``round`` (a buffer) is the 0-based round whose start last reset it (``-1``: never reset,
+    the network is the initial reference). Its weights and ``round`` are saved in checkpoints:
+    a run resumed in the middle of a round gets the reference of that round's start back (the
+    policy has moved on since), and one resumed at a round boundary resets it again.
+    """
+
+    def __init__(self, network: nn.Module, policy: nn.Module) -> None:
+        super().__init__(network)
+        if [n for n, _ in network.named_parameters()] != [n for n, _ in policy.named_parameters()]:
+            raise ValueError(
+                f"{MODEL_KEY}.reference_reset: per_round needs a reference with the policy's architecture "
+                "(the policy's weights are copied into it); drop reference_model or set reference_reset: never"
+            )
+        self.register_buffer("round", torch.full((), -1, dtype=torch.long))
+
+    @torch.no_grad()
+    def reset(self, policy: nn.Module, round_index: int) -> None:
+        """``reference <- policy`` (parameters, in the reference's dtype), marked as round ``round_index``."""
+        for ref, new in zip(self.network.parameters(), policy.parameters()):
+            ref.copy_(new.detach().to(ref.dtype))
+        self.round.fill_(round_index)
+
+    def on_train_epoch_start(self, policy: nn.Module, epoch: int) -> dict[str, float]:
+        """Round ``epoch >= 1`` starts: the reference becomes the policy that sampled its pairs.
+        Idempotent (the reference records the round it was reset for). Logs
+        ``round/reference_reset`` (the 1-based round)."""
+        if epoch == 0 or int(self.round) == epoch:
+            return {}
+        self.reset(policy, epoch)
+        rank_zero_info(f"round {epoch + 1}: the reference is now the policy of the round's start")
+        return {"round/reference_reset": float(epoch + 1)}
+
+    def on_save_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Keep the reference's current weights and round in the checkpoint."""
+
+    def on_load_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        missing = [k for k in self.state_dict(prefix=prefix) if k not in state_dict]
+        if missing:
+            raise ValueError(
+                "--ckpt_path: the checkpoint holds no per-round reference (it was trained without "
+                f"{MODEL_KEY}.reference_reset: per_round); resume with the recipe it was trained with"
+            )
+
+
 class PrecomputedReference(ReferenceStrategy):
     """One pass of a live reference (``source``) over the train and val splits before training,
     cached on disk (:mod:`.reference_cache`); the source is then freed and the log-probs travel
@@ -209,13 +289,11 @@ class PrecomputedReference(ReferenceStrategy):
         self.beyond_shared = beyond_shared
         self.batches_computed = 0
 
-    def prepare(self, module: PreferenceModule) -> None:
-        trainer = module.trainer
-        datamodule = getattr(trainer, "datamodule", None)
+    def prepare(self, context: PrepareContext) -> None:
+        datamodule = context.datamodule
         if datamodule is None or self.source is None:
             return
-        tokenizer_id = tokenizer_fingerprint(module.tokenizer)
-        device = trainer.strategy.root_device  # the module is not moved there yet
+        tokenizer_id = tokenizer_fingerprint(context.tokenizer)
         results: dict[str, Tensor] = {}
         for split, dataset in datamodule.splits.items():
             key = reference_cache.cache_key(dataset, self.reference_id, tokenizer_id, self.beyond_shared)
@@ -225,15 +303,15 @@ class PrecomputedReference(ReferenceStrategy):
                 loader = datamodule.ordered_loader(split)
                 rank_zero_info(f"precomputing reference log-probs for {len(loader.dataset)} rows ({len(loader)} batches)")
                 self.batches_computed += len(loader)
-                self.source.to(device)
+                self.source.to(context.device)
                 return reference_cache.compute(
-                    lambda batch: self.source.logprobs(module.policy, batch, module.logprobs), loader, device,
+                    lambda batch: self.source.logprobs(context.policy, batch, context.compute), loader, context.device,
                     self.beyond_shared,
                 )
 
             values, computed = reference_cache.load_or_compute(
-                path, key, len(dataset), compute, trainer.is_global_zero,
-                lambda: trainer.strategy.barrier("reference_cache"), width=len(reference_cache.columns(self.beyond_shared)),
+                path, key, len(dataset), compute, context.is_global_zero,
+                lambda: context.barrier("reference_cache"), width=len(reference_cache.columns(self.beyond_shared)),
             )
             rank_zero_info(f"reference log-probs for {split}: {'computed and saved to' if computed else 'read from'} {path}")
             results[split] = values
@@ -255,6 +333,18 @@ class PrecomputedReference(ReferenceStrategy):
         return SequenceLogProbs(torch.cat([batch[c] for c in reference_cache.COLUMNS]), counts, beyond_shared=tail)
 
 
+def check_per_round(*, adapters: bool, update: ReferenceUpdate | None, precompute: bool) -> None:
+    """Refuse settings a per-round reference cannot have (checked before a model is loaded)."""
+    clash = [name for name, value in (("lora", adapters), ("reference_update", update),
+                                      ("precompute_reference", precompute)) if value]
+    if clash:
+        raise ValueError(
+            f"{MODEL_KEY}.reference_reset: per_round copies the policy into the reference each round, which "
+            f"{clash[0]} does not allow (LoRA's reference is the base model without adapters; a moving or "
+            f"precomputed reference is another strategy); set reference_reset: never or remove {MODEL_KEY}.{clash[0]}"
+        )
+
+
 def choose_reference(
     *,
     needs_reference: bool,
@@ -269,6 +359,7 @@ def choose_reference(
     reference_id: str,
     update: ReferenceUpdate | None,
     reference_tokens: bool = False,
+    per_round: bool = False,
 ) -> ReferenceStrategy:
     """The one place that maps a recipe's reference settings to a strategy.
 
@@ -283,6 +374,8 @@ def choose_reference(
         update: ``reference_update`` (moving reference) or ``None``.
         reference_tokens: the loss reads per-token reference log-probs (``needs_reference_tokens``);
             a precomputed reference then caches the sums beyond the shared length as well.
+        per_round: the reference becomes the policy at each round's start (iterative DPO's
+            ``reference_reset: per_round``; full fine-tuning, neither moving nor precomputed).
     """
     if not needs_reference:
         for name, value in (("precompute_reference", precompute), ("reference_update", update), ("reference_model", reference_model)):
@@ -295,6 +388,10 @@ def choose_reference(
             "rejected log-prob per pair (KTO's KL pairs change every batch; unpaired rows, as BCOLoss trains on, "
             "are not cached); set it to false"
         )
+    if per_round:
+        check_per_round(adapters=adapters, update=update, precompute=precompute)
+        network = copy.deepcopy(policy) if reference_model is None else SeparateModel(reference_model, policy, tokenizer).network
+        return RoundReference(network, policy)
     if update is not None:
         if precompute:
             raise ValueError("model.init_args: a moving reference (reference_update) cannot be precomputed")
