@@ -17,7 +17,8 @@ from conftest import tiny_recipe, tiny_spec, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.losses import DPOLoss, IPOLoss, KTOLoss, ODPOLoss, ORPOLoss, SimPOLoss
-from dpo_lightning.losses.base import LossOutput, PreferenceLoss, SequenceLogProbs
+from dpo_lightning.contract import BatchLayout
+from dpo_lightning.losses.base import LossNeeds, LossOutput, PreferenceLoss, SequenceLogProbs
 from dpo_lightning.losses.bco import BCOPairLoss
 from dpo_lightning.losses.length import LengthDesensitized, length_desensitized
 from dpo_lightning.losses.mixture import MixtureLoss, component_name
@@ -448,3 +449,30 @@ def test_gradients_of_chosen_nll_and_wpo_match_their_formulas() -> None:
         slope = -beta * (1 - 1 / (1 + math.exp(-beta * (hw - hl))))  # d/dd of -log sigmoid(beta d)
         expected[i], expected[5 + i] = w * slope / 5, -w * slope / 5
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-14)
+
+
+# -- what a loss needs, as one value --------------------------------------------------------------
+def test_a_plain_loss_needs_what_its_class_attributes_declare() -> None:
+    class Tokens(DPOLoss):
+        needs_token_logprobs = True
+        score_columns = ("margin",)
+
+    assert DPOLoss().needs == LossNeeds()
+    assert SimPOLoss().needs == LossNeeds(reference=False)
+    assert Tokens().needs == LossNeeds(columns=("margin",), token_logprobs=True)
+    assert KTOLoss().needs.layout is BatchLayout.UNPAIRED_WITH_KL
+
+
+def test_wrappers_combine_their_parts_needs() -> None:
+    mixed = MixtureLoss([SimPOLoss(), ODPOLoss(), LengthDesensitized(DPOLoss(), 0.5)])
+    assert mixed.needs == LossNeeds(reference=True, columns=("score_chosen", "score_rejected"), token_logprobs=True,
+                                    reference_tokens=True)
+    assert (mixed.needs_reference, mixed.score_columns, mixed.needs_reference_tokens) == (
+        True, ("score_chosen", "score_rejected"), True)
+    assert LengthDesensitized(SimPOLoss()).needs == LossNeeds(reference=False, token_logprobs=True)
+    assert WPOWeighted(ODPOLoss()).needs == ODPOLoss().needs
+
+
+def test_needs_of_losses_with_different_layouts_cannot_be_combined() -> None:
+    with pytest.raises(ValueError, match=r"share one batch layout, got \['pairs', 'unpaired_with_kl'\]"):
+        LossNeeds.union([DPOLoss().needs, KTOLoss().needs])

@@ -3,7 +3,7 @@
 from .aot import AOTLoss, AOTUnpairedLoss
 from .apo import APODownLoss, APOZeroLoss, APOZeroUnpairedLoss
 from .bradley_terry import BradleyTerryLoss
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs
+from .base import ComposedLoss, LossNeeds, LossOutput, PreferenceLoss, SequenceLogProbs
 from .bco import BCOLoss, BCOPairLoss
 from .cpo import CPOHingeLoss, CPOIPOLoss, CPOLoss
 from .discopop import DiscoPOPLoss
@@ -45,6 +45,8 @@ __all__ = [
     "IPOLoss",
     "KTOLoss",
     "LengthDesensitized",
+    "ComposedLoss",
+    "LossNeeds",
     "LossOutput",
     "MixtureLoss",
     "NCALoss",

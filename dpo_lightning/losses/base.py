@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -122,6 +122,46 @@ class LossOutput:
 LOSS_KEY = "model.init_args.loss.init_args"
 
 
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a loss needs, as one value: a plain loss declares it with the class attributes of
+    :class:`PreferenceLoss` (``needs`` is derived from them); a loss built from other losses
+    (:class:`ComposedLoss`: mixtures, wrappers) combines its parts' values.
+
+    Attributes:
+        reference: reference log-probs (``needs_reference``).
+        layout: the batch layout (``batch_layout``).
+        columns: extra ``(B,)`` batch columns read (``score_columns``).
+        token_logprobs: per-token policy log-probs (``needs_token_logprobs``).
+        reference_tokens: per-token reference log-probs (``needs_reference_tokens``).
+        square_mass: the policy's ``SequenceLogProbs.square_mass`` (``needs_square_mass``).
+    """
+
+    reference: bool = True
+    layout: BatchLayout = BatchLayout.PAIRS
+    columns: tuple[str, ...] = ()
+    token_logprobs: bool = False
+    reference_tokens: bool = False
+    square_mass: bool = False
+
+    @classmethod
+    def union(cls, parts: Sequence[LossNeeds]) -> LossNeeds:
+        """What losses trained together need: any part's reference and per-token values, every
+        part's columns (first-seen order), their one layout (``ValueError`` if they differ).
+        The square mass is not passed on: only the outermost loss asks for it (WPO's aligned
+        weights go around a mixture, not inside one)."""
+        layouts = {part.layout for part in parts}
+        if len(layouts) != 1:
+            raise ValueError(f"losses trained together must share one batch layout, got {sorted(l.value for l in layouts)}")
+        return cls(
+            reference=any(part.reference for part in parts),
+            layout=parts[0].layout,
+            columns=tuple(dict.fromkeys(c for part in parts for c in part.columns)),
+            token_logprobs=any(part.token_logprobs for part in parts),
+            reference_tokens=any(part.reference_tokens for part in parts),
+        )
+
+
 class PreferenceLoss(nn.Module, ABC):
     """Base class of all preference losses.
 
@@ -162,6 +202,15 @@ class PreferenceLoss(nn.Module, ABC):
             )
 
     @property
+    def needs(self) -> LossNeeds:
+        """What this loss needs, from its class attributes."""
+        return LossNeeds(
+            reference=self.needs_reference, layout=self.batch_layout, columns=tuple(self.score_columns),
+            token_logprobs=self.needs_token_logprobs, reference_tokens=self.needs_reference_tokens,
+            square_mass=self.needs_square_mass,
+        )
+
+    @property
     def data_requirements(self) -> DataRequirements:
         """What this loss needs from the data module (layout and extra columns)."""
         return DataRequirements(self.batch_layout, tuple(self.score_columns))
@@ -186,6 +235,28 @@ class PreferenceLoss(nn.Module, ABC):
                 ``needs_reference`` is ``False``.
             batch: the collated batch (``input_ids`` ``(2B, T)``, optional score columns ``(B,)``).
         """
+
+
+class ComposedLoss(PreferenceLoss):
+    """A loss built from other losses (a mixture, a wrapper): it declares nothing itself; what
+    it needs is :attr:`needs`, set once in ``__init__`` from its parts' (``self.set_needs``), and
+    the need attributes read from it."""
+
+    _needs: LossNeeds = LossNeeds()
+
+    def set_needs(self, needs: LossNeeds) -> None:
+        self._needs = needs
+
+    @property
+    def needs(self) -> LossNeeds:
+        return self._needs
+
+    needs_reference = property(lambda self: self._needs.reference)  # type: ignore[assignment]
+    batch_layout = property(lambda self: self._needs.layout)  # type: ignore[assignment]
+    score_columns = property(lambda self: self._needs.columns)  # type: ignore[assignment]
+    needs_token_logprobs = property(lambda self: self._needs.token_logprobs)  # type: ignore[assignment]
+    needs_reference_tokens = property(lambda self: self._needs.reference_tokens)  # type: ignore[assignment]
+    needs_square_mass = property(lambda self: self._needs.square_mass)  # type: ignore[assignment]
 
 
 def check_positive(name: str, value: float) -> float:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import LOSS_KEY, LossOutput, PreferenceLoss, SequenceLogProbs
+from .base import LOSS_KEY, ComposedLoss, LossOutput, PreferenceLoss, SequenceLogProbs
 
 
 def require_tokens(logps: SequenceLogProbs, side: str) -> None:
@@ -78,7 +79,7 @@ def length_desensitized(logps: SequenceLogProbs, ld_alpha: float, side: str = "p
     return SequenceLogProbs(sums, logps.counts, logps.tokens, logps.token_mask)
 
 
-class LengthDesensitized(PreferenceLoss):
+class LengthDesensitized(ComposedLoss):
     r"""LD-DPO (Liu et al. 2024, arXiv 2409.06411): desensitise a pairwise loss to response length.
 
     The policy's and the reference's per-response log-probs are replaced by
@@ -114,8 +115,6 @@ class LengthDesensitized(PreferenceLoss):
             change); the paper tunes it per model, lower is more length-desensitised.
     """
 
-    needs_token_logprobs = True
-
     def __init__(self, loss: PreferenceLoss, ld_alpha: float = 1.0) -> None:
         super().__init__()
         if not loss.pairwise:
@@ -126,10 +125,9 @@ class LengthDesensitized(PreferenceLoss):
             raise ValueError(f"{LOSS_KEY}.ld_alpha must be in [0, 1], got {ld_alpha}")
         self.inner = loss
         self.ld_alpha = float(ld_alpha)
-        self.needs_reference = loss.needs_reference  # type: ignore[misc]
-        self.score_columns = loss.score_columns  # type: ignore[misc]
-        #: per-token reference log-probs are needed: a precomputed reference holds sums only
-        self.needs_reference_tokens = loss.needs_reference
+        # the inner loss's needs, with per-token values of the policy and of the reference when there
+        # is one (a precomputed reference then caches the sums beyond the shared length); no square mass
+        self.set_needs(replace(loss.needs, token_logprobs=True, reference_tokens=loss.needs_reference, square_mass=False))
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]

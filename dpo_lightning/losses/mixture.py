@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .base import LOSS_KEY, LossOutput, PreferenceLoss, SequenceLogProbs
+from .base import LOSS_KEY, ComposedLoss, LossNeeds, LossOutput, PreferenceLoss, SequenceLogProbs
 
 _KEY = f"{LOSS_KEY}.losses"
 
@@ -44,7 +44,7 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-class MixtureLoss(PreferenceLoss):
+class MixtureLoss(ComposedLoss):
     r"""A weighted sum of preference losses (MPO, Wang et al. 2024, arXiv 2411.10442: DPO +
     BCO-pair + SFT; TRL's ``loss_type=[...]`` with ``loss_weights``)::
 
@@ -132,12 +132,7 @@ class MixtureLoss(PreferenceLoss):
         self.losses = nn.ModuleList(losses)
         self.weights = tuple(float(w) for w in weights)
         self.names = tuple(names)
-        self.needs_reference = any(loss.needs_reference for loss in losses)  # type: ignore[misc]
-        self.needs_token_logprobs = any(loss.needs_token_logprobs for loss in losses)  # type: ignore[misc]
-        self.score_columns = tuple(dict.fromkeys(c for loss in losses for c in loss.score_columns))  # type: ignore[misc]
-        self.batch_layout = layout  # type: ignore[misc]
-        #: per-token reference log-probs are needed (LD-DPO): a precomputed reference holds sums only
-        self.needs_reference_tokens = any(getattr(loss, "needs_reference_tokens", False) for loss in losses)
+        self.set_needs(LossNeeds.union([loss.needs for loss in losses]))
         #: the component whose rewards and log-probs are reported
         self.reporter = next((i for i, loss in enumerate(losses) if loss.needs_reference), 0)
 

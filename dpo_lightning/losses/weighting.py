@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .base import LOSS_KEY, LossOutput, PreferenceLoss, SequenceLogProbs
+from .base import LOSS_KEY, ComposedLoss, LossOutput, PreferenceLoss, SequenceLogProbs
 
 
-class WPOWeighted(PreferenceLoss):
+class WPOWeighted(ComposedLoss):
     r"""WPO (Zhou et al. 2024, arXiv 2406.11827): reweight a pairwise loss's pairs so that
     off-policy pairs count less. Pair ``i`` weighs the policy's length-normalised probability
     of both its responses, detached (no gradient flows through the weight)::
@@ -61,11 +62,7 @@ class WPOWeighted(PreferenceLoss):
             raise ValueError(f"{LOSS_KEY}.loss must be a pairwise loss; WPO weighs (chosen, rejected) pairs")
         self.inner = loss
         self.aligned = bool(aligned)
-        self.needs_reference = loss.needs_reference  # type: ignore[misc]
-        self.score_columns = loss.score_columns  # type: ignore[misc]
-        self.needs_token_logprobs = loss.needs_token_logprobs  # type: ignore[misc]
-        self.needs_reference_tokens = getattr(loss, "needs_reference_tokens", False)
-        self.needs_square_mass = self.aligned  # type: ignore[misc]
+        self.set_needs(replace(loss.needs, square_mass=self.aligned))  # the inner loss's, and the square mass if aligned
 
     def weights(self, policy: SequenceLogProbs) -> torch.Tensor:
         """``(B,)`` detached pair weights (see the class docstring)."""

@@ -109,13 +109,14 @@ class PreferenceModule(AlignmentModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.lora = lora
+        needs = self.loss.needs
         self.reference: ReferenceStrategy = choose_reference(
-            needs_reference=self.loss.needs_reference, pairwise=self.loss.pairwise, policy=self.policy,
+            needs_reference=needs.reference, pairwise=needs.layout == BatchLayout.PAIRS, policy=self.policy,
             tokenizer=self.tokenizer, reference_model=reference_model, adapters=lora is not None,
             separate_with_adapters=bool(lora and lora.separate_reference), precompute=precompute_reference,
             cache_dir=reference_cache_dir or reference_cache.DEFAULT_CACHE_DIR,
             reference_id=spec_fingerprint(reference_model if reference_model is not None else model),
-            update=reference_update, reference_tokens=self.loss.needs_reference_tokens, **self.reference_options(),
+            update=reference_update, reference_tokens=needs.reference_tokens, **self.reference_options(),
         )
         if lora is not None:
             self.policy = add_adapters(self.policy, lora, gradient_checkpointing)
