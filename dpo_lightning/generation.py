@@ -132,7 +132,9 @@ def check_pair_columns(columns: Sequence[str], who: str, where: str) -> None:
     in the error; ``where``: what forms the pairs)."""
     other = [c for c in columns if c not in SCORE_COLUMNS]
     if other:
-        raise ValueError(f"{who} reads {other} from each pair; {where} carry only the judge's scores as {list(SCORE_COLUMNS)}")
+        raise ValueError(
+            f"{who} reads {other} from each pair; {where} carry only the judge's scores as {list(SCORE_COLUMNS)}"
+        )
 
 
 def generation_seed(base: int, *parts: int) -> int:
@@ -306,7 +308,8 @@ def sample_completions(
     prompt_ids = [row[row.numel() - n :].tolist() for row, n in zip(input_ids, lengths)]
     device = input_ids.device
     settings = dict(
-        input_ids=input_ids.repeat_interleave(num_samples, 0), attention_mask=attention_mask.repeat_interleave(num_samples, 0),
+        input_ids=input_ids.repeat_interleave(num_samples, 0),
+        attention_mask=attention_mask.repeat_interleave(num_samples, 0),
         do_sample=True, max_new_tokens=max_new_tokens, use_cache=True, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=1.0, typical_p=1.0, min_p=0.0, no_repeat_ngram_size=0, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=list(stop_ids),
@@ -398,7 +401,9 @@ def judge_samples(judge: Judge | PairwiseJudge, samples: Samples, missing_eos_pe
         scores = _call_judge(judge, lambda: judge.score(samples.prompts_per_sample(), samples.texts), prompt_of, samples)
         scores = scores.float().cpu()
         if tuple(scores.shape) != (len(samples.texts),):
-            raise ValueError(f"the judge returned scores of shape {tuple(scores.shape)} for {len(samples.texts)} completions")
+            raise ValueError(
+                f"judge {judge!r} returned scores of shape {tuple(scores.shape)} for {len(samples.texts)} completions"
+            )
         _refuse_nonfinite(judge, scores, prompt_of, samples)
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~torch.tensor(samples.has_eos)).float()
@@ -543,8 +548,9 @@ def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 
 __all__ = [
-    "EXACT", "SCORE_COLUMNS", "JudgedPairs", "PairMode", "SamplingSpec", "Samples", "build_pair_batch", "check_judge",
-    "check_pair_columns", "check_positions", "cut_at_eos", "encode_prompt", "form_pairs", "generating_model",
-    "generation_seed", "judge_and_pair", "refuse_flat_sampling", "judge_samples", "left_padded", "pair_row", "pair_rows", "pairwise_win_rates",
-    "position_limit", "sample_completions", "stop_token_ids", "text_pair_rows", "write_jsonl",
+    "EXACT", "SCORE_COLUMNS", "JudgedPairs", "PairMode", "SamplingSpec", "Samples", "build_pair_batch",
+    "check_judge", "check_pair_columns", "check_positions", "cut_at_eos", "encode_prompt", "form_pairs",
+    "generating_model", "generation_seed", "judge_and_pair", "judge_samples", "left_padded", "pair_row",
+    "pair_rows", "pairwise_win_rates", "position_limit", "refuse_flat_sampling", "sample_completions",
+    "stop_token_ids", "text_pair_rows", "write_jsonl",
 ]

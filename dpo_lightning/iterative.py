@@ -87,7 +87,8 @@ from .data.prompts import PromptCollator, PromptDataModule
 from .data.sources import DataSpec
 from .generation import (
     SCORE_COLUMNS, JudgedPairs, SamplingSpec, check_judge, check_pair_columns, check_positions, generating_model,
-    generation_seed, judge_and_pair, pair_rows, refuse_flat_sampling, sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
+    generation_seed, judge_and_pair, pair_rows, refuse_flat_sampling, sample_completions, stop_token_ids,
+    text_pair_rows, write_jsonl,
 )
 from .judges import Judge, PairwiseJudge
 

@@ -147,7 +147,9 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], path: str, what: str, p
     try:
         out = float(value)
     except (TypeError, ValueError) as err:
-        raise JudgeError(f"{JUDGE_KEY}.path {path!r} returned {value!r:.80} for {what}; it must return a number", position) from err
+        raise JudgeError(
+            f"{JUDGE_KEY}.path {path!r} returned {value!r:.80} for {what}; it must return a number", position
+        ) from err
     if not math.isfinite(out):
         raise JudgeError(f"{JUDGE_KEY}.path {path!r} returned {out} for {what}; scores must be finite", position)
     return out

@@ -202,7 +202,8 @@ class OnlinePreferenceModule(PreferenceModule):
             params = [p for p in self.trained_model().parameters() if p.requires_grad]
             return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device))
         self._pairs_since_step = True
-        pair_batch = build_pair_batch(samples, judged.pairs, judged.scores, batch["row_id"].tolist(), self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        pair_batch = build_pair_batch(samples, judged.pairs, judged.scores, batch["row_id"].tolist(), pad)
         pair_batch = {name: value.to(self.device) for name, value in pair_batch.items()}
         return super().training_step(pair_batch, batch_idx)
 

@@ -125,6 +125,34 @@ class FrozenNetwork(ReferenceStrategy):
         return compute(self.network, batch)
 
 
+class MovingNetwork(FrozenNetwork):
+    """A frozen network whose weights the strategy changes during training (towards the policy,
+    or to it): they and its buffers are kept in checkpoints and must be found there on resume.
+
+    Subclasses set ``kind`` (what it is, in words) and ``setting`` (the recipe setting that
+    makes it), named when a checkpoint lacks it.
+    """
+
+    kind = ""
+    setting = ""
+
+    def __init__(self, network: nn.Module, policy: nn.Module, needs: str) -> None:
+        super().__init__(network)
+        if [n for n, _ in network.named_parameters()] != [n for n, _ in policy.named_parameters()]:
+            raise ValueError(f"{self.setting} needs a reference with the policy's architecture ({needs})")
+
+    def on_save_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Keep the reference's current weights and buffers in the checkpoint."""
+
+    def on_load_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        missing = [k for k in self.state_dict(prefix=prefix) if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"--ckpt_path: the checkpoint holds no {self.kind} (it was trained without "
+                f"{self.setting}); resume with the recipe it was trained with"
+            )
+
+
 class FrozenCopy(FrozenNetwork):
     """A frozen copy of the initial policy (the default reference of DPO)."""
 
@@ -180,22 +208,19 @@ class ReferenceUpdate:
             raise ValueError(f"model.init_args.reference_update.every_n_steps must be >= 1, got {self.every_n_steps}")
 
 
-class MovingReference(FrozenNetwork):
+class MovingReference(MovingNetwork):
     """A reference that moves towards the policy (TR-DPO; see :class:`ReferenceUpdate`).
 
     Its weights and its optimizer-step counter (a buffer) are saved in checkpoints and
     restored on resume, so a resumed run updates at the same steps with the same weights.
     """
 
+    kind = "moving reference"
+    setting = "model.init_args.reference_update"
+
     def __init__(self, network: nn.Module, policy: nn.Module, update: ReferenceUpdate) -> None:
         update.validate()
-        super().__init__(network)
-        names = [n for n, _ in network.named_parameters()]
-        if names != [n for n, _ in policy.named_parameters()]:
-            raise ValueError(
-                "model.init_args.reference_update needs a reference with the policy's architecture "
-                "(its parameters are mixed into the reference)"
-            )
+        super().__init__(network, policy, "its parameters are mixed into the reference")
         self.update = update
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
@@ -207,19 +232,8 @@ class MovingReference(FrozenNetwork):
         for ref, new in zip(self.network.parameters(), policy.parameters()):
             ref.lerp_(new.detach().to(ref.dtype), self.update.alpha)
 
-    def on_save_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
-        """Keep the reference's current weights and step counter in the checkpoint."""
 
-    def on_load_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
-        missing = [k for k in self.state_dict(prefix=prefix) if k not in state_dict]
-        if missing:
-            raise ValueError(
-                "--ckpt_path: the checkpoint holds no moving reference (it was trained without "
-                "model.init_args.reference_update); resume with the recipe it was trained with"
-            )
-
-
-class RoundReference(FrozenNetwork):
+class RoundReference(MovingNetwork):
     """Iterative DPO's reference: frozen, and set to the policy at the start of each round
     (training epoch) after the first, so each round is a DPO run around the policy that sampled
     its pairs.
@@ -230,13 +244,12 @@ class RoundReference(FrozenNetwork):
     policy has moved on since), and one resumed at a round boundary resets it again.
     """
 
+    kind = "per-round reference"
+    setting = f"{MODEL_KEY}.reference_reset: per_round"
+
     def __init__(self, network: nn.Module, policy: nn.Module) -> None:
-        super().__init__(network)
-        if [n for n, _ in network.named_parameters()] != [n for n, _ in policy.named_parameters()]:
-            raise ValueError(
-                f"{MODEL_KEY}.reference_reset: per_round needs a reference with the policy's architecture "
-                "(the policy's weights are copied into it); drop reference_model or set reference_reset: never"
-            )
+        super().__init__(network, policy, "the policy's weights are copied into it; drop reference_model or set "
+                                          "reference_reset: never")
         self.register_buffer("round", torch.full((), -1, dtype=torch.long))
 
     @torch.no_grad()
@@ -255,17 +268,6 @@ class RoundReference(FrozenNetwork):
         self.reset(policy, epoch)
         rank_zero_info(f"round {epoch + 1}: the reference is now the policy of the round's start")
         return {"round/reference_reset": float(epoch + 1)}
-
-    def on_save_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
-        """Keep the reference's current weights and round in the checkpoint."""
-
-    def on_load_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
-        missing = [k for k in self.state_dict(prefix=prefix) if k not in state_dict]
-        if missing:
-            raise ValueError(
-                "--ckpt_path: the checkpoint holds no per-round reference (it was trained without "
-                f"{MODEL_KEY}.reference_reset: per_round); resume with the recipe it was trained with"
-            )
 
 
 class PrecomputedReference(ReferenceStrategy):
