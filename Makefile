@@ -13,7 +13,7 @@ PIPTOOLS := pip-tools==7.7.0
 TORCH   ?= torch==2.13.0
 LATEST  ?= .venv-latest
 
-.PHONY: install demo test test-latest lock experiment clean
+.PHONY: install demo test test-fast test-latest lock experiment clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the suite without the end-to-end tests marked slow (each over ~20 s on a CPU)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The newest releases the ranges in pyproject.toml allow (torch stays the CPU build named by
 # TORCH): finds a dependency's breaking release before the lock is refreshed onto it.

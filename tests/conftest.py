@@ -1,17 +1,28 @@
-"""Shared fixtures: the shipped tiny tokenizer, a tiny Llama spec, small pair files."""
+"""Shared fixtures and helpers: the shipped tiny tokenizer, a tiny Llama spec, small pair files, the
+shipped recipes as the CLI runs them, random log-probs, and the CLI in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
+import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dpo_lightning.cli import run  # noqa: E402
+from dpo_lightning.losses import SequenceLogProbs  # noqa: E402
 from dpo_lightning.models import ModelSpec, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +100,6 @@ def tiny_recipe(tmp_path: Path, train: str, val: str, loss: dict | None = None, 
 
 
 def write_recipe(path: Path, recipe: dict) -> str:
-    import yaml
-
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)
 
@@ -171,3 +180,79 @@ def load_gpu_benchmark():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# -- helpers shared by several test files (a test file imports them from here, never from another test file) --
+RECIPES = ROOT / "recipes"
+PLUGINS = str(ROOT / "tests" / "plugins")
+
+
+STANDALONE = ("dpo", "quickstart", "base")  # complete recipes, run with one --config
+
+
+def configs(recipe: str) -> list[str]:
+    """The ``--config`` arguments of a shipped recipe: a standalone one alone, an overlay after base.yaml."""
+    path = str(RECIPES / f"{recipe}.yaml")
+    return ["--config", path] if recipe in STANDALONE else ["--config", str(RECIPES / "base.yaml"), "--config", path]
+
+
+def quick(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit", *configs(recipe),
+        "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--model.init_args.export_dir", str(tmp_path / "model"),
+        *extra,
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _printed(*config_args: str) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit) as exit_info:
+        run(["fit", *config_args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return buffer.getvalue()
+
+
+def print_config(recipe: str) -> dict:
+    """The recipe (an overlay composed with base.yaml) as LightningCLI parses and validates it; no model is loaded."""
+    return yaml.safe_load(_printed(*configs(recipe)))
+
+
+def rows():
+    return [
+        {"prompt_ids": [1, 10, 11, 12], "chosen_ids": [20, 21, 2], "rejected_ids": [30, 2], "row_id": 0},
+        {"prompt_ids": [1, 13], "chosen_ids": [22, 23, 24, 25, 2], "rejected_ids": [31, 32, 33, 2], "row_id": 1},
+        {"prompt_ids": [1, 14, 15, 16, 17, 18], "chosen_ids": [26, 2], "rejected_ids": [34, 35, 36, 2], "row_id": 2},
+    ]
+
+
+def random_logps(batch: int, seed: int, scale: float = 5.0) -> tuple[SequenceLogProbs, SequenceLogProbs]:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 30, (2 * batch,), generator=g)
+    policy = SequenceLogProbs(-scale * torch.rand(2 * batch, generator=g, dtype=torch.float64) * counts, counts)
+    reference = SequenceLogProbs(-scale * torch.rand(2 * batch, generator=g, dtype=torch.float64) * counts, counts)
+    return policy, reference
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def resume_recipe(tmp_path: Path, name: str, train: str, val: str, kill_at: int | None) -> str:
+    recipe = tiny_recipe(tmp_path, train, val, export_dir=str(tmp_path / name / "export"))
+    recipe["trainer"].update(
+        max_steps=11, limit_val_batches=1, default_root_dir=str(tmp_path / name), enable_checkpointing=True,
+        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 3, "save_last": True, "save_top_k": -1}}],
+    )
+    recipe["data"]["init_args"]["batch_size"] = 4  # 32 rows: 8 batches an epoch, so step 5 is mid-epoch
+    if kill_at is not None:
+        recipe["trainer"]["callbacks"].append({"class_path": "faults.KillAtStep", "init_args": {"step": kill_at}})
+    return write_recipe(tmp_path / f"{name}.yaml", recipe)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=PLUGINS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "dpo_lightning.cli", *args], env=env, capture_output=True, text=True)

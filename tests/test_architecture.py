@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 
-from conftest import TOKENIZER_DIR, tiny_recipe, tiny_spec, write_recipe
+from conftest import TOKENIZER_DIR, cli, resume_recipe, rows, tiny_recipe, tiny_spec, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.contract import BatchLayout, DataRequirements
 from dpo_lightning.data import PairCollator, PreferenceDataModule, SFTDataModule, UnpairedDataModule
@@ -27,8 +27,6 @@ from dpo_lightning.modules import (
     SFTModule,
 )
 from dpo_lightning.modules.logprobs import chunked_model_logprobs, model_logprobs, shared_prompt_model_logprobs
-from test_logprobs import rows
-from test_resume_and_guards import cli, resume_recipe
 
 
 # -- the contract ------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import quickstart_rows, tiny_spec, write_jsonl
+from conftest import log_sigmoid, quickstart_rows, random_logps, tiny_spec, write_jsonl
 from dpo_lightning.contract import BatchLayout, DataRequirements
 from dpo_lightning.data import PreferenceDataModule, UnpairedCollator, UnpairedDataModule
 from dpo_lightning.losses import KTOLoss, SequenceLogProbs
 from dpo_lightning.losses.bco import BCOLoss, BCOPairLoss
 from dpo_lightning.models import load_tokenizer
 from dpo_lightning.modules import PreferenceModule
-from test_losses_dpo import log_sigmoid, random_logps
 
 
 def unpaired_logps(n: int, seed: int) -> tuple[SequenceLogProbs, SequenceLogProbs]:

@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, quick
 from dpo_lightning.losses import BradleyTerryLoss
-from test_recipes import quick
 
 
 def bt_reference(rw: float, rl: float, m: float) -> float:

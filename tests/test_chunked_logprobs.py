@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import rows
 from dpo_lightning.data import PairCollator
 from dpo_lightning.models import ModelSpec, load_causal_lm
 from dpo_lightning.modules.logprobs import (
     ChunkedTargetLogProbs, chunked_model_logprobs, model_logprobs, supports_chunked_logprobs, token_logprobs,
 )
-from test_logprobs import rows
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])

@@ -6,11 +6,11 @@ import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 
+from conftest import print_config
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.lora import LoraSpec
 from dpo_lightning.losses import DPOLoss
 from dpo_lightning.models import ModelSpec, quantization_config
-from test_recipes import print_config  # base.yaml + the overlay, as LightningCLI parses it (no model is loaded)
 
 
 def model_args(config: dict) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from conftest import rows
 from dpo_lightning.data import PairCollator
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.modules import logits_to_completion_logprobs, model_logprobs
@@ -18,14 +19,6 @@ def manual_logprob(model, prompt: list[int], completion: list[int]) -> float:
         position = len(prompt) + t - 1  # logits at position p predict token p + 1
         total += torch.log_softmax(logits[position], -1)[token].item()
     return total
-
-
-def rows():
-    return [
-        {"prompt_ids": [1, 10, 11, 12], "chosen_ids": [20, 21, 2], "rejected_ids": [30, 2], "row_id": 0},
-        {"prompt_ids": [1, 13], "chosen_ids": [22, 23, 24, 25, 2], "rejected_ids": [31, 32, 33, 2], "row_id": 1},
-        {"prompt_ids": [1, 14, 15, 16, 17, 18], "chosen_ids": [26, 2], "rejected_ids": [34, 35, 36, 2], "row_id": 2},
-    ]
 
 
 def test_padded_batch_matches_manual_per_token_and_each_row_alone(spec, tokenizer) -> None:

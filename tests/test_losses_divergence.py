@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from conftest import log_sigmoid, quick, random_logps
 from dpo_lightning.losses import DPOLoss, HingeLoss, IPOLoss, ODPOLoss, RobustDPOLoss, SequenceLogProbs
 from dpo_lightning.losses.base import divergence_scores
-from test_losses_dpo import log_sigmoid, random_logps
 
 DIVERGENCES = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
@@ -193,7 +193,6 @@ def test_a_divergence_on_a_loss_without_one_is_a_clear_cli_error() -> None:
 ])
 def test_options_train_a_shipped_recipe_two_steps(recipe: str, options: list[str], tmp_path) -> None:
     """The f-divergences and ODPO's log-ratio offset through the CLI on a shipped overlay."""
-    from test_recipes import quick
 
     from dpo_lightning.cli import run
 

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
+from conftest import log_sigmoid, random_logps
 from dpo_lightning.losses import DPOLoss, HingeLoss, RobustDPOLoss, SequenceLogProbs
-
-
-def random_logps(batch: int, seed: int, scale: float = 5.0) -> tuple[SequenceLogProbs, SequenceLogProbs]:
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(1, 30, (2 * batch,), generator=g)
-    policy = SequenceLogProbs(-scale * torch.rand(2 * batch, generator=g, dtype=torch.float64) * counts, counts)
-    reference = SequenceLogProbs(-scale * torch.rand(2 * batch, generator=g, dtype=torch.float64) * counts, counts)
-    return policy, reference
-
-
-def log_sigmoid(x: float) -> float:
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
 
 def dpo_reference(pw, pl, rw, rl, beta, eps) -> float:

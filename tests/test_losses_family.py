@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from conftest import log_sigmoid, random_logps
 from dpo_lightning.losses import DPOLoss, IPOLoss, ODPOLoss, ORPOLoss, SequenceLogProbs, SimPOLoss, WithChosenNLL
-from test_losses_dpo import log_sigmoid, random_logps
 
 SHAPES = [1, 4, 33]
 

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import tiny_recipe, tiny_spec, write_recipe
+from conftest import log_sigmoid, random_logps, tiny_recipe, tiny_spec, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.losses import DPOLoss, IPOLoss, KTOLoss, ODPOLoss, ORPOLoss, SimPOLoss
@@ -26,7 +26,6 @@ from dpo_lightning.losses.rpo import ChosenNLLLoss, WithChosenNLL
 from dpo_lightning.losses.weighting import WPOWeighted
 from dpo_lightning.modules import PreferenceModule
 from dpo_lightning.modules.reference import MovingReference, ReferenceUpdate
-from test_losses_dpo import log_sigmoid, random_logps
 
 SHAPES = [1, 4, 16]
 SCORES = {"score_chosen": torch.tensor([2.0, 3.0, 1.5, 4.0], dtype=torch.float64),

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from conftest import log_sigmoid, random_logps
 from dpo_lightning.losses import (
     AOTLoss,
     AOTUnpairedLoss,
@@ -25,7 +26,6 @@ from dpo_lightning.losses import (
     SequenceLogProbs,
     SPPOHardLoss,
 )
-from test_losses_dpo import log_sigmoid, random_logps
 
 SHAPES = [1, 4, 33]
 DIVERGENCES = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]

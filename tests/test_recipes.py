@@ -4,9 +4,6 @@ and the reward-model -> score -> ODPO pipeline."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import json
 import shutil
 import subprocess
@@ -19,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import ROOT, determined_content, tiny_recipe, write_recipe
+from conftest import RECIPES, ROOT, STANDALONE, _printed, determined_content, print_config, quick, tiny_recipe, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.losses import KTOLoss, ODPOLoss
@@ -27,43 +24,11 @@ from dpo_lightning.models import ModelSpec
 from dpo_lightning.modules import NoReference
 from dpo_lightning.scoring import score_pairs
 
-RECIPES = ROOT / "recipes"
 TINY_MODEL = ROOT / "data" / "tiny-llama"
-STANDALONE = ("dpo", "quickstart", "base")  # complete recipes, run with one --config
 GPU_ONLY = {"ddp", "fsdp", "deepspeed", "qlora"}  # parsed and checked in test_distributed_recipes.py
 OVERLAYS = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in STANDALONE)
 MODEL_OVERLAYS = sorted(f"models/{p.stem}" for p in (RECIPES / "models").glob("*.yaml"))  # need the hub: parsed only
 SINGLE_DEVICE = sorted(r for r in OVERLAYS if r not in GPU_ONLY) + list(STANDALONE)
-
-
-def configs(recipe: str) -> list[str]:
-    """The ``--config`` arguments of a shipped recipe: a standalone one alone, an overlay after base.yaml."""
-    path = str(RECIPES / f"{recipe}.yaml")
-    return ["--config", path] if recipe in STANDALONE else ["--config", str(RECIPES / "base.yaml"), "--config", path]
-
-
-def quick(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "fit", *configs(recipe),
-        "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-        "--trainer.default_root_dir", str(tmp_path), "--model.init_args.export_dir", str(tmp_path / "model"),
-        *extra,
-    ]
-
-
-@functools.lru_cache(maxsize=None)
-def _printed(*config_args: str) -> str:
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit) as exit_info:
-        run(["fit", *config_args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return buffer.getvalue()
-
-
-def print_config(recipe: str) -> dict:
-    """The recipe (an overlay composed with base.yaml) as LightningCLI parses and validates it; no model is loaded."""
-    return yaml.safe_load(_printed(*configs(recipe)))
 
 
 #: recipes whose data module samples a whole prompt set before the first step: 16 rows keep the 2-step test short

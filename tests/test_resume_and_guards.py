@@ -12,29 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, quickstart_rows, tiny_recipe, write_jsonl, write_recipe
+from conftest import PLUGINS, cli, quickstart_rows, resume_recipe, tiny_recipe, write_jsonl, write_recipe
 from dpo_lightning.cli import run
-
-PLUGINS = str(ROOT / "tests" / "plugins")
-
-
-def resume_recipe(tmp_path: Path, name: str, train: str, val: str, kill_at: int | None) -> str:
-    recipe = tiny_recipe(tmp_path, train, val, export_dir=str(tmp_path / name / "export"))
-    recipe["trainer"].update(
-        max_steps=11, limit_val_batches=1, default_root_dir=str(tmp_path / name), enable_checkpointing=True,
-        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"every_n_train_steps": 3, "save_last": True, "save_top_k": -1}}],
-    )
-    recipe["data"]["init_args"]["batch_size"] = 4  # 32 rows: 8 batches an epoch, so step 5 is mid-epoch
-    if kill_at is not None:
-        recipe["trainer"]["callbacks"].append({"class_path": "faults.KillAtStep", "init_args": {"step": kill_at}})
-    return write_recipe(tmp_path / f"{name}.yaml", recipe)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=PLUGINS + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "dpo_lightning.cli", *args], env=env, capture_output=True, text=True)
-
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, pair_files) -> None:
     straight = cli("fit", "--config", resume_recipe(tmp_path, "straight", *pair_files, kill_at=None))

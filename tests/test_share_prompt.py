@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TOKENIZER_DIR, tiny_recipe, tiny_spec, write_recipe
+from conftest import TINY_CONFIG, TOKENIZER_DIR, rows, tiny_recipe, tiny_spec, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.data import PairCollator
 from dpo_lightning.models import ModelSpec, load_causal_lm
 from dpo_lightning.modules import model_logprobs
 from dpo_lightning.modules.logprobs import SHARED_PROMPT_MODEL_TYPES, shared_prompt_is_exact, shared_prompt_model_logprobs
-from test_logprobs import rows
 
 
 def tiny_model(tokenizer, model_type: str = "llama", **config):

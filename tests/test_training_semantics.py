@@ -10,14 +10,13 @@ import pytest
 import torch
 import transformers
 
-from conftest import TOKENIZER_DIR, quickstart_rows, tiny_recipe, tiny_spec, write_jsonl, write_recipe
+from conftest import TOKENIZER_DIR, quickstart_rows, rows, tiny_recipe, tiny_spec, write_jsonl, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.data import PairCollator, PreferenceDataModule, UnpairedCollator, UnpairedDataModule
 from dpo_lightning.losses import DPOLoss
 from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
 from dpo_lightning.modules import PreferenceModule
 from dpo_lightning.optim import WarmupDecayLR
-from test_logprobs import rows
 
 
 def dropout_spec(tmp_path, source: str) -> ModelSpec:
