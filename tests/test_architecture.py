@@ -118,6 +118,7 @@ def test_moving_reference_soft_update_in_float64() -> None:
     assert all(torch.equal(p, q) for p, q in zip(hard.network.parameters(), policy.parameters()))
 
 
+@pytest.mark.slow
 def test_moving_reference_is_resumed_after_a_kill_to_the_same_weights(tmp_path, pair_files) -> None:
     """TR-DPO's reference moves every 2 steps; a run killed at step 5 and resumed from the step-3
     checkpoint ends with the uninterrupted run's policy and reference."""

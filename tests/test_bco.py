@@ -283,6 +283,7 @@ def _shift_worker(rank: int, world: int, port: int, out) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_shift_is_the_same_on_every_rank() -> None:
     import socket
 

@@ -78,6 +78,7 @@ def straight(tmp_path_factory):
     return root, cli
 
 
+@pytest.mark.slow
 def test_two_rounds_through_the_cli(straight) -> None:
     root, cli = straight
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
@@ -124,6 +125,7 @@ def test_two_rounds_through_the_cli(straight) -> None:
     assert sorted(p.name for p in (log_dir / "completions").glob("*.jsonl")) == ["step_0.jsonl", "step_2.jsonl", "step_4.jsonl"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["round_boundary", "mid_round"])
 def test_resumed_runs_sample_and_train_as_the_uninterrupted_one(straight, tmp_path, stop: str) -> None:
     """Same seed, same run: a run stopped at the end of round 1 (or one step into round 2) and

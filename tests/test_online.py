@@ -432,6 +432,7 @@ def test_online_dpo_trains_two_steps_through_the_cli(tmp_path: Path) -> None:
     assert "judge" not in cli.model.hparams or not isinstance(cli.model.hparams["judge"], Judge)
 
 
+@pytest.mark.slow
 def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(tmp_path: Path) -> None:
     """The sampling seed is a function of (seed, step, batch, rank): stopping after 2 steps and
     resuming to 4 gives the weights of 4 steps in one go."""

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import PLUGINS, cli, quickstart_rows, resume_recipe, tiny_recipe, write_jsonl, write_recipe
 from dpo_lightning.cli import run
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, pair_files) -> None:
     straight = cli("fit", "--config", resume_recipe(tmp_path, "straight", *pair_files, kill_at=None))
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -136,6 +137,7 @@ def cli_on_tmpfs(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dpo_lightning.cli", *args], env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_shipped_shape_killed_at_random_steps_and_while_writing_resumes_to_the_same_weights(tmp_path, pair_files) -> None:
     import random
 
@@ -177,6 +179,7 @@ def test_last_with_no_checkpoint_is_an_error_naming_where_it_looked(tmp_path, pa
     assert not (tmp_path / "fresh" / "export").exists()
 
 
+@pytest.mark.slow
 def test_unreadable_last_falls_back_and_planted_pickles_are_refused(tmp_path, pair_files, monkeypatch) -> None:
     from dpo_lightning.checkpoints import find_resumable_checkpoint
 
@@ -212,6 +215,7 @@ CHANGES = [
 ]
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_run_setting_is_refused(tmp_path, pair_files) -> None:
     """Batch order, optimizer and schedule are resumed exactly or refused, never mixed."""
     recipe = shipped_shape(tmp_path, "run", *pair_files)
