@@ -22,7 +22,8 @@ from dpo_lightning.iterative import (
 )
 from dpo_lightning.judges import FunctionJudge
 from dpo_lightning.losses import DPOLoss, IPOLoss, KTOLoss, LossOutput, ODPOLoss, SimPOLoss
-from dpo_lightning.modules import PreferenceModule
+from dpo_lightning.lora import LoraSpec
+from dpo_lightning.modules import PreferenceModule, ReferenceUpdate
 from dpo_lightning.modules.iterative import IterativePreferenceModule, RoundReference
 
 SENTIMENT = "dpo_lightning.experiments.sentiment:score"
@@ -223,15 +224,19 @@ def test_batches_are_planned_evenly_and_resume_only_within_their_round() -> None
         loader(0).load_state_dict({**state, "world_size": 2})
 
 
-def test_settings_are_checked_with_the_recipe_key(tmp_path) -> None:
-    judge = FunctionJudge(SENTIMENT)
+def one_epoch(tmp_path: Path, epochs: int = 1) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+
+
+def test_sampling_settings_and_judge_are_checked_with_the_recipe_key() -> None:
     with pytest.raises(ValueError, match="data.init_args.sampling.num_samples must be"):
-        IterativePairsDataModule(train_data=list(PROMPTS), judge=judge, sampling=SamplingSpec(num_samples=1))
+        IterativePairsDataModule(train_data=list(PROMPTS), judge=FunctionJudge(SENTIMENT), sampling=SamplingSpec(num_samples=1))
     with pytest.raises(TypeError, match="data.init_args.judge must be"):
         IterativePairsDataModule(train_data=list(PROMPTS), judge=sentiment)
-    from dpo_lightning.lora import LoraSpec
-    from dpo_lightning.modules import ReferenceUpdate
 
+
+def test_a_per_round_reference_refuses_what_it_cannot_copy_into() -> None:
     with pytest.raises(ValueError, match="per_round.*lora"):
         IterativePreferenceModule(model=tiny_spec(), lora=LoraSpec(r=4))
     with pytest.raises(ValueError, match="per_round.*reference_update"):
@@ -239,8 +244,11 @@ def test_settings_are_checked_with_the_recipe_key(tmp_path) -> None:
     with pytest.raises(ValueError, match="SimPOLoss uses no reference"):
         IterativePreferenceModule(model=tiny_spec(), loss=SimPOLoss())
     assert not isinstance(IterativePreferenceModule(model=tiny_spec(), reference_reset="never").reference, RoundReference)
+
+
+def test_connect_refuses_unpaired_losses_and_columns_the_judge_does_not_give() -> None:
     module = IterativePreferenceModule(model=tiny_spec(), loss=DPOLoss())
-    dm = IterativePairsDataModule(train_data=list(PROMPTS), judge=judge, max_length=64)
+    dm = IterativePairsDataModule(train_data=list(PROMPTS), judge=FunctionJudge(SENTIMENT), max_length=64)
     with pytest.raises(ValueError, match="dpo_lightning.data.UnpairedDataModule"):
         dm.connect(module.tokenizer, KTOLoss().data_requirements)
 
@@ -249,24 +257,31 @@ def test_settings_are_checked_with_the_recipe_key(tmp_path) -> None:
 
     with pytest.raises(ValueError, match=r"reads \['margin'\]"):
         dm.connect(module.tokenizer, NeedsMargin().data_requirements)
+
+
+def test_rounds_need_the_loader_rebuilt_every_epoch(tmp_path) -> None:
+    module = IterativePreferenceModule(model=tiny_spec(), loss=DPOLoss())
+    dm = IterativePairsDataModule(train_data=list(PROMPTS), judge=FunctionJudge(SENTIMENT), max_length=64)
     dm.connect(module.tokenizer, module.data_requirements)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs: 1"):
-        trainer.fit(module, dm)
-    # a round whose samples all tie has nothing to train on
+        one_epoch(tmp_path, epochs=2).fit(module, dm)
+
+
+def test_a_round_whose_samples_all_tie_is_an_error(tmp_path) -> None:
+    module = IterativePreferenceModule(model=tiny_spec(), loss=DPOLoss())
     tied = IterativePairsDataModule(train_data=list(PROMPTS), judge=FunctionJudge("test_iterative:constant"),
                                     sampling=SamplingSpec(num_samples=4, max_new_tokens=4), max_length=64)
     tied.connect(module.tokenizer, module.data_requirements)
-    one_round = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"round 1: no pairs: the judge gave every prompt's 4 samples the same score \(6 tied\)"):
-        one_round.fit(module, tied)
-    # the pairs change every round: their reference log-probs cannot be precomputed
+        one_epoch(tmp_path).fit(module, tied)
+
+
+def test_sampled_pairs_refuse_a_precomputed_reference(tmp_path) -> None:
     cached = PreferenceModule(model=tiny_spec(), precompute_reference=True, reference_cache_dir=str(tmp_path / "cache"))
+    dm = IterativePairsDataModule(train_data=list(PROMPTS), judge=FunctionJudge(SENTIMENT), max_length=64)
     dm.connect(cached.tokenizer, cached.data_requirements)
     with pytest.raises(ValueError, match="precompute_reference: false"):
-        one_round.fit(cached, dm)
+        one_epoch(tmp_path).fit(cached, dm)
 
 
 def constant(completion) -> float:
