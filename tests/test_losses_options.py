@@ -469,7 +469,9 @@ def test_wrappers_combine_their_parts_needs() -> None:
     assert (mixed.needs_reference, mixed.score_columns, mixed.needs_reference_tokens) == (
         True, ("score_chosen", "score_rejected"), True)
     assert LengthDesensitized(SimPOLoss()).needs == LossNeeds(reference=False, token_logprobs=True)
-    assert WPOWeighted(ODPOLoss()).needs == ODPOLoss().needs
+    assert WPOWeighted(ODPOLoss(), aligned=False).needs == ODPOLoss().needs
+    assert WPOWeighted(ODPOLoss()).needs == LossNeeds(columns=("score_chosen", "score_rejected"), square_mass=True)
+    assert not MixtureLoss([WPOWeighted(DPOLoss()), SimPOLoss()]).needs.square_mass  # only the outermost loss asks
 
 
 def test_needs_of_losses_with_different_layouts_cannot_be_combined() -> None:
