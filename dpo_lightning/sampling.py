@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from .generation import (
     EXACT, Samples, SamplingSpec, encode_prompt, generating_model, judge_and_pair, judge_samples, left_padded,
     sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
 )
+from .export import read_reference_record
 from .judges import JUDGE_KEY, FunctionJudge, Judge, PairwiseJudge, Prompt, Scorer, load_scorer
 from .models import ModelSpec, load_causal_lm, load_tokenizer
 from .modules.logprobs import LogProbSelector
@@ -154,6 +156,26 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def evaluation_reference(policy: str, reference: str | None, trust_remote_code: bool = False) -> ModelSpec:
+    """The reference ``policy`` is measured against: ``reference`` when given, else the one
+    recorded beside the exported policy; one line naming ``--reference`` when there is none or
+    it is the policy's own folder."""
+    if reference is None:
+        spec = read_reference_record(policy) if os.path.isdir(policy) else None
+        if spec is None:
+            raise ValueError(
+                f"--reference: {policy!r} records no reference (reference.json, written when dpo-lightning "
+                "exports a policy); give --reference, the model the policy was trained from"
+            )
+        return spec
+    if os.path.isdir(policy) and os.path.isdir(reference) and os.path.samefile(policy, reference):
+        raise ValueError(
+            f"--reference is the policy itself ({reference!r}): the KL would be 0 and say nothing; give the model "
+            "the policy was trained from, or leave --reference out to use the one recorded beside it"
+        )
+    return ModelSpec(name_or_path=reference, trust_remote_code=trust_remote_code)
+
+
 def _load(path: str, trust_remote_code: bool):
     spec = ModelSpec(name_or_path=path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(spec)
@@ -162,7 +184,7 @@ def _load(path: str, trust_remote_code: bool):
 
 def evaluate_policy(
     policy: str,
-    reference: str,
+    reference: str | None,
     prompts: str,
     scorer: str | None = None,
     judge: Judge | None = None,
@@ -177,7 +199,9 @@ def evaluate_policy(
     """Mean score of the policy's samples and the Monte-Carlo sequence-level KL to the reference.
 
     Args:
-        policy / reference: folders (or hub ids) of causal LMs sharing a tokenizer.
+        policy / reference: folders (or hub ids) of causal LMs sharing a tokenizer; ``reference``
+            ``None``: the one recorded beside an exported policy (``reference.json``). The policy
+            itself as its reference is refused (the KL would be 0 by construction).
         prompts: JSON-lines file with a ``prompt`` field (a string or a conversation).
         scorer: ``module:function`` of the completion's text, or of (prompt, completion), to a
             float; default ``dpo_lightning.experiments.sentiment:score`` when ``judge`` is unset too.
@@ -195,8 +219,9 @@ def evaluate_policy(
     """
     torch.manual_seed(seed)
     scoring = choose_judge(scorer, judge)
+    reference_spec = evaluation_reference(policy, reference, trust_remote_code)
     pi, tokenizer = _load(policy, trust_remote_code)
-    ref, _ = _load(reference, trust_remote_code)
+    ref = load_causal_lm(reference_spec, tokenizer).eval()
     scoring.to(pi.device)
     rewards: list[float] = []
     log_ratios: list[float] = []

@@ -92,8 +92,8 @@ def test_kl_estimate_matches_exact_enumeration(tmp_path) -> None:
     assert result["kl_stderr"] < exact / 4  # precise enough to tell a wrong estimator apart
     assert abs(result["kl"] - exact) < 4 * result["kl_stderr"], (result, exact)
     assert json.loads((tmp_path / "r.json").read_text())["samples"] == 3000
-    same = evaluate_policy(policy_dir, policy_dir, prompts, samples_per_prompt=16, max_new_tokens=4)
-    assert same["kl"] == 0.0
+    with pytest.raises(ValueError, match=r"^--reference is the policy itself"):
+        evaluate_policy(policy_dir, policy_dir, prompts, samples_per_prompt=16, max_new_tokens=4)
 
 
 def test_sequence_logprobs_of_samples_are_teacher_forced_sums(tmp_path) -> None:

@@ -108,6 +108,8 @@ class OnlinePreferenceModule(PreferenceModule):
     gathered.
     """
 
+    validates_implicit_rewards = False  # validation measures the policy's samples (score, KL)
+
     def __init__(
         self,
         model: ModelSpec,
