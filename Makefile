@@ -53,7 +53,7 @@ lock:
 		--strip-extras --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml requirements/pins.in
 	@echo "lock refreshed: review 'git diff $(LOCK)', run 'make test', commit both"
 
-# The controlled-sentiment frontier (README "Reward against KL"): 6.4 minutes measured on 2 free cores (13.6 when shared with two other jobs).
+# The controlled-sentiment frontier (docs/frontier.md): 6.4 minutes measured on 2 free cores (13.6 when shared with two other jobs).
 experiment: $(STAMP)
 	$(PY) scripts/sentiment_frontier.py
 

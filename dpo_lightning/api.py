@@ -10,7 +10,7 @@ It builds what a recipe builds (a :class:`~dpo_lightning.modules.PreferenceModul
 module of the loss's batch layout, a Lightning ``Trainer``), makes the one ``connect`` call
 between model and data, and fits. The objects stay on the returned :class:`TrainedRun` for
 anything further (``run.trainer.validate(run.module, run.datamodule)``); users who want them
-from the start build them directly (README, "From Python").
+from the start build them directly (docs/python.md).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def train(
         model: a hub id, a folder written by ``save_pretrained``, or a :class:`ModelSpec`.
         train_data / val_data: what a recipe's ``train_data`` takes: a file or folder path
             (JSONL, JSON, Parquet, CSV), a hub dataset id, or a ``datasets.Dataset`` /
-            ``DatasetDict`` / list of rows, in any layout the README's data section lists.
+            ``DatasetDict`` / list of rows, in any layout docs/data.md lists.
         loss: a policy loss object (``DPOLoss(beta=0.1)`` when ``None``); its batch layout picks
             the data module (pairs, or unpaired rows for KTO / BCO).
         tokenizer: a tokenizer id or folder, or a loaded tokenizer, when not the model's own.
@@ -98,7 +98,7 @@ def train(
     if isinstance(loss, BradleyTerryLoss) or not isinstance(loss, PreferenceLoss):
         raise TypeError(
             f"train(loss=...) takes a policy loss (a PreferenceLoss such as DPOLoss), got {type(loss).__name__}; "
-            "a reward model trains with dpo_lightning.modules.RewardModule (README, 'Reward model')"
+            "a reward model trains with dpo_lightning.modules.RewardModule (docs/losses.md, 'Reward model')"
         )
     layout = loss.batch_layout
     if layout not in DATA_MODULES:

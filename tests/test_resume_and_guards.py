@@ -105,7 +105,7 @@ def test_checkpoint_restores_the_rng_stream(tmp_path) -> None:
 
 # -- the shape a user runs: max_epochs, the default logger, step and epoch-end checkpoints ------
 def shipped_shape(tmp_path: Path, name: str, train: str, val: str, faults: list[dict] = (), **data) -> str:
-    """Like the README's resume recipe: 2 epochs of 8 batches, checkpoints every 3 steps with
+    """Like the resume recipe of docs/resuming-and-failures.md: 2 epochs of 8 batches, checkpoints every 3 steps with
     last.ckpt and at every epoch end, the default logger (versioned folders)."""
     recipe = tiny_recipe(tmp_path, train, val, export_dir=str(tmp_path / name / "export"))
     trainer = recipe["trainer"]

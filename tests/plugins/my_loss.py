@@ -1,4 +1,4 @@
-"""A user's own loss, outside the package: the README's "Write your own loss" example."""
+"""A user's own loss, outside the package: the "Write your own loss" example of docs/losses.md."""
 
 import torch.nn.functional as F
 
