@@ -123,7 +123,6 @@ def determined_content(folder: Path) -> dict[str, object]:
     return content
 
 
-import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 

@@ -290,7 +290,7 @@ def test_builder_cache_with_other_split_sizes_is_rebuilt(tmp_path, caplog) -> No
     replace_bytes(info, info.read_text().replace('"num_examples": 8', '"num_examples": 4').encode())
     caplog.clear()
     again = data_module(path)
-    assert f"its file dataset_info.json does not match the digest recorded" in caplog.text
+    assert "its file dataset_info.json does not match the digest recorded" in caplog.text
     assert again.reports["train"].rows_read == 8
 
 

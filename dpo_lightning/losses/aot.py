@@ -6,10 +6,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, check_range, implicit_rewards
+from .base import (
+    LossOutput,
+    PreferenceLoss,
+    SequenceLogProbs,
+    check_positive,
+    check_range,
+    implicit_rewards,
+    smoothed_sigmoid_loss,
+)
 
 
 class _SortedLogistic(PreferenceLoss):
@@ -30,8 +37,7 @@ class _SortedLogistic(PreferenceLoss):
         if reference is None:
             raise ValueError(f"{type(self).__name__} needs reference log-probs")
         z = self.beta * self.sorted_deltas(policy, reference)
-        eps = self.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        losses = smoothed_sigmoid_loss(z, self.label_smoothing)
         chosen, rejected = implicit_rewards(self.beta, policy, reference)
         # The k-th term pairs the k-th smallest values of two separately sorted vectors: it is not
         # the loss of pair k, so there is no per-pair loss to weight.

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..contract import BatchLayout
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, policy_rewards
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, labelled_rows, policy_rewards
 
 
 class _Anchored(PreferenceLoss):
@@ -120,17 +120,7 @@ class APOZeroUnpairedLoss(PreferenceLoss):
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
     ) -> LossOutput:
-        if reference is None:
-            raise ValueError("APOZeroUnpairedLoss needs reference log-probs")
-        if "label" not in batch:
-            raise KeyError("APOZeroUnpairedLoss needs the batch column 'label'; use UnpairedDataModule")
-        label = batch["label"].bool()
-        if policy.sums.shape != label.shape or reference.sums.shape != label.shape:
-            raise ValueError(
-                f"APOZeroUnpairedLoss expects one log-prob per labelled row (the 'unpaired' layout): got policy "
-                f"{tuple(policy.sums.shape)}, reference {tuple(reference.sums.shape)} for {label.numel()} labels; "
-                "connect the data module with module.data_requirements"
-            )
+        label = labelled_rows("APOZeroUnpairedLoss", policy, reference, batch)
         rewards = self.beta * (policy.sums - reference.sums)
         desirable = self.desirable_weight * (1 - torch.sigmoid(rewards))
         undesirable = self.undesirable_weight * torch.sigmoid(rewards)

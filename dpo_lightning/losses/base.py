@@ -259,6 +259,30 @@ class ComposedLoss(PreferenceLoss):
     needs_square_mass = property(lambda self: self._needs.square_mass)  # type: ignore[assignment]
 
 
+def smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
+    """cDPO's conservative loss, elementwise: ``-(1 - eps) log sigmoid(x) - eps log sigmoid(-x)``
+    for logits ``x`` of any shape (``eps = 0``: the plain sigmoid loss)."""
+    eps = label_smoothing
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def labelled_rows(name: str, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]) -> Tensor:
+    """``label`` ``(B,)`` bool of an ``UNPAIRED`` batch, after checking that the loss ``name`` got
+    reference log-probs and one log-prob per labelled row (a clear error naming the fix if not)."""
+    if reference is None:
+        raise ValueError(f"{name} needs reference log-probs")
+    if "label" not in batch:
+        raise KeyError(f"{name} needs the batch column 'label'; use UnpairedDataModule")
+    label = batch["label"].bool()
+    if policy.sums.shape != label.shape or reference.sums.shape != label.shape:
+        raise ValueError(
+            f"{name} expects one log-prob per labelled row (the 'unpaired' layout): got policy "
+            f"{tuple(policy.sums.shape)}, reference {tuple(reference.sums.shape)} for {label.numel()} labels; "
+            "connect the data module with module.data_requirements"
+        )
+    return label
+
+
 def check_positive(name: str, value: float) -> float:
     """Validate a hyperparameter that must be finite and > 0 and return it as float."""
     if not (value > 0 and math.isfinite(value)):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import BatchLayout
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, policy_rewards
+from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_positive, labelled_rows, policy_rewards
 
 
 def global_sum_count(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,17 +195,7 @@ class BCOLoss(_RewardShift):
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
     ) -> LossOutput:
-        if reference is None:
-            raise ValueError("BCOLoss needs reference log-probs")
-        if "label" not in batch:
-            raise KeyError("BCOLoss needs the batch column 'label'; use UnpairedDataModule")
-        label = batch["label"].bool()
-        if policy.sums.shape != label.shape or reference.sums.shape != label.shape:
-            raise ValueError(
-                f"BCOLoss expects one log-prob per labelled row (the 'unpaired' layout): got policy "
-                f"{tuple(policy.sums.shape)}, reference {tuple(reference.sums.shape)} for {label.numel()} labels; "
-                "connect the data module with module.data_requirements"
-            )
+        label = labelled_rows("BCOLoss", policy, reference, batch)
         rewards = self.beta * (policy.sums - reference.sums)
         delta = self.running_shift(rewards)
         logits = rewards - delta

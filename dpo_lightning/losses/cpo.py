@@ -9,7 +9,15 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_nonnegative, check_positive, check_range
+from .base import (
+    LossOutput,
+    PreferenceLoss,
+    SequenceLogProbs,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    smoothed_sigmoid_loss,
+)
 
 
 class CPOLoss(PreferenceLoss):
@@ -61,9 +69,7 @@ class CPOLoss(PreferenceLoss):
 
     def preference(self, margin: Tensor) -> Tensor:
         """The preference term of each pair, ``(B,)``, from ``m = log pi(y_w) - log pi(y_l)`` ``(B,)``."""
-        logits = self.beta * margin
-        eps = self.label_smoothing
-        return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        return smoothed_sigmoid_loss(self.beta * margin, self.label_smoothing)
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]

@@ -20,6 +20,7 @@ from .base import (
     divergence_scores,
     implicit_rewards,
     log_ratio_margin,
+    smoothed_sigmoid_loss,
 )
 
 
@@ -63,8 +64,7 @@ class DPOLoss(PreferenceLoss):
 
     def pair_losses(self, logits: Tensor) -> Tensor:
         """``(B,)`` losses from ``logits = beta * d``, ``(B,)``."""
-        eps = self.label_smoothing
-        return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        return smoothed_sigmoid_loss(logits, self.label_smoothing)
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]

@@ -7,10 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LOSS_KEY, LossOutput, PreferenceLoss, SequenceLogProbs, check_nonnegative, check_positive, check_range
+from .base import (
+    LOSS_KEY,
+    LossOutput,
+    PreferenceLoss,
+    SequenceLogProbs,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    smoothed_sigmoid_loss,
+)
 
 #: Largest exponent AlphaPO passes to ``exp`` (exp(80) is finite in float32).
 _MAX_EXPONENT = 80.0
@@ -56,8 +64,7 @@ class SimPOLoss(PreferenceLoss):
     ) -> LossOutput:
         chosen, rejected = self.rewards(policy)
         logits = chosen - rejected - self.gamma
-        eps = self.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        losses = smoothed_sigmoid_loss(logits, self.label_smoothing)
         return LossOutput(losses.mean(), chosen.detach(), rejected.detach(), per_pair=losses)
 
 

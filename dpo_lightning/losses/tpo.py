@@ -5,11 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..contract import BatchLayout
-from .base import LossOutput, PreferenceLoss, SequenceLogProbs, check_nonnegative, check_positive, check_range
+from .base import (
+    LossOutput,
+    PreferenceLoss,
+    SequenceLogProbs,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    smoothed_sigmoid_loss,
+)
 
 
 class TPOLoss(PreferenceLoss):
@@ -50,9 +57,7 @@ class TPOLoss(PreferenceLoss):
 
     def preference(self, margin: Tensor) -> Tensor:
         """``(B,)`` preference term from ``m`` ``(B,)``: cDPO-smoothed ``-log sigmoid(beta m)``."""
-        logits = self.beta * margin
-        eps = self.label_smoothing
-        return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        return smoothed_sigmoid_loss(self.beta * margin, self.label_smoothing)
 
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
@@ -101,9 +106,7 @@ class TPOLLoss(TPOLoss):
         self.gamma = check_nonnegative("gamma", gamma)
 
     def preference(self, margin: Tensor) -> Tensor:
-        logits = self.beta * margin - self.gamma
-        eps = self.label_smoothing
-        return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        return smoothed_sigmoid_loss(self.beta * margin - self.gamma, self.label_smoothing)
 
 
 __all__ = ["TPOLLoss", "TPOLoss"]
