@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -13,6 +14,17 @@ from ..contract import BatchLayout, DataRequirements
 from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
 from .base import AlignmentModule
 from .logprobs import LogProbMode, LogProbSelector
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """The mean of the scalar ``value`` over every DDP rank (all-reduced, detached); ``value``
+    itself in one process."""
+    value = value.detach().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
 
 
 class SFTMetrics(nn.Module):
@@ -37,7 +49,13 @@ class SFTMetrics(nn.Module):
 class SFTModule(AlignmentModule):
     """Fine-tune a causal LM on prompt / completion rows; prompt and padding are not scored.
 
-    ``L = -sum(log pi(y_t | x, y_<t)) / (number of completion tokens in the batch)``. Pairs with
+    ``L = -sum(log pi(y_t | x, y_<t)) / (number of completion tokens in the batch)``. Under DDP
+    the batch is the global one: each rank divides its sum by the mean token count over the
+    ranks, so the gradient DDP averages is the global token mean's, as in one process on the
+    same global batch (not the mean of each rank's token mean). Micro-batches of gradient
+    accumulation are still each divided by their own count. The per-step ``train/loss`` is
+    rank 0's share under DDP; ``train_epoch/loss`` and ``val/loss`` are exact token means over
+    every rank. Pairs with
     :class:`~dpo_lightning.data.SFTDataModule`; the export is the reference policy of a later
     preference run (``reference_model`` / ``model.name_or_path``).
 
@@ -84,6 +102,9 @@ class SFTModule(AlignmentModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         logps = self.logprob_selector(self.policy, batch, strategy)
         tokens = logps.counts.sum().clamp(min=1)
-        loss = -logps.sums.sum() / tokens
-        metrics.update(loss, tokens)
-        return loss, {}
+        nll = -logps.sums.sum()
+        metrics.update(nll / tokens, tokens)
+        if not self.training:
+            return nll / tokens, {}
+        # ranks' batches hold different token counts: each divides by the mean count over ranks
+        return nll / mean_over_ranks(tokens).clamp(min=1), {}
