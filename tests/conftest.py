@@ -255,3 +255,46 @@ def resume_recipe(tmp_path: Path, name: str, train: str, val: str, kill_at: int 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=PLUGINS + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "dpo_lightning.cli", *args], env=env, capture_output=True, text=True)
+
+
+# -- multi-process runs (tests/test_ddp_*.py) ------------------------------------------------
+PLUGINS_DIR = ROOT / "tests" / "plugins"
+
+
+def ddp_recipe(folder: Path, train: str, val: str, devices: int, global_batch: int = 8, steps: int = 4) -> dict:
+    """A tiny recipe for ``devices`` CPU processes (``ddp`` when more than one) on the same global
+    batch: ``global_batch // devices`` rows a process, ``steps`` SGD steps (an update linear in the
+    gradient, so float32 summation order is not amplified as Adam's ``m / sqrt(v)`` amplifies it),
+    one full validation at the end, a CSV logger and the export under ``folder``."""
+    recipe = tiny_recipe(folder, train, val, export_dir=str(folder / "export"),
+                         optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+    recipe["trainer"].update(
+        devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=steps, limit_val_batches=1.0,
+        num_sanity_val_steps=0, val_check_interval=steps, default_root_dir=str(folder),
+        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder)}},
+    )
+    recipe["data"]["init_args"].update(batch_size=global_batch // devices, eval_batch_size=4)
+    return recipe
+
+
+def launch_fits(recipes: list[str], timeout: float = 300, fit_args: tuple[str, ...] = ()):
+    """Fit each recipe in turn in one launch (``tests/plugins/ranks.py``; under DDP Lightning
+    starts the other ranks with the same command), each fit with ``fit_args`` added (e.g.
+    ``("--ckpt_path", "last")``), one thread a process, the plugins importable.
+    A job still running after ``timeout`` seconds fails the test (``subprocess.TimeoutExpired``)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGINS_DIR), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, str(PLUGINS_DIR / "ranks.py"), *recipes, "--", *fit_args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def last_val_metrics(run_dir: Path) -> dict[str, float]:
+    """The last validation row of the run's ``metrics.csv`` (CSVLogger): ``{"val/...": value}``."""
+    import csv
+
+    (metrics,) = list(run_dir.rglob("metrics.csv"))
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
