@@ -5,6 +5,7 @@ single-process launch fits their 1-process twins; each test reads what its pair 
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, ddp_recipe, last_val_metrics, launch_fits, quickstart_rows, tiny_spec, write_jsonl, write_recipe
+from conftest import (
+    ROOT, TINY_CONFIG, TOKENIZER_DIR, ddp_recipe, last_val_metrics, launch_fits, quickstart_rows, tiny_spec, write_jsonl,
+    write_recipe,
+)
 from dpo_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -28,6 +32,11 @@ def shape_recipe(shape: str, folder: Path, files: dict[str, str], devices: int) 
     model, data = recipe["model"]["init_args"], recipe["data"]
     if shape == "kto":
         model["loss"] = {"class_path": "dpo_lightning.losses.KTOLoss", "init_args": {"beta": 0.1}}
+        # a reference with wider random weights: its log-probs of any text are lower than the
+        # policy's, so the KL estimate z_ref is above its clamp at 0 (with a copy of the policy
+        # it stays 0 for these 4 steps, and how it is averaged over ranks would not show)
+        model["reference_model"] = {"config": dict(TINY_CONFIG, initializer_range=0.1), "tokenizer": TOKENIZER_DIR,
+                                    "seed": 1}
         # one process builds the KL rows of each half of its batch as each of 2 processes does
         data["class_path"] = "ranks.BlockwiseKLDataModule" if devices == 1 else "dpo_lightning.data.UnpairedDataModule"
         if devices == 1:
@@ -114,6 +123,8 @@ def test_kto_kl_estimate_is_averaged_over_both_ranks(runs) -> None:
     # same KL rows (each rank's half), so z_ref over both ranks = z_ref over the whole batch
     assert_same_weights(runs["kto", 1], runs["kto", 2])
     rank_reports(runs["kto", 2])
+    kl = [float(r["train/kl"]) for r in csv.DictReader(next(runs["kto", 2].rglob("metrics.csv")).open()) if r["train/kl"]]
+    assert len(kl) == STEPS and sum(k > 0 for k in kl) >= 2, kl  # z_ref above its clamp, so its averaging matters
     # validation batches are split row by row across ranks, so their KL rows (and the loss, which
     # reads z_ref) differ by design; the per-row values do not
     assert_same_val(runs["kto", 1], runs["kto", 2], ("val/rewards/chosen", "val/rewards/rejected", "val/logps/chosen",
