@@ -46,6 +46,23 @@ def assert_finite(model: torch.nn.Module) -> None:
             raise FloatingPointError(f"parameter {name!r} holds NaN/inf; refusing to export it")
 
 
+def alias_tied_weights(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each weight the model ties to another (``_tied_weights_keys``,
+    ``{target: source}``, e.g. ``lm_head.weight`` -> ``model.embed_tokens.weight``) pointing at its
+    source's tensor when the two hold the same values. A gathered state dict (FSDP's full state
+    dict) holds a separate copy of each; ``save_pretrained`` drops a tied weight only when it
+    shares its source's storage, so without this the export holds the copy too (one
+    ``vocab x hidden`` matrix more than the module's own export)."""
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return state_dict
+    state = dict(state_dict)
+    for target, source in tied.items():
+        if target in state and source in state and torch.equal(state[target], state[source]):
+            state[target] = state[source]
+    return state
+
+
 def save_pretrained_atomic(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase | None,

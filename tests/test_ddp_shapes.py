@@ -1,6 +1,6 @@
 """Every offline recipe shape under 2-process DDP on CPU (gloo) against one process on the same
 global batch: KTO, BCO, a precomputed reference, TR-DPO's moving reference, SFT and a reward
-model. One launch of 2 processes fits all six recipes in turn (``tests/plugins/ranks.py``), one
+model; and offline DPO sharded by FSDP over 2 CPU processes. One launch of 2 processes fits all six recipes in turn (``tests/plugins/ranks.py``), one
 single-process launch fits their 1-process twins; each test reads what its pair of runs left."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dpo_lightning.models import load_causal_lm, load_reward_model, load_tokeniz
 
 pytestmark = pytest.mark.slow
 
-SHAPES = ("kto", "bco", "precomputed", "tr_dpo", "sft", "reward")
+SHAPES = ("kto", "bco", "precomputed", "tr_dpo", "sft", "reward", "fsdp")  # fsdp last: its patches stay
 STEPS = 4
 
 
@@ -53,6 +53,10 @@ def shape_recipe(shape: str, folder: Path, files: dict[str, str], devices: int) 
             k: model[k] for k in ("model", "optimizer", "export_dir")}}
         data["class_path"] = "dpo_lightning.data.SFTDataModule"
         data["init_args"].update(train_data=files["sft_train"], val_data=files["sft_val"])
+    elif shape == "fsdp" and devices > 1:  # offline DPO, policy and frozen reference sharded
+        recipe["trainer"]["strategy"] = {"class_path": "ranks.CPUFSDPStrategy", "init_args": {
+            "sharding_strategy": "FULL_SHARD",
+            "auto_wrap_policy": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}
     elif shape == "reward":
         recipe["model"] = {"class_path": "dpo_lightning.modules.RewardModule", "init_args": {
             k: model[k] for k in ("model", "optimizer", "export_dir")}}
@@ -85,11 +89,12 @@ def runs(tmp_path_factory) -> dict[tuple[str, int], Path]:
     return folders
 
 
-def rank_reports(folder: Path) -> list[dict]:
-    """Both ranks' :class:`ranks.RankReport` of a 2-process run; they trained the same weights."""
+def rank_reports(folder: Path, replicated: bool = True) -> list[dict]:
+    """Both ranks' :class:`ranks.RankReport` of a 2-process run; with ``replicated`` (not under
+    FSDP, where each rank holds its shard) both hold the same trained weights, bit for bit."""
     reports = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 for r in reports)
-    assert reports[0]["policy"] == reports[1]["policy"]
+    assert (reports[0]["policy"] == reports[1]["policy"]) == replicated
     return reports
 
 
@@ -179,3 +184,16 @@ def test_reward_model_matches(runs) -> None:
     m1, m2 = last_val_metrics(runs["reward", 1]), last_val_metrics(runs["reward", 2])
     assert round(m1["val/rewards/accuracy"] * 16) == round(m2["val/rewards/accuracy"] * 16)  # a count of 16 pairs
     rank_reports(runs["reward", 2])
+
+
+def test_fsdp_sharded_dpo_matches_one_process(runs) -> None:
+    # full logits under FSDP against the chunked, shared-prompt path in one process: equal in value
+    assert_same_weights(runs["fsdp", 1], runs["fsdp", 2])
+    a = load_file(str(runs["fsdp", 1] / "export" / "model.safetensors"))
+    b = load_file(str(runs["fsdp", 2] / "export" / "model.safetensors"))
+    assert "lm_head.weight" not in b and sorted(a) == sorted(b)  # the tied head gathered as one tensor
+    assert_same_val(runs["fsdp", 1], runs["fsdp", 2], PAIR_METRICS)
+    m1, m2 = last_val_metrics(runs["fsdp", 1]), last_val_metrics(runs["fsdp", 2])
+    assert round(m1["val/rewards/accuracy"] * 16) == round(m2["val/rewards/accuracy"] * 16)
+    ranks = rank_reports(runs["fsdp", 2], replicated=False)  # each rank's parameters are its shard
+    assert [r["fsdp_units"] for r in ranks] == [5, 5]  # the root and each decoder layer of policy and reference

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints import AtomicCheckpointIO
 from ..contract import DataRequirements
-from ..export import REFERENCE_RECORD, check_export_target, reference_record, save_pretrained_atomic
+from ..export import REFERENCE_RECORD, alias_tied_weights, check_export_target, reference_record, save_pretrained_atomic
 from ..fingerprints import CHECKPOINT_KEY, check_same_run, optimizer_fingerprint, run_fingerprint
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec
@@ -313,7 +313,10 @@ class AlignmentModule(L.LightningModule):
         """Under FSDP, the trained model's full (unsharded) weights on rank 0, gathered from all
         ranks; ``None`` elsewhere (``save_pretrained`` then reads the module itself).
 
-        Not yet run on GPUs by this project (no CUDA in its CI); DeepSpeed ZeRO-3 partitions are
+        Weights the model ties (a tied LM head) come back as one tensor, as in the module's own
+        export (:func:`~dpo_lightning.export.alias_tied_weights`). Run by the tests on 2 CPU
+        processes (gloo, through a test-only subclass of ``FSDPStrategy``); not yet run on GPUs
+        by this project (no CUDA in its CI); DeepSpeed ZeRO-3 partitions are
         not gathered: export from ZeRO-2, or convert the ZeRO-3 checkpoint with Lightning's
         ``convert_zero_checkpoint_to_fp32_state_dict``.
         """
@@ -325,7 +328,8 @@ class AlignmentModule(L.LightningModule):
         with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
             full = strategy.model.state_dict()
         prefix = next(name for name, child in self.named_children() if child is self.trained_model()) + "."
-        return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        return alias_tied_weights(state, self.trained_model())
 
     def reference_spec(self) -> ModelSpec | None:
         """The model the trained policy is measured against (written beside an export as

@@ -1,6 +1,6 @@
 """What the multi-process tests load by ``class_path`` or run as a script: several fits in one
-launch, a per-rank report of what each process ends with, a kill on one rank, and KTO's KL rows
-chosen as a 2-process run chooses them.
+launch, a per-rank report of what each process ends with, a kill on one rank, KTO's KL rows
+chosen as a 2-process run chooses them, and Lightning's FSDP strategy on CPU processes.
 
 Run as a script, ``python ranks.py a.yaml b.yaml ... [-- fit args]`` fits each recipe in turn through
 :func:`dpo_lightning.cli.run` (the code path of ``dpo-lightning fit --config``). Under DDP
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from dpo_lightning.data import UnpairedDataModule
 from dpo_lightning.data.unpaired import UnpairedCollator
@@ -56,6 +57,10 @@ class RankReport(L.Callback):
         if hasattr(reference, "steps") and hasattr(reference, "network"):
             report["reference_steps"] = int(reference.steps)
             report["reference"] = tensors_digest(list(reference.network.parameters()))
+        if isinstance(trainer.strategy, FSDPStrategy):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            report["fsdp_units"] = sum(isinstance(m, FullyShardedDataParallel) for m in trainer.strategy.model.modules())
         path = Path(self.folder) / f"rank{trainer.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report))
@@ -116,3 +121,50 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     fit_many(argv[:split], argv[split + 1 :])
+
+
+def full_state_dict_in_place(module: torch.nn.Module, world_size: int, rank0_only: bool = True):
+    """Lightning's full-state-dict context without ``offload_to_cpu``: torch's FSDP (2.13) ends
+    in a segmentation fault when it offloads parameters that are already on the CPU."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+    return FSDP.state_dict_type(
+        module=module, state_dict_type=StateDictType.FULL_STATE_DICT,
+        state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+    )
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` on CPU processes (gloo), to run the sharded code paths
+    (sharded frozen reference, full-logits log-probs, the gathered export) without a GPU.
+
+    Three refusals stand in the way of the plain strategy on CPU, all about devices, not about
+    sharding (README, distributed section): Lightning's accelerator check (``type(strategy) is
+    FSDPStrategy`` needs a GPU; a subclass passes); torch's FSDP without a ``device_id`` looks
+    for an accelerator (this passes ``device_id=cpu``); and the full state dict offloads to the
+    CPU, which crashes for CPU parameters (this gathers in place, :func:`full_state_dict_in_place`)."""
+
+    def setup_environment(self) -> None:
+        import lightning.fabric.strategies.fsdp as fabric_fsdp
+        import lightning.pytorch.strategies.fsdp as pytorch_fsdp
+
+        fabric_fsdp._get_full_state_dict_context = full_state_dict_in_place
+        pytorch_fsdp._get_full_state_dict_context = full_state_dict_in_place
+        super().setup_environment()
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        original = FullyShardedDataParallel.__init__
+
+        def on_cpu(fsdp, *args, device_id=None, **kwargs):
+            original(fsdp, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+
+        FullyShardedDataParallel.__init__ = on_cpu
+        try:
+            return super()._setup_model(model)
+        finally:
+            FullyShardedDataParallel.__init__ = original
