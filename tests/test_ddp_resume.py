@@ -41,7 +41,8 @@ def killable_recipe(tmp_path: Path, name: str, train: str, val: str, kill_rank: 
 def straight(tmp_path_factory) -> tuple[Path, tuple[str, str]]:
     """An uninterrupted 2-process run: its folder and the data files."""
     tmp = tmp_path_factory.mktemp("ddp_resume")
-    files = (write_jsonl(tmp / "train.jsonl", quickstart_rows(32)), write_jsonl(tmp / "val.jsonl", quickstart_rows(8, "val")))
+    files = (write_jsonl(tmp / "train.jsonl", quickstart_rows(32)),
+             write_jsonl(tmp / "val.jsonl", quickstart_rows(8, "val")))
     out = launch_fits([killable_recipe(tmp, "straight", *files, kill_rank=None)], timeout=HANG_TIMEOUT + 60)
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp / "straight", files

@@ -1,7 +1,8 @@
 """Every offline recipe shape under 2-process DDP on CPU (gloo) against one process on the same
 global batch: KTO, BCO, a precomputed reference, TR-DPO's moving reference, SFT and a reward
-model; and offline DPO sharded by FSDP over 2 CPU processes. One launch of 2 processes fits all six recipes in turn (``tests/plugins/ranks.py``), one
-single-process launch fits their 1-process twins; each test reads what its pair of runs left."""
+model; and offline DPO sharded by FSDP over 2 CPU processes. One launch of 2 processes fits
+all seven recipes in turn (``tests/plugins/ranks.py``), one single-process launch fits their
+1-process twins; each test reads what its pair of runs left."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (
-    ROOT, TINY_CONFIG, TOKENIZER_DIR, ddp_recipe, last_val_metrics, launch_fits, quickstart_rows, tiny_spec, write_jsonl,
-    write_recipe,
+    ROOT, TINY_CONFIG, TOKENIZER_DIR, ddp_recipe, last_val_metrics, launch_fits, quickstart_rows, tiny_spec,
+    write_jsonl, write_recipe,
 )
 from dpo_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
 
@@ -32,9 +33,9 @@ def shape_recipe(shape: str, folder: Path, files: dict[str, str], devices: int) 
     model, data = recipe["model"]["init_args"], recipe["data"]
     if shape == "kto":
         model["loss"] = {"class_path": "dpo_lightning.losses.KTOLoss", "init_args": {"beta": 0.1}}
-        # a reference with wider random weights: its log-probs of any text are lower than the
-        # policy's, so the KL estimate z_ref is above its clamp at 0 (with a copy of the policy
-        # it stays 0 for these 4 steps, and how it is averaged over ranks would not show)
+        # a reference with wider random weights: its log-probs of the text are lower than the
+        # policy's on average, so the KL estimate z_ref is mostly above its clamp at 0 (with a
+        # copy of the policy it stays 0 for these 4 steps, and its averaging over ranks is unseen)
         model["reference_model"] = {"config": dict(TINY_CONFIG, initializer_range=0.1), "tokenizer": TOKENIZER_DIR,
                                     "seed": 1}
         # one process builds the KL rows of each half of its batch as each of 2 processes does
@@ -128,7 +129,8 @@ def test_kto_kl_estimate_is_averaged_over_both_ranks(runs) -> None:
     # same KL rows (each rank's half), so z_ref over both ranks = z_ref over the whole batch
     assert_same_weights(runs["kto", 1], runs["kto", 2])
     rank_reports(runs["kto", 2])
-    kl = [float(r["train/kl"]) for r in csv.DictReader(next(runs["kto", 2].rglob("metrics.csv")).open()) if r["train/kl"]]
+    (metrics,) = runs["kto", 2].rglob("metrics.csv")
+    kl = [float(r["train/kl"]) for r in csv.DictReader(metrics.open()) if r["train/kl"]]
     assert len(kl) == STEPS and sum(k > 0 for k in kl) >= 2, kl  # z_ref above its clamp, so its averaging matters
     # validation batches are split row by row across ranks, so their KL rows (and the loss, which
     # reads z_ref) differ by design; the per-row values do not

@@ -60,7 +60,8 @@ class RankReport(L.Callback):
         if isinstance(trainer.strategy, FSDPStrategy):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            report["fsdp_units"] = sum(isinstance(m, FullyShardedDataParallel) for m in trainer.strategy.model.modules())
+            units = [m for m in trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel)]
+            report["fsdp_units"] = len(units)
         path = Path(self.folder) / f"rank{trainer.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report))
