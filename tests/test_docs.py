@@ -6,7 +6,8 @@
 - ``yaml`` blocks are recipes or recipe fragments: resolved by the CLI as an overlay on
   recipes/base.yaml (``--print_config``), so every key must exist and every value parse.
 - ``bash`` blocks: each ``dpo-lightning fit / validate`` command is resolved by the CLI with
-  ``--print_config`` (training runs are the recipe tests' job); other console scripts and
+  ``--print_config`` (training runs are the recipe tests' job), also when a cluster launcher
+  (``srun``, ``torchrun``) starts it; other console scripts and
   Python scripts answer ``--help``; a ``make`` target must exist (``make -n``); ``pip install``
   extras must be defined in pyproject.toml.
 - Blocks without a language are printed output or a file tree: nothing to run.
@@ -168,6 +169,24 @@ def commands(block: Block) -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]
 
 
+#: launchers that start a dpo-lightning command on a cluster (the command after them is checked)
+LAUNCHERS = ("srun", "torchrun")
+
+
+def launched_command(command: list[str]) -> list[str]:
+    """The dpo-lightning command a launcher line starts (``srun dpo-lightning fit ...``,
+    ``torchrun ... -m dpo_lightning.cli fit ...``), as ``["dpo-lightning", "fit", ...]``;
+    other commands as they are."""
+    if Path(command[0]).name not in LAUNCHERS:
+        return command
+    for i, token in enumerate(command):
+        if Path(token).name == "dpo-lightning":
+            return command[i:]
+        if token == "-m" and i + 1 < len(command) and command[i + 1] == "dpo_lightning.cli":
+            return ["dpo-lightning", *command[i + 2:]]
+    pytest.fail(f"{' '.join(command)!r}: a launcher line that starts no dpo-lightning command")
+
+
 BASH = [(b, i, c) for b in blocks_of("bash") for i, c in enumerate(commands(b))]
 
 
@@ -180,6 +199,7 @@ def test_bash_command_is_accepted(block: Block, index: int, command: list[str], 
             for module in (b for b in blocks_of("python") if b.document == block.document and module_file(b)):
                 (tmp_path / module_file(module)).write_text(module.code)
         command = command[1:]
+    command = launched_command(command)
     program = Path(command[0]).name
     if program == "dpo-lightning":
         subcommand = command[1]
