@@ -298,3 +298,13 @@ def last_val_metrics(run_dir: Path) -> dict[str, float]:
     (metrics,) = list(run_dir.rglob("metrics.csv"))
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
     return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+def save_tiny_model(folder: Path, seed: int = 0) -> str:
+    """A randomly initialised tiny Llama (``TINY_CONFIG``) and the shipped tokenizer saved to
+    ``folder`` with ``save_pretrained``; returns the folder as a string."""
+    from dpo_lightning.models import load_causal_lm
+
+    tok = load_tokenizer(tiny_spec())
+    model = load_causal_lm(tiny_spec(seed), tok)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
