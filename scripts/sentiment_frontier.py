@@ -40,6 +40,13 @@ IPO, online DPO and iterative DPO, over several seeds.
    during training), docs/frontier_pairs.csv (the pair data), docs/frontier_kl_split.csv (where
    the KL goes), docs/frontier_optimal.csv (the KL-optimal frontier),
    outputs/frontier/timing.json (wall and CPU seconds of every part).
+7. Reference frontiers (dpo_lightning.experiments.frontiers), from 256 SFT samples for each
+   evaluation prompt: best-of-n from the SFT model with its exact KL (the KL between the
+   distributions of reward levels; log n - (n-1)/n is only a bound when rewards tie),
+   docs/frontier_best_of_n.csv; the per-prompt KL-optimal policy pi* by self-normalised
+   importance weights with its effective sample size, docs/frontier_optimal.csv; each run's
+   regret (pi*'s reward at the run's KL minus its reward) and KL efficiency (pi*'s KL for the
+   run's reward over the run's KL), columns of docs/frontier.csv.
 
 Jobs run in ``--jobs`` worker processes (default 2), each with ``--threads`` torch threads
 (default 1: the 0.1M-parameter model gains nothing from more). Iterative DPO joins when
@@ -108,6 +115,9 @@ QUICK_SWEEP = [
 EVAL = {"prompts": 64, "samples_per_prompt": 16, "max_new_tokens": 32}  # 1024 samples
 QUICK_EVAL = {"prompts": 32, "samples_per_prompt": 8, "max_new_tokens": 32}
 DIAGNOSIS_SAMPLES = 8  # per held-out prompt, for the KL split (512 samples)
+REFERENCE_SAMPLES, QUICK_REFERENCE_SAMPLES = 256, 64  # SFT samples per evaluation prompt, for the reference frontiers
+BEST_OF = (1, 2, 4, 8, 16, 32, 64)
+OPTIMUM_BETAS = [10 ** (1 - i / 20) for i in range(61)]  # 10 down to 0.01
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 STYLE = {  # series: (colour, marker)
@@ -295,6 +305,61 @@ def sample_pairs_job(job: dict) -> None:
     Path(job["pairs_val"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if not i % HELD_OUT_EVERY))
 
 
+def reference_scores_job(job: dict) -> None:
+    """``job["reference_samples"]`` SFT samples for each evaluation prompt (a prompt listed twice
+    is sampled once and counted twice, as the evaluation counts it), scored; written as a
+    ``(P, M)`` JSON list to ``job["reference_scores"]``."""
+    import torch
+
+    from dpo_lightning.experiments.sentiment import score
+    from dpo_lightning.sampling import read_prompts, sample
+    from frontier_diagnosis import load
+
+    torch.manual_seed(1000 + job["seed"])
+    model, tokenizer = load(job["sft"])
+    by_prompt: dict[str, list[float]] = {}
+    rows = []
+    for prompt in read_prompts(job["eval_prompts"]):
+        key = json.dumps(prompt)
+        if key not in by_prompt:
+            texts = sample(model, tokenizer, prompt, job["reference_samples"], job["eval"]["max_new_tokens"]).texts
+            by_prompt[key] = [score(t) for t in texts]
+        rows.append(by_prompt[key])
+    Path(job["reference_scores"]).write_text(json.dumps(rows))
+
+
+def reference_frontiers(scores: list[list[float]]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Best-of-n from the SFT model with its exact KL, for n in BEST_OF, and the per-prompt
+    KL-optimal policy pi* = pi_sft exp(r / beta) / Z (self-normalised importance weights over
+    the SFT samples, effective sample size ``ess_min`` / ``ess_mean``), for beta in OPTIMUM_BETAS
+    (dpo_lightning.experiments.frontiers)."""
+    import torch
+
+    from dpo_lightning.experiments import frontiers
+
+    table = torch.tensor(scores, dtype=torch.float64)
+    # n at most M / 4: the plug-in distribution of M samples says little about the best of more
+    best = [dict(zip(("n", "reward", "kl"), (n, *frontiers.best_of_n(table, n)))) for n in BEST_OF
+            if n <= table.shape[1] // 4]
+    for row in best:
+        row["kl_bound"] = math.log(row["n"]) - (row["n"] - 1) / row["n"]
+    return best, [frontiers.optimum(table, b) for b in OPTIMUM_BETAS]
+
+
+def add_regret(summary: list[dict[str, Any]], scores: list[list[float]]) -> None:
+    """Each run's regret (pi*'s reward at its KL minus its reward) and KL efficiency (pi*'s KL
+    for its reward over its KL), in place."""
+    import torch
+
+    from dpo_lightning.experiments import frontiers
+
+    table = torch.tensor(scores, dtype=torch.float64)
+    for r in summary:
+        kl = max(float(r["kl"]), 0.0)
+        r["regret"] = frontiers.regret(table, kl, r["reward"]) if kl > 0 else ""
+        r["kl_efficiency"] = frontiers.kl_efficiency(table, kl, r["reward"]) if kl > 0 else ""
+
+
 def run_job(job: dict) -> dict[str, Any]:
     """A worker process: sample pairs, train and evaluate a run, evaluate SFT, or diagnose a policy."""
     import torch
@@ -306,6 +371,8 @@ def run_job(job: dict) -> dict[str, Any]:
                            **{k: job["loss_args"].get(k, "") for k in ("beta", "alpha")}}
     if job["kind"] == "pairs":
         sample_pairs_job(job)
+    elif job["kind"] == "reference":
+        reference_scores_job(job)
     elif job["kind"] == "sft":
         row.update(evaluate(job, job["sft"]))
     elif job["kind"] == "diagnose":
@@ -418,7 +485,7 @@ def optimal_frontier(scores: list[float]) -> list[dict[str, float]]:
 
 # -- plots ------------------------------------------------------------------------------------------
 def plot_frontier(rows: list[dict[str, Any]], path: Path, optimal: list[dict[str, Any]],
-                  pairs: list[dict[str, Any]]) -> None:
+                  pairs: list[dict[str, Any]], best_of: list[dict[str, Any]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,7 +494,10 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, optimal: list[dict[str
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
     for ax, xmax in zip(axes, (None, 2.2)):
         ax.plot([p["kl"] for p in optimal], [p["reward"] for p in optimal], color="grey", ls="--", lw=1,
-                label="KL-optimal: π_sft·exp(r/β)/Z")
+                label="KL-optimal: π_sft·exp(r/β)/Z" + (" per prompt" if best_of else ""))
+        if best_of:
+            ax.plot([p["kl"] for p in best_of], [p["reward"] for p in best_of], color="grey", ls=":", marker=".",
+                    lw=1, label="best-of-n from SFT (exact KL), n = " + ", ".join(f"{p['n']:g}" for p in best_of))
         if pairs:
             chosen = sum(p["chosen_mean"] for p in pairs) / len(pairs)
             ax.axhline(chosen, color="tab:blue", ls=":", lw=1, label=f"mean score of the chosen replies ({chosen:.2f})")
@@ -543,7 +613,8 @@ def replot(docs: Path = DOCS) -> None:
     """Redraw docs/frontier.png and docs/logps.png from docs/*.csv (``--plot-only``)."""
     pairs = read_csv(docs / "frontier_pairs.csv") if (docs / "frontier_pairs.csv").exists() else []
     optimal = read_csv(docs / "frontier_optimal.csv") if (docs / "frontier_optimal.csv").exists() else []
-    plot_frontier(read_csv(docs / "frontier.csv"), docs / "frontier.png", optimal, pairs)
+    best_of = read_csv(docs / "frontier_best_of_n.csv") if (docs / "frontier_best_of_n.csv").exists() else None
+    plot_frontier(read_csv(docs / "frontier.csv"), docs / "frontier.png", optimal, pairs, best_of)
     if (docs / "logps.csv").exists():
         plot_logps(read_csv(docs / "logps.csv"), docs / "logps.png")
 
@@ -636,7 +707,12 @@ def main(argv: list[str] | None = None) -> None:
             name = re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") + f"_seed{seed}"
             run_jobs.append({**base, **pairs, "kind": kind, "series": series, "label": label, "name": name,
                              "seed": seed, "recipe": recipe_name, "loss_args": dict(loss_args), "settings": settings})
-    print(f"== pairs: {PAIR_SAMPLES} SFT samples for each of {n_prompts} prompts, seeds {seeds}", flush=True)
+    reference_scores = out / "reference_scores.json"
+    pair_jobs.append({**base, "kind": "reference", "series": "reference", "label": "reference", "name": "reference",
+                      "seed": 0, "reference_scores": str(reference_scores),
+                      "reference_samples": QUICK_REFERENCE_SAMPLES if args.quick else REFERENCE_SAMPLES})
+    print(f"== pairs: {PAIR_SAMPLES} SFT samples for each of {n_prompts} prompts, seeds {seeds}; "
+          f"{pair_jobs[-1]['reference_samples']} for each evaluation prompt (reference frontiers)", flush=True)
     phase, cpu = time.perf_counter(), cpu_seconds()
     run_pool(pair_jobs, args.jobs)
     timing["pairs"] = {"wall_s": time.perf_counter() - phase, "cpu_s": cpu_seconds() - cpu}
@@ -664,8 +740,14 @@ def main(argv: list[str] | None = None) -> None:
                 for s in seeds]
     sft_scores = [json.loads(line)["score"] for s in seeds if (out / f"seed{s}" / "pair_samples.jsonl").exists()
                   for line in (out / f"seed{s}" / "pair_samples.jsonl").read_text().splitlines() if line.strip()]
-    optimal = optimal_frontier(sft_scores) if sft_scores else []
     summary = aggregate(rows)
+    best_of: list[dict[str, float]] = []
+    if reference_scores.exists():  # per evaluation prompt: best-of-n and pi*, and each run's regret against pi*
+        table = json.loads(reference_scores.read_text())
+        best_of, optimal = reference_frontiers(table)
+        add_regret(summary, table)
+    else:
+        optimal = optimal_frontier(sft_scores) if sft_scores else []
     curves = training_curves(out, rows)
 
     write_csv(out / "runs.csv", rows, ["series", "label", "beta", "alpha", "seed", "reward", "reward_stderr", "kl",
@@ -673,18 +755,19 @@ def main(argv: list[str] | None = None) -> None:
                                        "wall_s", "cpu_s"])
     write_csv(docs / "frontier.csv", summary, ["series", "label", "beta", "alpha", "seeds", "reward", "reward_se", "kl",
                                                "kl_se", "wellformed", "wellformed_se", "negative_slots",
-                                               "negative_slots_se"])
+                                               "negative_slots_se", "regret", "kl_efficiency"])
     write_csv(docs / "frontier_pairs.csv", coverage, ["seed", "pairs", "sft_mean", "best_of_4", "chosen_mean",
                                                       "rejected_mean", "chosen_perfect", "small_gap",
                                                       "rejected_half_positive", "chosen_negative_slots"])
-    write_csv(docs / "frontier_optimal.csv", optimal, ["beta", "kl", "reward"])
+    write_csv(docs / "frontier_optimal.csv", optimal, ["beta", "kl", "reward", "ess_min", "ess_mean"])
+    write_csv(docs / "frontier_best_of_n.csv", best_of, ["n", "reward", "kl", "kl_bound"])
     write_csv(docs / "logps.csv", curves, ["series", "label", "seed", "source", "step", "chosen", "rejected"])
     if split_rows:
         write_csv(docs / "frontier_kl_split.csv", split_rows, [
             "series", "label", "beta", "alpha", "samples", "reward", "kl_exact", "kl_sentiment", "kl_eos", "kl_other",
             "kl_sentiment_share", "wellformed", "negative_slots", "length", "eos", "product_reward_min",
             "product_reward_max", "worst_product"])
-    plot_frontier(summary, docs / "frontier.png", optimal, coverage)
+    plot_frontier(summary, docs / "frontier.png", optimal, coverage, best_of)
     plot_logps(curves, docs / "logps.png")
 
     total = time.perf_counter() - start
@@ -701,10 +784,14 @@ def main(argv: list[str] | None = None) -> None:
     for c in coverage:
         print(f"  pairs, seed {c['seed']}: {c['pairs']} pairs, SFT mean {c.get('sft_mean', float('nan')):.3f}, best of 4 "
               f"{c.get('best_of_4', float('nan')):.3f}, chosen {c['chosen_mean']:.3f}, rejected {c['rejected_mean']:.3f}")
+    for r in best_of:
+        print(f"  best-of-{r['n']:<3} from SFT: reward {r['reward']:.3f}, exact KL {r['kl']:.2f} (bound {r['kl_bound']:.2f})")
     for r in summary:
         print(f"  {r['label']:<44} reward {r['reward']:.3f} ± {r['reward_se']:.3f}   KL {r['kl']:.2f} ± {r['kl_se']:.2f}"
               + (f"   well-formed {r['wellformed']:.2f}, negative slots {r['negative_slots']:.3f}"
-                 if isinstance(r.get("negative_slots"), float) else ""))
+                 if isinstance(r.get("negative_slots"), float) else "")
+              + (f"   regret {r['regret']:.3f}, KL efficiency {r['kl_efficiency']:.2f}"
+                 if isinstance(r.get("regret"), float) else ""))
     for r in split_rows:
         print(f"  KL split {r['label']:<36} {r['kl_exact']:.2f} nats: sentiment words {r['kl_sentiment']:.2f}, "
               f"EOS {r['kl_eos']:.2f}, other tokens {r['kl_other']:.2f}")
