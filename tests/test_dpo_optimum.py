@@ -60,6 +60,23 @@ def test_bradley_terry_fit_of_two_completions_is_the_log_odds() -> None:
         bradley_terry.fit_scores(torch.tensor([1, 1]), torch.tensor([0, 0]), 2)
 
 
+def test_enumerable_completions_are_tokenized_as_the_data_module_does(tokenizer) -> None:
+    """The float64 log-probs of the enumerable set score the very ids DPO trains on."""
+    from conftest import TOKENIZER_DIR
+    from dpo_lightning.data import PreferenceDataModule
+
+    texts = enumerable.completions("kettle")
+    assert len(set(texts)) == 8 and enumerable.rewards(texts).tolist() == [1, 2 / 3, 2 / 3, 1 / 3, 2 / 3, 1 / 3, 1 / 3, 0]
+    dm = PreferenceDataModule(train_data=[{"prompt": "Review the kettle.", "chosen": texts[0], "rejected": texts[7]}],
+                              tokenizer=TOKENIZER_DIR, max_length=64)
+    dm.setup("fit")
+    row = dm.train_dataset[0]
+    prompt_ids, chosen_ids = enumerable.encode(tokenizer, "Review the kettle.", texts[0])
+    assert (row["prompt_ids"], row["chosen_ids"]) == (prompt_ids, chosen_ids)
+    assert row["rejected_ids"] == enumerable.encode(tokenizer, "Review the kettle.", texts[7])[1]
+    assert len({len(enumerable.encode(tokenizer, "Review the kettle.", t)[1]) for t in texts}) == 1  # one length
+
+
 # The theorem. Tiny Llama, random init (seed 3): pi_ref over the 8 completions of
 # enumerable.TEMPLATE is close to uniform (0.09-0.18 each, mean reward 0.50). Labels by a
 # Bradley-Terry labeller of temperature TAU; DPO at BETA targets pi* at BETA * TAU = 0.25:
