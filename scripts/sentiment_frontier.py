@@ -40,7 +40,7 @@ IPO, online DPO and iterative DPO, over several seeds.
    during training), docs/frontier_pairs.csv (the pair data), docs/frontier_kl_split.csv (where
    the KL goes), docs/frontier_optimal.csv (the KL-optimal frontier),
    outputs/frontier/timing.json (wall and CPU seconds of every part).
-7. Reference frontiers (dpo_lightning.experiments.frontiers), from 256 SFT samples for each
+7. Reference frontiers (dpo_lightning.experiments.frontiers), from 512 SFT samples for each
    evaluation prompt: best-of-n from the SFT model with its exact KL (the KL between the
    distributions of reward levels; log n - (n-1)/n is only a bound when rewards tie),
    docs/frontier_best_of_n.csv; the per-prompt KL-optimal policy pi* by self-normalised
@@ -115,7 +115,7 @@ QUICK_SWEEP = [
 EVAL = {"prompts": 64, "samples_per_prompt": 16, "max_new_tokens": 32}  # 1024 samples
 QUICK_EVAL = {"prompts": 32, "samples_per_prompt": 8, "max_new_tokens": 32}
 DIAGNOSIS_SAMPLES = 8  # per held-out prompt, for the KL split (512 samples)
-REFERENCE_SAMPLES, QUICK_REFERENCE_SAMPLES = 256, 64  # SFT samples per evaluation prompt, for the reference frontiers
+REFERENCE_SAMPLES, QUICK_REFERENCE_SAMPLES = 512, 64  # SFT samples per evaluation prompt, for the reference frontiers
 BEST_OF = (1, 2, 4, 8, 16, 32, 64)
 OPTIMUM_BETAS = [10 ** (1 - i / 20) for i in range(61)]  # 10 down to 0.01
 
@@ -647,6 +647,31 @@ def run_pool(jobs: list[dict], workers: int) -> list[dict[str, Any]]:
     return results
 
 
+def reference_only(out: Path) -> None:
+    """``--reference-only``: best-of-n and pi* from the SFT model of HEAD's recipe, and the
+    regret and KL efficiency of the runs in docs/frontier.csv against them (printed)."""
+    sft = out / "sft"
+    if not sft.exists():
+        train_sft(out)
+    job = {"seed": 0, "sft": str(sft), "eval": EVAL, "reference_samples": REFERENCE_SAMPLES,
+           "eval_prompts": str(subset(EVAL_PROMPTS, out / "data" / "eval_prompts.jsonl", EVAL["prompts"])),
+           "reference_scores": str(out / "reference_scores.json")}
+    reference_scores_job(job)
+    table = json.loads((out / "reference_scores.json").read_text())
+    best_of, optimal = reference_frontiers(table)
+    for r in best_of:
+        print(f"best-of-{r['n']:<3} reward {r['reward']:.3f}  exact KL {r['kl']:.2f}  (bound {r['kl_bound']:.2f})")
+    for r in optimal[::5]:
+        print(f"pi* beta {r['beta']:<8.3g} reward {r['reward']:.3f}  KL {r['kl']:.2f}  ESS min {r['ess_min']:.0f} "
+              f"mean {r['ess_mean']:.0f} of {len(table[0])}")
+    rows = read_csv(DOCS / "frontier.csv")
+    add_regret(rows, table)
+    for r in rows:
+        if isinstance(r["regret"], float):
+            print(f"{r['label']:<44} reward {r['reward']:.3f}  KL {r['kl']:.2f}  regret {r['regret']:.3f}  "
+                  f"KL efficiency {r['kl_efficiency']:.2f}")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; --quick: 1)")
@@ -657,6 +682,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="a regular expression: only the run labels it matches")
     parser.add_argument("--no-diagnosis", action="store_true", help="skip the KL split of the seed-0 policies")
     parser.add_argument("--plot-only", action="store_true", help="redraw docs/*.png from docs/*.csv")
+    parser.add_argument("--reference-only", action="store_true", help="train the SFT model (or reuse outputs/"
+                        "frontier_reference/sft), sample the reference frontiers and print them with the regret and "
+                        "KL efficiency of the runs in docs/frontier.csv; writes only under outputs/frontier_reference")
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
@@ -667,6 +695,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.plot_only:
         replot()
+        return
+    if args.reference_only:
+        reference_only(OUT.with_name("frontier_reference"))
         return
     start = time.perf_counter()
     out = OUT.with_name("frontier_quick") if args.quick else OUT
