@@ -1,8 +1,8 @@
 """How far each loss ends from the KL-regularised optimum on Bradley-Terry-labelled pairs, in the
 enumerable setting of tests/test_dpo_optimum.py (printed, not asserted).
 
-    PYTHONPATH=. .venv/bin/python scripts/dpo_optimum.py              # 3 pair seeds, about 5 CPU minutes
-    PYTHONPATH=. .venv/bin/python scripts/dpo_optimum.py --seeds 1
+    .venv/bin/python scripts/dpo_optimum.py              # 3 pair seeds, about 8 CPU minutes
+    .venv/bin/python scripts/dpo_optimum.py --seeds 1
 
 Setting: a randomly initialised tiny Llama is pi_ref; for each of 2 prompts, the 8 completions
 of dpo_lightning.experiments.enumerable (rewards 0, 1/3, 2/3, 1); 2000 pairs a prompt drawn

@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from conftest import save_tiny_model
+from conftest import TOKENIZER_DIR, save_tiny_model
 from dpo_lightning import train
+from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.experiments import bradley_terry, enumerable, optimum
 from dpo_lightning.losses import DPOLoss
 from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
@@ -62,9 +63,6 @@ def test_bradley_terry_fit_of_two_completions_is_the_log_odds() -> None:
 
 def test_enumerable_completions_are_tokenized_as_the_data_module_does(tokenizer) -> None:
     """The float64 log-probs of the enumerable set score the very ids DPO trains on."""
-    from conftest import TOKENIZER_DIR
-    from dpo_lightning.data import PreferenceDataModule
-
     texts = enumerable.completions("kettle")
     assert len(set(texts)) == 8 and enumerable.rewards(texts).tolist() == [1, 2 / 3, 2 / 3, 1 / 3, 2 / 3, 1 / 3, 1 / 3, 0]
     dm = PreferenceDataModule(train_data=[{"prompt": "Review the kettle.", "chosen": texts[0], "rejected": texts[7]}],
