@@ -161,7 +161,7 @@ def test_every_overlay_names_its_command_and_its_own_output_folders() -> None:
     for recipe in OVERLAYS + MODEL_OVERLAYS:
         text = (RECIPES / f"{recipe}.yaml").read_text()
         assert f"dpo-lightning fit --config recipes/base.yaml --config recipes/{recipe}.yaml" in text, recipe
-        assert "seed_everything" not in text, f"{recipe}: an overlay holds only what differs from base.yaml"
+        assert "seed_everything" not in (yaml.safe_load(text) or {}), f"{recipe}: an overlay holds only what differs from base.yaml"
     for recipe in OVERLAYS + MODEL_OVERLAYS + list(STANDALONE):
         config = print_config(recipe)
         roots[recipe] = config["trainer"]["default_root_dir"]
