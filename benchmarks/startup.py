@@ -15,8 +15,9 @@ Each is timed ``--repeats`` times warm (files in the page cache, bytecode compil
 the machine lets this user drop the page cache (``/proc/sys/vm/drop_caches``, root), as many
 times cold (the cache dropped before each run). Printed: the median wall time and the median
 CPU time (user + system of the child: steadier than wall time on a shared machine) per command.
-``--source DIR`` runs the package found in ``DIR`` (``PYTHONPATH=DIR``) with this interpreter,
-so two checkouts compare with the same installed libraries.
+``--source DIR`` runs the package found in ``DIR`` (``PYTHONPATH=DIR``, and ``DIR`` as the
+working directory, which ``python -m`` puts first on ``sys.path``) with this interpreter, so two
+checkouts compare with the same installed libraries.
 """
 
 from __future__ import annotations
@@ -56,13 +57,13 @@ def drop_caches() -> None:
     DROP_CACHES.write_text("3\n")
 
 
-def timed(cmd: list[str], env: dict[str, str], cold: bool) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict[str, str], cold: bool, cwd: Path) -> tuple[float, float]:
     """``(wall seconds, CPU seconds)`` of one run of ``cmd``; fails loudly if it fails."""
     if cold:
         drop_caches()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
@@ -83,7 +84,7 @@ def main() -> None:
     if args.source:
         env["PYTHONPATH"] = str(args.source.resolve())
     cold = not args.no_cold and can_drop_caches()
-    source = args.source or ROOT
+    source = (args.source or ROOT).resolve()  # the working directory too: `python -m` puts it first on sys.path
     print(f"start-up of dpo-lightning from {source}; median of {args.repeats}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     if not args.no_cold and not cold:
@@ -92,11 +93,11 @@ def main() -> None:
     print(f"|---|---:|---:|{'---:|---:|' if cold else ''}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, cmd in commands(tmp).items():
-            timed(cmd, env, cold=False)  # compiles bytecode and fills the cache
-            warm = [timed(cmd, env, cold=False) for _ in range(args.repeats)]
+            timed(cmd, env, cold=False, cwd=source)  # compiles bytecode and fills the cache
+            warm = [timed(cmd, env, cold=False, cwd=source) for _ in range(args.repeats)]
             row = f"| {name} | {statistics.median(w for w, _ in warm):.2f} | {statistics.median(c for _, c in warm):.2f} |"
             if cold:
-                runs = [timed(cmd, env, cold=True) for _ in range(args.repeats)]
+                runs = [timed(cmd, env, cold=True, cwd=source) for _ in range(args.repeats)]
                 row += f" {statistics.median(w for w, _ in runs):.2f} | {statistics.median(c for _, c in runs):.2f} |"
             print(row, flush=True)
 
