@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .contract import BatchLayout
 from .data import PreferenceDataModule, TokenizedDataModule, UnpairedDataModule
@@ -57,7 +57,7 @@ class TrainedRun:
 
 
 def train(
-    model: str | os.PathLike | ModelSpec,
+    model: str | os.PathLike | ModelSpec | PreTrainedModel,
     train_data: Any,
     *,
     val_data: Any = None,
@@ -76,7 +76,9 @@ def train(
     """Train a policy on preference data and export it; returns the :class:`TrainedRun`.
 
     Args:
-        model: a hub id, a folder written by ``save_pretrained``, or a :class:`ModelSpec`.
+        model: a hub id, a folder written by ``save_pretrained``, a :class:`ModelSpec`, or a
+            loaded ``PreTrainedModel`` (saved to ``<output_dir>/start_model`` first, so that the
+            reference, the checkpoints' run fingerprint and ``reference.json`` can name it).
         train_data / val_data: what a recipe's ``train_data`` takes: a file or folder path
             (JSONL, JSON, Parquet, CSV), a hub dataset id, or a ``datasets.Dataset`` /
             ``DatasetDict`` / list of rows, in any layout docs/data.md lists.
@@ -104,8 +106,10 @@ def train(
     if layout not in DATA_MODULES:
         raise ValueError(f"train() has no data module for {type(loss).__name__}'s batch layout {layout.value!r}; "
                          f"it trains losses on {', '.join(sorted(l.value for l in DATA_MODULES))}")
-    spec = model_spec(model, tokenizer)
     output = Path(output_dir)
+    if isinstance(model, PreTrainedModel):
+        model, tokenizer = save_start_model(model, tokenizer, output / "start_model")
+    spec = model_spec(model, tokenizer)
     module = PreferenceModule(
         model=spec, loss=loss, optimizer=partial(torch.optim.AdamW, lr=lr),
         export_dir=str(output / "policy"), overwrite_export=overwrite, **(module_args or {}),
@@ -126,6 +130,20 @@ def train(
     return TrainedRun(module, datamodule, trainer, output / "policy")
 
 
+def save_start_model(
+    model: PreTrainedModel, tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None, folder: Path,
+) -> tuple[str, str | os.PathLike | PreTrainedTokenizerBase]:
+    """Save a loaded model (safetensors) to ``folder`` and return ``(folder, tokenizer)``; the
+    tokenizer defaults to the one the model was loaded from (``config._name_or_path``)."""
+    if tokenizer is None:
+        tokenizer = getattr(model.config, "_name_or_path", "") or None
+        if tokenizer is None:
+            raise ValueError("train(model=<a loaded model>) needs tokenizer=: the model does not say where it was loaded from")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder), tokenizer
+
+
 def model_spec(model: str | os.PathLike | ModelSpec, tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None) -> ModelSpec:
     """``model`` as a :class:`ModelSpec` (a path or hub id becomes ``name_or_path``); a tokenizer
     given by name becomes its ``tokenizer``."""
@@ -135,8 +153,7 @@ def model_spec(model: str | os.PathLike | ModelSpec, tokenizer: str | os.PathLik
         spec = ModelSpec(name_or_path=os.fspath(model))
     else:
         raise TypeError(
-            f"train(model=...) takes a hub id, a folder or a ModelSpec, got {type(model).__name__}; "
-            "save a loaded model with model.save_pretrained(DIR) and pass DIR"
+            f"train(model=...) takes a hub id, a folder, a ModelSpec or a PreTrainedModel, got {type(model).__name__}"
         )
     if isinstance(tokenizer, (str, os.PathLike)):
         spec.tokenizer = os.fspath(tokenizer)

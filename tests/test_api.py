@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 from dpo_lightning import train
@@ -34,5 +36,20 @@ def test_an_unpaired_loss_gets_the_unpaired_data_module(tmp_path: Path, pair_fil
 def test_a_reward_loss_or_a_model_object_is_refused_naming_what_to_use(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="RewardModule"):
         train(TINY, "unused.jsonl", loss=BradleyTerryLoss(), output_dir=tmp_path)
-    with pytest.raises(TypeError, match=r"save_pretrained\(DIR\)"):
+    with pytest.raises(TypeError, match=r"PreTrainedModel, got object"):
         train(object(), "unused.jsonl", output_dir=tmp_path)
+
+
+def test_a_loaded_model_object_trains_from_its_saved_copy(tmp_path: Path, pair_files) -> None:
+    from safetensors.torch import load_file
+
+    from dpo_lightning.models import load_causal_lm
+
+    spec = ModelSpec(name_or_path=TINY)
+    model = load_causal_lm(spec, load_tokenizer(spec))
+    run = train(model, pair_files[0], output_dir=tmp_path, batch_size=4, **QUICK)
+    start = load_file(str(tmp_path / "start_model" / "model.safetensors"))
+    assert start and all(torch.equal(model.state_dict()[k], v) for k, v in start.items())
+    assert run.module.model_spec.name_or_path == str(tmp_path / "start_model") and run.trainer.global_step == 2
+    recorded = json.loads((tmp_path / "policy" / "reference.json").read_text())["reference_model"]
+    assert recorded["name_or_path"] == str((tmp_path / "start_model").resolve())
