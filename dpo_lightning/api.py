@@ -26,19 +26,11 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .contract import BatchLayout
-from .data import PreferenceDataModule, TokenizedDataModule, UnpairedDataModule
+from .data import TokenizedDataModule
+from .data.base import datamodule_class
 from .losses import BradleyTerryLoss, DPOLoss, PreferenceLoss
 from .models import ModelSpec, ready_tokenizer
 from .modules import PreferenceModule
-
-#: the data module that produces each batch layout a policy loss trains on
-DATA_MODULES: dict[BatchLayout, type[TokenizedDataModule]] = {
-    BatchLayout.PAIRS: PreferenceDataModule,
-    BatchLayout.UNPAIRED_WITH_KL: UnpairedDataModule,
-    BatchLayout.UNPAIRED: UnpairedDataModule,
-}
-
 
 @dataclass
 class TrainedRun:
@@ -83,7 +75,7 @@ def train(
             (JSONL, JSON, Parquet, CSV), a hub dataset id, or a ``datasets.Dataset`` /
             ``DatasetDict`` / list of rows, in any layout docs/data.md lists.
         loss: a policy loss object (``DPOLoss(beta=0.1)`` when ``None``); its batch layout picks
-            the data module (pairs, or unpaired rows for KTO / BCO).
+            the data module that produces it (pairs; unpaired rows for KTO / BCO; triples for TPO).
         tokenizer: a tokenizer id or folder, or a loaded tokenizer, when not the model's own.
         lr: AdamW's learning rate (TRL's DPOConfig default, 1e-6).
         batch_size / max_length: pairs per batch and the token limit of prompt + completion
@@ -102,10 +94,10 @@ def train(
             f"train(loss=...) takes a policy loss (a PreferenceLoss such as DPOLoss), got {type(loss).__name__}; "
             "a reward model trains with dpo_lightning.modules.RewardModule (docs/losses.md, 'Reward model')"
         )
-    layout = loss.batch_layout
-    if layout not in DATA_MODULES:
-        raise ValueError(f"train() has no data module for {type(loss).__name__}'s batch layout {layout.value!r}; "
-                         f"it trains losses on {', '.join(sorted(l.value for l in DATA_MODULES))}")
+    data_class = datamodule_class(loss.batch_layout)
+    if data_class is None:
+        raise ValueError(f"train() has no data module for {type(loss).__name__}'s batch layout "
+                         f"{loss.batch_layout.value!r}")
     output = Path(output_dir)
     if isinstance(model, PreTrainedModel):
         model, tokenizer = save_start_model(model, tokenizer, output / "start_model")
@@ -119,7 +111,7 @@ def train(
     requirements = module.data_requirements
     if max_length is None:
         max_length = min(1024, requirements.max_positions or 1024)
-    datamodule = DATA_MODULES[layout](
+    datamodule = data_class(
         train_data=train_data, val_data=val_data, batch_size=batch_size, max_length=max_length, **(data_args or {}),
     )
     datamodule.connect(module.tokenizer, requirements)

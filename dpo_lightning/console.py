@@ -78,13 +78,21 @@ def quiet_libraries() -> None:
         logging.getLogger(name).addFilter(log_filter)
     for pattern in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+    _quiet = True
+    if "transformers" in sys.modules:
+        quiet_transformers()
+    if "datasets" in sys.modules:
+        quiet_datasets()
+
+
+def quiet_transformers() -> None:
+    """transformers' weight-loading and shard-writing bars off (unless ``TRANSFORMERS_VERBOSITY``
+    rules). Called when :mod:`dpo_lightning.models` imports transformers, so ``import
+    dpo_lightning`` alone (the plot command) does not import it."""
+    if _quiet and "TRANSFORMERS_VERBOSITY" not in os.environ:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    _quiet = True
-    if "datasets" in sys.modules:
-        quiet_datasets()
 
 
 def quiet_datasets() -> None:
@@ -105,7 +113,7 @@ def verbose_libraries() -> None:
     quieted = set(NOISE_WARNINGS)
     warnings.filters[:] = [f for f in warnings.filters
                            if not (f[0] == "ignore" and f[1] is not None and f[1].pattern in quieted)]
-    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+    if "transformers" in sys.modules and "TRANSFORMERS_VERBOSITY" not in os.environ:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.enable_progress_bar()

@@ -6,6 +6,7 @@ demo build a tiny model from a config dict (``config``). Both go through :func:`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +24,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .console import quiet_transformers
+
+quiet_transformers()
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -113,8 +118,10 @@ def _nearest_folder(path: str) -> str:
     return f"; did you mean {os.path.join(parent, near[0])!r}?" if near else ""
 
 
+@functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host (``HF_ENDPOINT``) accepts a connection within ``timeout`` seconds."""
+    """Whether the hub's host (``HF_ENDPOINT``) accepts a connection within ``timeout`` seconds;
+    asked once a process (a policy, its tokenizer and a reference would each ask otherwise)."""
     import socket
     from urllib.parse import urlparse
 

@@ -53,3 +53,12 @@ def test_a_loaded_model_object_trains_from_its_saved_copy(tmp_path: Path, pair_f
     assert run.module.model_spec.name_or_path == str(tmp_path / "start_model") and run.trainer.global_step == 2
     recorded = json.loads((tmp_path / "policy" / "reference.json").read_text())["reference_model"]
     assert recorded["name_or_path"] == str((tmp_path / "start_model").resolve())
+
+
+def test_a_triple_loss_gets_the_data_module_that_produces_triples(tmp_path: Path) -> None:
+    from dpo_lightning.data import TripleDataModule
+    from dpo_lightning.losses import TPOLoss
+
+    run = train(TINY, str(ROOT / "data" / "triples" / "train.jsonl"), loss=TPOLoss(), output_dir=tmp_path,
+                batch_size=2, **QUICK)
+    assert isinstance(run.datamodule, TripleDataModule) and run.trainer.global_step == 2

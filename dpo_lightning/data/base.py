@@ -44,15 +44,22 @@ quiet_datasets()
 DATA_KEY = "data.init_args"
 
 
-def datamodule_for(layout: BatchLayout) -> str:
-    """The name of the data module class that produces ``layout`` (for error messages)."""
+def datamodule_class(layout: BatchLayout) -> type[TokenizedDataModule] | None:
+    """The data module class that produces ``layout`` (the first declaring it, nearest the base
+    first), or ``None``."""
     pending = list(TokenizedDataModule.__subclasses__())
     while pending:
         cls = pending.pop(0)
         if cls.__dict__.get("layout") == layout or layout in cls.__dict__.get("layouts", ()):
-            return cls.__name__
+            return cls
         pending += cls.__subclasses__()
-    return "a data module with that layout"
+    return None
+
+
+def datamodule_for(layout: BatchLayout) -> str:
+    """The name of the data module class that produces ``layout`` (for error messages)."""
+    cls = datamodule_class(layout)
+    return cls.__name__ if cls is not None else "a data module with that layout"
 
 
 class TokenizedDataModule(L.LightningDataModule):
