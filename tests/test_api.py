@@ -62,3 +62,12 @@ def test_a_triple_loss_gets_the_data_module_that_produces_triples(tmp_path: Path
     run = train(TINY, str(ROOT / "data" / "triples" / "train.jsonl"), loss=TPOLoss(), output_dir=tmp_path,
                 batch_size=2, **QUICK)
     assert isinstance(run.datamodule, TripleDataModule) and run.trainer.global_step == 2
+
+
+def test_a_standalone_data_module_takes_a_tokenizer_object(pair_files) -> None:
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=TINY))
+    tokenizer.pad_token = None
+    data = PreferenceDataModule(train_data=pair_files[0], tokenizer=tokenizer, max_length=64, batch_size=4)
+    data.setup("fit")
+    assert data.tokenizer is tokenizer and tokenizer.pad_token == tokenizer.eos_token
+    assert data.reports["train"].rows_kept == 32

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..console import quiet_datasets
 from ..contract import BatchLayout, DataRequirements, PairRows
-from ..models import ModelSpec, load_tokenizer
+from ..models import ModelSpec, load_tokenizer, ready_tokenizer
 from .formats import TEXT_FIELDS
 from .loader import ResumableDataLoader
 from .map_cache import checked_map
@@ -81,7 +81,8 @@ class TokenizedDataModule(L.LightningDataModule):
         split_seed: seed of the ``val_fraction`` split and of the weighted sources' sampling.
         max_rows: read at most this many rows per split (quick runs); with weighted sources,
             at most this many from each source.
-        tokenizer: tokenizer id or folder, only for standalone use (no :meth:`connect` call).
+        tokenizer: tokenizer id or folder, or a loaded tokenizer, only for standalone use (no
+            :meth:`connect` call).
         max_length / max_prompt_length / truncation_mode: see :mod:`.tokenization`.
         batch_size: rows per training batch (a pair counts once; the model sees its two sequences).
         eval_batch_size: rows per validation batch; defaults to ``batch_size``.
@@ -121,7 +122,7 @@ class TokenizedDataModule(L.LightningDataModule):
         val_fraction: float | None = None,
         split_seed: int = 0,
         max_rows: int | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         max_length: int = 1024,
         max_prompt_length: int | None = None,
         truncation_mode: TruncationMode = "keep_end",
@@ -231,7 +232,11 @@ class TokenizedDataModule(L.LightningDataModule):
                     "module.data_requirements) before trainer.fit (the dpo-lightning CLI does this), or "
                     "set data.init_args.tokenizer to use the data module on its own"
                 )
-            self.connect(load_tokenizer(ModelSpec(name_or_path=self.tokenizer_name)))
+            given = self.tokenizer_name
+            if isinstance(given, PreTrainedTokenizerBase):
+                self.connect(ready_tokenizer(given, type(given).__name__))
+            else:
+                self.connect(load_tokenizer(ModelSpec(name_or_path=given)))
         train_key, val_key = f"{DATA_KEY}.train_data", f"{DATA_KEY}.val_data"
         train_rows, train_sources = self.load_split(self.train_data, train_key, self.train_split)
         val_rows, val_sources = None, []
