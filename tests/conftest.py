@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# help texts cached by `dpo-lightning --help` go to a folder of this session, not the user's cache
+os.environ.setdefault("DPO_LIGHTNING_CACHE_DIR", tempfile.mkdtemp(prefix="dpo-lightning-cache-"))
 
 from dpo_lightning.cli import run  # noqa: E402
 from dpo_lightning.losses import SequenceLogProbs  # noqa: E402

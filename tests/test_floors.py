@@ -21,11 +21,15 @@ FLOORS: dict[str, int] = {
     "generation": 3,
     "modules": 4,
     **dict.fromkeys(("iterative", "callbacks", "cli", "sampling", "scoring", "plotting", "api"), 5),
+    "help_cache": 6,
+    "__main__": 7,
 }
 #: package imports inside a function that dodge no cycle, each with its reason
 LAZY: dict[tuple[str, str], str] = {
     ("dpo_lightning", "dpo_lightning.api"): "PEP 562: `from dpo_lightning import train` loads the top-floor API on "
                                             "first use, so `import dpo_lightning` stays light",
+    ("dpo_lightning.help_cache", "dpo_lightning.cli"): "a cached `dpo-lightning fit --help` prints without "
+                                                       "importing the CLI (and with it Lightning and torch)",
 }
 
 
