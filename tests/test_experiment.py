@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY_CONFIG, TOKENIZER_DIR, tiny_recipe, write_jsonl, write_recipe
 from dpo_lightning.cli import run
-from dpo_lightning.experiments.sentiment import review, score, sft_rows
+from dpo_lightning.experiments.sentiment import PRODUCTS, PROMPTS, held_out_prompts, review, score, sft_rows
 from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
 from dpo_lightning.sampling import evaluate_policy, load_scorer, sample_pairs, completion_logprobs
 
@@ -26,6 +27,25 @@ def test_scorer_counts_sentiment_words() -> None:
     assert load_scorer("dpo_lightning.experiments.sentiment:score") is score
     with pytest.raises(ValueError, match="no function"):
         load_scorer("dpo_lightning.experiments.sentiment:nope")
+
+
+def test_evaluation_prompts_never_appear_in_the_shipped_training_data() -> None:
+    root = Path(__file__).resolve().parent.parent / "data" / "sentiment"
+
+    def prompts(name: str) -> set[str]:
+        return {json.loads(line)["prompt"] for line in (root / name).read_text().splitlines() if line.strip()}
+
+    held_out = held_out_prompts()
+    assert len(held_out) == len(set(held_out)) == len(PROMPTS) * len(PRODUCTS) // 4 == 40
+    assert [json.loads(line)["prompt"] for line in (root / "eval_prompts.jsonl").read_text().splitlines()] == held_out
+    training = prompts("sft_train.jsonl") | prompts("sft_val.jsonl") | prompts("pair_prompts.jsonl")
+    assert not training & set(held_out)
+    assert len(training) == 120  # every other (phrasing, product) pair occurs in training
+    for product in PRODUCTS:  # every product and phrasing is seen in training, only not in these pairs
+        assert any(product in p for p in training)
+    for phrasing in PROMPTS:
+        assert any(p.startswith(phrasing.split("{p}")[0]) for p in training)
+    assert sft_rows(5, seed=7) == sft_rows(5, seed=7)
 
 
 def test_sft_loss_is_token_mean_nll_on_completions(tmp_path) -> None:

@@ -3,6 +3,8 @@
 Reviews are short templated sentences about products with two adjectives and a verb; each
 slot's word is drawn from a positive or a negative list. :func:`score` is the ground truth:
 the share of sentiment words that are positive, in [0, 1] (0.5 when there are none).
+Prompts: 8 phrasings x 20 products; a quarter of those 160 (:func:`is_held_out`) are kept for
+evaluation and never appear in training data.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ NEGATIVE = ["terrible", "flimsy", "unreliable", "awful", "uncomfortable", "poor"
 ADJ_POS, ADJ_NEG = POSITIVE[:16], NEGATIVE[:16]
 VERB_POS, VERB_NEG = POSITIVE[16:], NEGATIVE[16:]
 PROMPTS = ["Write a short review of the {p}.", "Review the {p} you bought last month.",
-           "What do you think of this {p}?", "Describe your experience with the {p}."]
+           "What do you think of this {p}?", "Describe your experience with the {p}.",
+           "How would you rate the {p}?", "Tell me about the {p} you own.",
+           "Give your honest opinion of the {p}.", "Share a few words on the new {p}."]
 TEMPLATES = [" The {p} is {a} and {b}. I {v} it.", " This {p} feels {a}. Honestly it is {b}, and I {v} it.",
              " I {v} this {p}: it is {a}, {b} and worth talking about.", " After a month the {p} is still {a}. Very {b}."]
 _WORD = re.compile(r"[a-z]+")
@@ -47,21 +51,42 @@ def review(rng: random.Random, product: str) -> str:
                                         v=pick(VERB_POS, VERB_NEG))
 
 
-def prompt(rng: random.Random, product: str) -> str:
-    return rng.choice(PROMPTS).format(p=product)
+def is_held_out(phrasing: int, product: int) -> bool:
+    """Whether the prompt ``PROMPTS[phrasing]`` about ``PRODUCTS[product]`` is an evaluation prompt.
+
+    A quarter of the 8 x 20 (phrasing, product) pairs, spread so that every phrasing and every
+    product also appears in training: 40 evaluation prompts that no SFT row and no preference
+    prompt ever shows."""
+    return (phrasing + 3 * product) % 4 == 0
+
+
+def training_prompt(rng: random.Random, product: str) -> str:
+    """A prompt about ``product`` in one of the phrasings not held out for it."""
+    j = PRODUCTS.index(product)
+    return rng.choice([p for i, p in enumerate(PROMPTS) if not is_held_out(i, j)]).format(p=product)
+
+
+def held_out_prompts() -> list[str]:
+    """The 40 evaluation prompts, each once, in a fixed order (by product, then phrasing)."""
+    return [p.format(p=product) for j, product in enumerate(PRODUCTS) for i, p in enumerate(PROMPTS) if is_held_out(i, j)]
 
 
 def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` prompt / completion rows of mixed sentiment for supervised fine-tuning."""
+    """``n`` prompt / completion rows of mixed sentiment for supervised fine-tuning (training prompts only)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         product = rng.choice(PRODUCTS)
-        rows.append({"prompt": prompt(rng, product), "completion": review(rng, product)})
+        rows.append({"prompt": training_prompt(rng, product), "completion": review(rng, product)})
     return rows
 
 
 def prompt_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """``n`` prompts (no completions), for sampling pairs or evaluating."""
+    """``n`` training prompts (no completions), for sampling pairs or online training."""
     rng = random.Random(seed)
-    return [{"prompt": prompt(rng, rng.choice(PRODUCTS))} for _ in range(n)]
+    return [{"prompt": training_prompt(rng, rng.choice(PRODUCTS))} for _ in range(n)]
+
+
+def eval_rows() -> list[dict[str, str]]:
+    """The held-out evaluation prompts, one row each."""
+    return [{"prompt": p} for p in held_out_prompts()]
