@@ -14,6 +14,15 @@ score it with a judge if one is given, and log the table prompt / completion / s
             judge:
               class_path: dpo_lightning.judges.FunctionJudge
               init_args: {path: dpo_lightning.experiments.sentiment:score}
+
+:class:`ExportSnapshots`: every ``every_n_steps`` optimizer steps, export the trained model as
+the end of ``fit`` does (safetensors, tokenizer, ``reference.json``) to ``dirpath/step-N``: a
+trajectory of policies that ``dpo-lightning-evaluate`` or ``validate`` reads one by one::
+
+    trainer:
+      callbacks:
+        - class_path: dpo_lightning.callbacks.ExportSnapshots
+          init_args: {dirpath: outputs/dpo/snapshots, every_n_steps: 50}
 """
 
 from __future__ import annotations
@@ -249,4 +258,34 @@ class LogCompletions(Callback):
                     write_jsonl(target, [{"step": step, **r} for r in rows])
 
 
-__all__ = ["LogCompletions", "markdown_table"]
+class ExportSnapshots(Callback):
+    """Export the trained model every ``every_n_steps`` optimizer steps to ``dirpath/step-N``
+    (``N`` the global step, zero-padded to 6 digits so the folders sort in training order).
+
+    The export is the module's own (:meth:`AlignmentModule.export`: full weights gathered under
+    FSDP, written on rank 0, atomic); a snapshot that exists already is refused unless the
+    module's ``overwrite_export`` is set, as the final export is. Steps are counted once each,
+    also under gradient accumulation (``on_train_batch_end`` runs per micro-batch)."""
+
+    def __init__(self, dirpath: str, every_n_steps: int) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"trainer.callbacks: ExportSnapshots every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.last_step = -1
+
+    def path(self, step: int) -> Path:
+        return self.dirpath / f"step-{step:06d}"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.last_step or step == 0 or step % self.every_n_steps:
+            return
+        self.last_step = step
+        state = pl_module.gathered_state_dict()  # collective under FSDP: every rank takes part
+        pl_module.export(str(self.path(step)), state)
+        trainer.strategy.barrier("snapshot")
+
+
+__all__ = ["ExportSnapshots", "LogCompletions", "markdown_table"]

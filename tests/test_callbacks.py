@@ -157,3 +157,34 @@ def test_refused_for_reward_modules_and_pairwise_judges(tmp_path, pair_files) ->
         LogCompletions(prompts=["ok", {"text": "no"}])
     with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
         LogCompletions(prompts=PROMPTS, max_new_tokens=200).setup(MagicMock(), PreferenceModule(model=tiny_spec()), "fit")
+
+
+# -- ExportSnapshots ----------------------------------------------------------------------------
+def test_snapshots_through_the_cli_are_the_policy_at_each_step(tmp_path, pair_files) -> None:
+    from safetensors.torch import load_file
+
+    from conftest import tiny_recipe, write_recipe
+    from dpo_lightning.cli import run
+
+    recipe = tiny_recipe(tmp_path, *pair_files)
+    recipe["trainer"].update(max_steps=4, accumulate_grad_batches=2, callbacks=[
+        {"class_path": "dpo_lightning.callbacks.ExportSnapshots",
+         "init_args": {"dirpath": str(tmp_path / "snapshots"), "every_n_steps": 2}}])
+    run(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    folders = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert folders == ["step-000002", "step-000004"]  # once each, though 2 micro-batches make a step
+    final = load_file(str(tmp_path / "export" / "model.safetensors"))
+    last = load_file(str(tmp_path / "snapshots" / "step-000004" / "model.safetensors"))
+    middle = load_file(str(tmp_path / "snapshots" / "step-000002" / "model.safetensors"))
+    assert final.keys() == last.keys() == middle.keys()
+    assert all(torch.equal(final[k], last[k]) for k in final)  # the last snapshot is the final policy
+    assert any(not torch.equal(final[k], middle[k]) for k in final)  # two more steps moved it
+    assert (tmp_path / "snapshots" / "step-000002" / "reference.json").exists()  # evaluate/validate find the reference
+
+
+def test_snapshot_interval_must_be_a_positive_integer() -> None:
+    from dpo_lightning.callbacks import ExportSnapshots
+
+    for bad in (0, -3, 1.5):
+        with pytest.raises(ValueError, match="ExportSnapshots every_n_steps must be an integer >= 1"):
+            ExportSnapshots(dirpath="x", every_n_steps=bad)
