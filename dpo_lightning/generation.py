@@ -41,6 +41,8 @@ PairMode = Literal["best_vs_worst", "all"]
 SCORE_COLUMNS = ("score_chosen", "score_rejected")
 #: sampling settings that draw from the policy's own distribution (validation's KL estimate, the commands)
 EXACT = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+#: mixed into a step's sampling seed for its Bradley-Terry label draws (a stream of their own)
+LABEL_STREAM = 0x1ABE1
 
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -60,6 +62,13 @@ class SamplingSpec:
             ``max_new_tokens`` without an EOS; ``None`` leaves scores alone.
         seed: base seed of sampling; ``None``: the Lightning seed (``PL_GLOBAL_SEED``, set by
             ``seed_everything``), else 0.
+        label_temperature: ``None``: the higher-scored sample of a pair is always chosen. A
+            number ``tau > 0``: Bradley-Terry labels, each pair's order drawn with
+            ``P(a chosen over b) = sigmoid((s_a - s_b) / tau)`` (pairs of equal scores are still
+            skipped as ties). DPO at ``beta`` on such labels has ``pi_ref exp(s / (beta tau)) / Z``
+            as its exact optimum (DPO paper, arXiv 2305.18290, section 5), while always
+            preferring the higher score leaves the loss without a finite minimiser. The draws
+            come from the step's sampling seed, so a resumed or repeated run draws the same.
     """
 
     num_samples: int = 2
@@ -70,6 +79,7 @@ class SamplingSpec:
     top_k: int = 0
     missing_eos_penalty: float | None = None
     seed: int | None = None
+    label_temperature: float | None = None
 
     def validate(self, key: str) -> SamplingSpec:
         """Refuse unusable settings, naming ``<key>.<field>``; return ``self``."""
@@ -87,6 +97,9 @@ class SamplingSpec:
             raise ValueError(f"{key}.top_k must be an int >= 0 (0 is off), got {self.top_k!r}")
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
             raise ValueError(f"{key}.missing_eos_penalty must be a finite number or null, got {self.missing_eos_penalty}")
+        if self.label_temperature is not None and not (self.label_temperature > 0 and math.isfinite(self.label_temperature)):
+            raise ValueError(f"{key}.label_temperature must be a number > 0 (Bradley-Terry labels) or null (the higher "
+                             f"score always wins), got {self.label_temperature}")
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         return self
 
@@ -411,15 +424,23 @@ def judge_samples(judge: Judge | PairwiseJudge, samples: Samples, missing_eos_pe
 
 
 # -- pair ------------------------------------------------------------------------------------------------
-def form_pairs(scores: Tensor, mode: PairMode = "best_vs_worst") -> tuple[list[tuple[int, int, int]], int]:
+def form_pairs(
+    scores: Tensor, mode: PairMode = "best_vs_worst", label_temperature: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[list[tuple[int, int, int]], int]:
     """Preference pairs from the scores of ``k`` samples of each prompt.
 
     Args:
         scores: ``(B, k)`` judge scores (higher is better).
         mode: ``"best_vs_worst"``: per prompt, its highest-scored sample (the first of equal
             ones) against its lowest (the first of equal ones): at most one pair per prompt.
-            ``"all"``: every two samples of a prompt whose scores differ, the higher one as
-            chosen: up to ``k (k - 1) / 2`` pairs per prompt.
+            ``"all"``: every two samples of a prompt whose scores differ: up to ``k (k - 1) / 2``
+            pairs per prompt.
+        label_temperature: ``None``: the higher-scored sample of a pair is chosen. ``tau > 0``:
+            the order of each pair is drawn, ``a`` chosen over ``b`` with probability
+            ``sigmoid((s_a - s_b) / tau)`` (one uniform draw from ``generator`` per pair, in
+            the order the pairs are listed).
+        generator: the random stream of the draws; required with ``label_temperature``.
     Returns:
         ``(pairs, ties)``: ``pairs`` as ``(prompt index, chosen sample j, rejected sample j)``
         in prompt order (then by sample index); ``ties``: candidate pairs skipped because their
@@ -430,27 +451,33 @@ def form_pairs(scores: Tensor, mode: PairMode = "best_vs_worst") -> tuple[list[t
         raise ValueError(f"form_pairs needs (B, k >= 2) scores, got shape {tuple(scores.shape)}")
     if mode not in ("best_vs_worst", "all"):
         raise ValueError(f"sampling.pairs must be best_vs_worst or all, got {mode!r}")
+    if label_temperature is not None and generator is None:
+        raise ValueError("form_pairs: label_temperature needs a generator for the Bradley-Terry draws")
     values = scores.detach().double().cpu().tolist()
-    pairs: list[tuple[int, int, int]] = []
+    candidates: list[tuple[int, int, int]] = []  # (prompt, higher-scored, lower-scored)
     ties = 0
     for i, row in enumerate(values):
         if mode == "best_vs_worst":
             best = max(range(len(row)), key=lambda j: (row[j], -j))
             worst = min(range(len(row)), key=lambda j: (row[j], j))
             if row[best] > row[worst]:
-                pairs.append((i, best, worst))
+                candidates.append((i, best, worst))
             else:
                 ties += 1
             continue
         for a in range(len(row)):
             for b in range(a + 1, len(row)):
                 if row[a] > row[b]:
-                    pairs.append((i, a, b))
+                    candidates.append((i, a, b))
                 elif row[b] > row[a]:
-                    pairs.append((i, b, a))
+                    candidates.append((i, b, a))
                 else:
                     ties += 1
-    return pairs, ties
+    if label_temperature is None or not candidates:
+        return candidates, ties
+    gaps = torch.tensor([values[i][hi] - values[i][lo] for i, hi, lo in candidates], dtype=torch.float64)
+    keep = torch.rand(len(candidates), generator=generator, dtype=torch.float64) < torch.sigmoid(gaps / label_temperature)
+    return [(i, hi, lo) if k else (i, lo, hi) for (i, hi, lo), k in zip(candidates, keep.tolist())], ties
 
 
 @dataclass
@@ -469,11 +496,17 @@ class JudgedPairs:
         return [flat[i * k + c] for i, c, _ in self.pairs], [flat[i * k + r] for i, _, r in self.pairs]
 
 
-def judge_and_pair(judge: Judge | PairwiseJudge, samples: Samples, spec: SamplingSpec) -> JudgedPairs:
+def judge_and_pair(judge: Judge | PairwiseJudge, samples: Samples, spec: SamplingSpec, seed: int = 0) -> JudgedPairs:
     """Score ``samples`` (:func:`judge_samples`, with the spec's missing-EOS penalty) and pair
-    them by the spec's rule (:func:`form_pairs`)."""
+    them by the spec's rule (:func:`form_pairs`); ``seed``: the seed the samples were drawn
+    with, from which the Bradley-Terry label draws (``spec.label_temperature``) take their own
+    stream."""
     scores = judge_samples(judge, samples, spec.missing_eos_penalty)
-    pairs, ties = form_pairs(scores.view(len(samples.prompts), samples.num_samples), spec.pairs)
+    generator = None
+    if spec.label_temperature is not None:
+        generator = torch.Generator().manual_seed(generation_seed(seed, LABEL_STREAM))
+    pairs, ties = form_pairs(scores.view(len(samples.prompts), samples.num_samples), spec.pairs,
+                             spec.label_temperature, generator)
     return JudgedPairs(samples, scores, pairs, ties)
 
 

@@ -396,11 +396,12 @@ class IterativePairsDataModule(PromptDataModule):
         for g in range(rank, len(groups), world):
             batch = collate([dataset[i] for i in groups[g]])
             batch = {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in batch.items()}
+            seed = generation_seed(spec.base_seed(), stage, round_index, g)
             samples = sample_completions(
-                policy, self.tokenizer, batch, spec.num_samples, seed=generation_seed(spec.base_seed(), stage, round_index, g),
+                policy, self.tokenizer, batch, spec.num_samples, seed=seed,
                 max_new_tokens=spec.max_new_tokens, stop_ids=stops, **spec.distribution(),
             )
-            judged = judge_and_pair(self.judge, samples, spec)
+            judged = judge_and_pair(self.judge, samples, spec, seed)
             rows = pair_rows(samples, judged.pairs, judged.scores, samples.row_ids or [])
             local.append((g, rows, text_pair_rows(judged), RoundStats.of(judged)))
         merged = sorted((item for part in gather(local, world) for item in part), key=lambda item: item[0])

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .data.collator import pad_sequences
 from .data.formats import is_conversation
 from .generation import (
-    EXACT, Samples, SamplingSpec, encode_prompt, generating_model, judge_and_pair, judge_samples, left_padded,
+    EXACT, Samples, SamplingSpec, encode_prompt, generating_model, generation_seed, judge_and_pair, judge_samples, left_padded,
     sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
 )
 from .export import read_reference_record
@@ -263,6 +263,7 @@ def sample_pairs(
     save_samples: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    label_temperature: float | None = None,
 ) -> Path:
     """Sample completions per prompt, score them, and write (best, worst) pairs as JSON lines.
 
@@ -277,16 +278,23 @@ def sample_pairs(
             each sample's score is then its mean win probability against the prompt's other
             samples); not with ``scorer``.
         save_samples: also write every sample (``prompt``, ``completion``, ``score``) here.
+        label_temperature: ``None``: the best sample is chosen. ``tau > 0``: Bradley-Terry labels,
+            the best chosen over the worst with probability ``sigmoid((s_best - s_worst) / tau)``
+            and rejected otherwise (:class:`~dpo_lightning.generation.SamplingSpec`); the
+            written scores stay the judge's.
     """
     torch.manual_seed(seed)
     scoring = choose_judge(scorer, judge, pairwise=True)
     model, tokenizer = _load(policy, trust_remote_code)
     scoring.to(model.device)
     rows, ties, saved = [], 0, []
-    spec = SamplingSpec(num_samples=samples_per_prompt, pairs="best_vs_worst", max_new_tokens=max_new_tokens)
-    for prompt in tqdm(read_prompts(prompts), desc="sampling pairs", unit="prompt"):
+    spec = SamplingSpec(num_samples=samples_per_prompt, pairs="best_vs_worst", max_new_tokens=max_new_tokens,
+                        label_temperature=label_temperature)
+    if label_temperature is not None and not (label_temperature > 0 and math.isfinite(label_temperature)):
+        raise ValueError(f"--label_temperature must be a number > 0 (Bradley-Terry labels) or left out, got {label_temperature}")
+    for index, prompt in enumerate(tqdm(read_prompts(prompts), desc="sampling pairs", unit="prompt")):
         s = sample(model, tokenizer, prompt, samples_per_prompt, max_new_tokens, chat_template_kwargs)
-        judged = judge_and_pair(scoring, s.as_samples(prompt), spec)
+        judged = judge_and_pair(scoring, s.as_samples(prompt), spec, generation_seed(seed, index))
         scores = judged.scores.double().tolist()
         saved += [{"prompt": prompt, "completion": t, "score": r} for t, r in zip(s.texts, scores)]
         rows += text_pair_rows(judged)

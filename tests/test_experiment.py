@@ -146,3 +146,21 @@ def test_sample_pairs_writes_best_and_worst_with_scores(tmp_path) -> None:
         assert r["score_chosen"] == len(r["chosen"]) > r["score_rejected"] == len(r["rejected"])
         assert set(r) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
     assert not math.isnan(rows[0]["score_chosen"])
+
+
+def test_sample_pairs_with_a_label_temperature_draws_bradley_terry_orders(tmp_path) -> None:
+    model_dir = save_tiny(tmp_path, "m", 3)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Review the lamp number {i}."} for i in range(40)])
+    import sys
+
+    sys.modules[__name__].length_score = length_score
+    out = sample_pairs(model_dir, prompts, str(tmp_path / "pairs.jsonl"), scorer=f"{__name__}:length_score",
+                       samples_per_prompt=4, max_new_tokens=6, label_temperature=1000.0)  # near coin flips
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 30
+    for r in rows:  # the written scores stay the judge's, whichever side won
+        assert (r["score_chosen"], r["score_rejected"]) == (len(r["chosen"]), len(r["rejected"]))
+    inverted = sum(r["score_chosen"] < r["score_rejected"] for r in rows)
+    assert 0.25 * len(rows) < inverted < 0.75 * len(rows)
+    with pytest.raises(ValueError, match="--label_temperature must be a number > 0"):
+        sample_pairs(model_dir, prompts, str(tmp_path / "x.jsonl"), scorer=f"{__name__}:length_score", label_temperature=0.0)

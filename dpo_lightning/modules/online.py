@@ -196,8 +196,9 @@ class OnlinePreferenceModule(PreferenceModule):
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        samples = self.sample(batch, self.sampling.num_samples, self.seed_for(0, batch_idx))
-        judged = judge_and_pair(self.judge, samples, self.sampling)
+        seed = self.seed_for(0, batch_idx)
+        samples = self.sample(batch, self.sampling.num_samples, seed)
+        judged = judge_and_pair(self.judge, samples, self.sampling, seed)
         self.log_judged(judged)
         if not judged.pairs:
             self.note_rows(batch["row_id"])
