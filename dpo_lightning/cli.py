@@ -24,7 +24,7 @@ from .console import verbose_libraries
 from .export import REFERENCE_RECORD, read_reference_record
 from .lora import LoraSpec
 from .models import ModelSpec
-from .modules import PreferenceModule
+from .modules import AlignmentModule, PreferenceModule
 
 #: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
 SPEC_KEYS = ("model.init_args.model", "model.init_args.reference_model")
@@ -162,7 +162,8 @@ class DPOLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.resolve_checkpoint()
-        self.model.recipe = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)  # model card
+        if isinstance(self.model, AlignmentModule):  # for the model card
+            self.model.record_recipe(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
         parts = ", ".join(f"{name} {type(child).__name__}" for name, child in self.model.named_children()
@@ -175,7 +176,12 @@ class DPOLightningCLI(LightningCLI):
             self.model.check_reference_is_not_the_policy(self.config_init[self.subcommand].get("ckpt_path"))
 
     def after_fit(self) -> None:
-        history = getattr(self.model, "validation_history", None)
+        """Print the module's :meth:`~.modules.AlignmentModule.summary_metrics` of the last
+        validation, after the pre-training figures when the sanity check covered the whole
+        validation set (``label: before -> after``)."""
+        if not isinstance(self.model, AlignmentModule):
+            return
+        history = self.model.validation_history
         if history and (history[-1]["sanity_check"] or history[-1]["step"] < self.trainer.global_step):
             # the run validated, but not after its last step (max_steps inside an epoch):
             # validate now, so the summary and the logs end on the trained policy
@@ -185,17 +191,11 @@ class DPOLightningCLI(LightningCLI):
         # a "before" figure only when the pre-training check covered the whole validation set
         whole = self.trainer.num_sanity_val_steps >= sum(self.trainer.num_val_batches or [float("inf")])
         before = history[0] if history[0]["sanity_check"] and whole and len(history) > 1 else None
-        if "rewards/accuracy" in history[-1]:
-            names = {"rewards/accuracy": "val/reward_accuracy"}
-        elif "rewards/chosen" in history[-1]:  # unpaired (KTO): show both sides' mean implicit rewards
-            names = {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}
-        elif "completion_length" in history[-1]:  # online: the judge's score and the KL of the policy's samples
-            names = {k: f"val/{k}" for k in ("score", "kl") if k in history[-1]}
-        else:  # SFT
-            names = {"loss": "val/loss"}
-        for key, label in names.items():
+        for key, label in self.model.summary_metrics().items():
+            if key not in history[-1]:
+                continue
             after = f"{history[-1][key]:.2f}"
-            print(f"{label}: {before[key]:.2f} -> {after}" if before else f"{label}: {after}")
+            print(f"{label}: {before[key]:.2f} -> {after}" if before and key in before else f"{label}: {after}")
 
 
 def run(args: list[str] | None = None, exit_on_error: bool = True) -> DPOLightningCLI:

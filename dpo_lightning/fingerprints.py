@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -57,31 +57,49 @@ def spec_fingerprint(spec: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def run_fingerprint(module: Any) -> dict[str, str]:
-    """``{"model", "tokenizer", "loss", "judge", "train_data", "optimizer", "scheduler"}`` of the
-    running job (what is known; ``judge`` for online training: its class and plain settings)."""
-    out: dict[str, str] = {}
-    if getattr(module, "model_spec", None) is not None:
-        out["model"] = spec_fingerprint(module.model_spec)
-    if getattr(module, "tokenizer", None) is not None:
-        out["tokenizer"] = tokenizer_fingerprint(module.tokenizer)
-    if getattr(module, "loss", None) is not None:
-        out["loss"] = repr(module.loss) + json.dumps(
-            {k: v for k, v in vars(module.loss).items()
-             if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))},  # mode, not a setting
-            sort_keys=True,
-        )
-    if getattr(module, "judge", None) is not None:
-        out["judge"] = _settings(module.judge)
-    datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
-    if getattr(datamodule, "data_fingerprint", None):
-        out["train_data"] = datamodule.data_fingerprint
-    out.update(getattr(module, "optimizer_id", {}) or {})
-    return out
+@runtime_checkable
+class Fingerprinted(Protocol):
+    """A part of a run that names what it was built with: a training module (model, tokenizer,
+    loss, optimizer, scheduler; online also the judge), a data module (the train data), a judge.
+    Checkpoints store the parts merged (:func:`run_fingerprint`); a resume compares them."""
+
+    def fingerprint(self) -> dict[str, str]:
+        """``{part: stable string}``; a part not known yet (data not set up, optimizer not built)
+        is left out."""
+        ...
 
 
-def _settings(obj: Any, skip: tuple[str, ...] = ()) -> str:
-    """``Class{plain attributes}`` of an optimizer's defaults or a scheduler's settings."""
+def run_fingerprint(*parts: Fingerprinted) -> dict[str, str]:
+    """The parts' fingerprints merged, keys in :data:`FIXES` order (``model``, ``tokenizer``,
+    ``loss``, ``judge``, ``train_data``, ``optimizer``, ``scheduler``), any other key after them.
+
+    Raises:
+        ValueError: two parts give the same key different values.
+    """
+    merged: dict[str, str] = {}
+    for part in parts:
+        for key, value in part.fingerprint().items():
+            if merged.get(key, value) != value:
+                raise ValueError(
+                    f"run fingerprint: two parts give {key!r}: {merged[key]!r:.80} and, from {type(part).__name__}, {value!r:.80}"
+                )
+            merged[key] = value
+    order = {key: i for i, key in enumerate(FIXES)}
+    return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def loss_fingerprint(loss: Any) -> str:
+    """``repr(loss)`` and its plain settings (numbers, strings, flags; not ``training``, a mode)."""
+    return repr(loss) + json.dumps(
+        {k: v for k, v in vars(loss).items()
+         if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))},
+        sort_keys=True,
+    )
+
+
+def settings_fingerprint(obj: Any, skip: tuple[str, ...] = ()) -> str:
+    """``Class{plain attributes}`` of an object (``obj.defaults`` when it is a dict, as an
+    optimizer's; else ``vars(obj)``), attributes named in ``skip`` and private ones left out."""
     values = obj.defaults if hasattr(obj, "defaults") and isinstance(obj.defaults, dict) else vars(obj)
     plain = {
         k: v for k, v in values.items()
@@ -95,8 +113,8 @@ def optimizer_fingerprint(optimizer: Any, scheduler: Any) -> dict[str, str]:
     optimizer's constructor defaults: lr, betas, weight decay ...; the scheduler's settings,
     not its position)."""
     return {
-        "optimizer": _settings(optimizer),
-        "scheduler": _settings(scheduler, skip=("last_epoch", "base_lrs", "total_steps", "verbose")),
+        "optimizer": settings_fingerprint(optimizer),
+        "scheduler": settings_fingerprint(scheduler, skip=("last_epoch", "base_lrs", "total_steps", "verbose")),
     }
 
 
@@ -136,7 +154,10 @@ def check_same_run(saved: dict[str, str], current: dict[str, str]) -> None:
     """Raise ``ValueError`` naming every part of the run that differs from the checkpoint's."""
     differing = [k for k in saved if k in current and saved[k] != current[k]]
     if differing:
-        details = "; ".join(f"{k}: {describe_difference(saved[k], current[k])} ({FIXES[k]})" for k in differing)
+        details = "; ".join(
+            f"{k}: {describe_difference(saved[k], current[k])} ({FIXES.get(k, f'resume with the same {k}')})"
+            for k in differing
+        )
         raise ValueError(
             f"--ckpt_path: this checkpoint comes from a different run. {details}. "
             "Or start a new run without --ckpt_path."

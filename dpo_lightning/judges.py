@@ -43,6 +43,7 @@ from torch import Tensor
 from .data.collator import pad_sequences
 from .data.formats import as_assistant_replies
 from .data.tokenization import PairEncoder, TokenizationSettings
+from .fingerprints import settings_fingerprint
 from .models import ModelSpec, load_reward_model, load_tokenizer
 
 #: a prompt as the data gives it: a string or a conversation
@@ -87,6 +88,12 @@ class Judge:
         """Move whatever the judge computes with to ``device`` (a model); default: nothing to move."""
         return self
 
+    def fingerprint(self) -> dict[str, str]:
+        """``{"judge": Class{plain settings}}`` (a function judge's path and arguments, a reward
+        model's folder and batch size, ...): part of the online run fingerprint, so a resume with
+        another judge is refused."""
+        return {"judge": settings_fingerprint(self)}
+
 
 class PairwiseJudge:
     """Pairwise judge: which of two completions of the same prompt is better."""
@@ -98,6 +105,10 @@ class PairwiseJudge:
 
     def to(self, device: torch.device | str) -> PairwiseJudge:
         return self
+
+    def fingerprint(self) -> dict[str, str]:
+        """``{"judge": Class{plain settings}}``, as :meth:`Judge.fingerprint`."""
+        return {"judge": settings_fingerprint(self)}
 
 
 def _check_lengths(*columns: Sequence[Any]) -> int:

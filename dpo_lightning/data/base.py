@@ -216,6 +216,13 @@ class TokenizedDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.requirements = requirements
 
+    def fingerprint(self) -> dict[str, str]:
+        """``{"train_data": data_fingerprint}`` once ``setup`` has tokenized the training split
+        (what decides the training rows: the ``datasets`` fingerprint of the tokenized split,
+        which covers source, rows and tokenization settings; a subclass may add to it); ``{}``
+        before. Part of the run fingerprint a checkpoint stores."""
+        return {"train_data": self.data_fingerprint} if self.data_fingerprint else {}
+
     @property
     def batch_columns(self) -> tuple[str, ...]:
         """Per-row numeric columns carried into batches: the loss's, then any added ones."""

@@ -18,8 +18,12 @@ from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints import AtomicCheckpointIO
 from ..contract import DataRequirements
+from ..data.base import TokenizedDataModule
 from ..export import REFERENCE_RECORD, alias_tied_weights, check_export_target, reference_record, save_pretrained_atomic
-from ..fingerprints import CHECKPOINT_KEY, check_same_run, optimizer_fingerprint, run_fingerprint
+from ..fingerprints import (
+    CHECKPOINT_KEY, Fingerprinted, check_same_run, loss_fingerprint, optimizer_fingerprint, run_fingerprint,
+    spec_fingerprint, tokenizer_fingerprint,
+)
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec
 from ..model_card import model_card
@@ -71,10 +75,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class AlignmentModule(L.LightningModule):
     """Base of :class:`PreferenceModule`, :class:`RewardModule` and :class:`SFTModule`.
 
-    Subclasses set ``self.tokenizer``, implement :meth:`trained_model` (the network that is
-    optimised and exported), :meth:`step` and :attr:`data_requirements` (what the data module
-    must produce; the CLI hands it over with ``datamodule.connect(module.tokenizer,
-    module.data_requirements)``) and call :meth:`init_training` in ``__init__``.
+    Subclasses set ``self.tokenizer`` and ``self.model_spec``, implement :meth:`trained_model`
+    (the network that is optimised and exported), :meth:`step` and :attr:`data_requirements`
+    (what the data module must produce; the CLI hands it over with
+    ``datamodule.connect(module.tokenizer, module.data_requirements)``) and call
+    :meth:`init_training` in ``__init__``. A subclass with a loss returns it from
+    :meth:`objective`; one whose run depends on more (the online module's judge) adds it to
+    :meth:`fingerprint`; one whose validation reports other figures overrides
+    :meth:`summary_metrics`.
 
     Args (shared by all subclasses):
         optimizer: optimizer factory; default ``AdamW(lr=1e-6, weight_decay=0)``.
@@ -87,11 +95,16 @@ class AlignmentModule(L.LightningModule):
             state changes) and counts it in ``train/nonfinite_skipped``.
 
     Checkpoints record the model, tokenizer, loss, optimizer, scheduler and training-data
-    fingerprints; resuming with any of them changed is an error naming what differs. They are
-    written atomically (:class:`~dpo_lightning.checkpoints.AtomicCheckpointIO`).
+    fingerprints (:meth:`run_record`: this module's :meth:`fingerprint` and the data module's);
+    resuming with any of them changed is an error naming what differs. They are written
+    atomically (:class:`~dpo_lightning.checkpoints.AtomicCheckpointIO`).
     """
 
     tokenizer: PreTrainedTokenizerBase
+    #: where the trained model came from (set by subclasses; fingerprinted, named in the model card)
+    model_spec: ModelSpec | None = None
+    #: the run's resolved recipe (YAML), written into the exported model card; see :meth:`record_recipe`
+    recipe: str | None = None
 
     def init_training(
         self,
@@ -122,6 +135,57 @@ class AlignmentModule(L.LightningModule):
     def trained_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def objective(self) -> torch.nn.Module | None:
+        """The loss this module trains with (fingerprinted, named in the model card), or
+        ``None`` when it has no configurable one (SFT's token-mean NLL)."""
+        return None
+
+    @property
+    def attached_trainer(self) -> L.Trainer | None:
+        """The trainer this module is attached to, or ``None`` (Lightning's ``trainer`` raises
+        then): for code that also runs on a module used alone."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    # -- what the run is ------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, str]:
+        """``{"model", "tokenizer", "loss", "optimizer", "scheduler"}`` of this module: the model
+        spec, the tokenizer's vocabulary and template, the loss's class and plain settings
+        (:meth:`objective`; none for SFT) and, once :meth:`configure_optimizers` has run, the
+        optimizer's and scheduler's classes and settings. See :class:`~dpo_lightning.fingerprints.Fingerprinted`."""
+        out: dict[str, str] = {}
+        if self.model_spec is not None:
+            out["model"] = spec_fingerprint(self.model_spec)
+        if self.tokenizer is not None:
+            out["tokenizer"] = tokenizer_fingerprint(self.tokenizer)
+        loss = self.objective()
+        if loss is not None:
+            out["loss"] = loss_fingerprint(loss)
+        out.update(self.optimizer_id)
+        return out
+
+    def run_record(self) -> dict[str, str]:
+        """What a checkpoint stores and a resume compares: this module's :meth:`fingerprint`
+        merged with the trainer's data module's (``trainer.datamodule``, when attached and
+        :class:`~dpo_lightning.fingerprints.Fingerprinted`)."""
+        trainer = self.attached_trainer
+        datamodule = trainer.datamodule if trainer is not None else None
+        parts: list[Fingerprinted] = [self] + ([datamodule] if isinstance(datamodule, Fingerprinted) else [])
+        return run_fingerprint(*parts)
+
+    def record_recipe(self, text: str) -> None:
+        """Keep the run's resolved recipe (YAML) for the model card of the export (the CLI
+        calls this before ``fit``)."""
+        self.recipe = text
+
+    def summary_metrics(self) -> dict[str, str]:
+        """``{validation-history key: printed label}`` of the figures the CLI prints after
+        ``fit`` (``label: before -> after``): the validation loss here; subclasses name their
+        headline figures. A key the last validation lacks is not printed."""
+        return {"loss": "val/loss"}
+
     def note_rows(self, row_ids: torch.Tensor) -> None:
         """Record a batch's ``(B,)`` dataset row ids as part of the coming optimizer step (named
         if its gradient turns out non-finite; read only then: no host sync)."""
@@ -144,8 +208,9 @@ class AlignmentModule(L.LightningModule):
         batch_size = batch["row_id"].numel()
         self.log("train/loss", loss.detach(), batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)  # short, for the bar
-        if self._trainer is not None and self.trainer.optimizers:
-            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        trainer = self.attached_trainer
+        if trainer is not None and trainer.optimizers:
+            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
             # a fill on the device: Lightning copies a Python float from the host, a sync on CUDA
             self.log("train/lr", torch.full((), lr, device=self.device), batch_size=batch_size)
         for name, value in values.items():
@@ -215,13 +280,13 @@ class AlignmentModule(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = run_fingerprint(self)
+        checkpoint[CHECKPOINT_KEY] = self.run_record()
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         checkpoint["rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.saved_run = checkpoint.get(CHECKPOINT_KEY, {})
-        check_same_run(self.saved_run, run_fingerprint(self))
+        check_same_run(self.saved_run, self.run_record())
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
         if "rng_state" in checkpoint:
             set_rng_state(checkpoint["rng_state"])
@@ -240,17 +305,18 @@ class AlignmentModule(L.LightningModule):
         # loader, and a loader built before the checkpoint is restored never gets its position back
         self.optimizer_id = optimizer_fingerprint(configured, scheduler)
         if self.saved_run is not None:  # DeepSpeed restores after this; the others before
-            check_same_run(self.saved_run, run_fingerprint(self))
+            check_same_run(self.saved_run, self.run_record())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def device_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """``optimizer`` with its fused kernel where the parameters' device and the trainer's
         precision and strategy allow it (:func:`~dpo_lightning.optim.with_fused_kernel`: CUDA,
         no gradient scaler, not DeepSpeed); the same optimizer on CPUs."""
-        if self._trainer is None:
+        trainer = self.attached_trainer
+        if trainer is None:
             return optimizer
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
         return with_fused_kernel(optimizer, grad_scaler=scaler, deepspeed=deepspeed)
 
     def on_train_start(self) -> None:
@@ -336,13 +402,20 @@ class AlignmentModule(L.LightningModule):
         ``reference.json``, read back by ``validate``), or ``None`` when there is none to name."""
         return None
 
+    def tokenized_data(self) -> TokenizedDataModule | None:
+        """The trainer's data module when it is one of this library's (its train data, data
+        fingerprint and reports go into the model card), else ``None``."""
+        trainer = self.attached_trainer
+        datamodule = trainer.datamodule if trainer is not None else None
+        return datamodule if isinstance(datamodule, TokenizedDataModule) else None
+
     @rank_zero_only
     def export(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Save the trained model and tokenizer (safetensors); ``from_pretrained(path)`` loads them."""
         reference = self.reference_spec()
         target = save_pretrained_atomic(
             self.trained_model(), self.tokenizer, path, overwrite=self.overwrite_export, state_dict=state_dict,
-            card=model_card(self, getattr(self, "recipe", None)),
+            card=model_card(self, self.tokenized_data(), self.recipe),
             extra_files={REFERENCE_RECORD: reference_record(reference)} if reference is not None else None,
         )
         rank_zero_info(f"exported {type(self.trained_model()).__name__} and tokenizer to {target.resolve()}")

@@ -161,11 +161,21 @@ class OnlinePreferenceModule(PreferenceModule):
         """Prompts alone (the pairs are sampled here), and the policy's position limit."""
         return DataRequirements(BatchLayout.PROMPTS).with_model_limit(self.policy)
 
+    def fingerprint(self) -> dict[str, str]:
+        """:class:`PreferenceModule`'s parts and the judge's (:meth:`~dpo_lightning.judges.Judge.fingerprint`):
+        another judge would train the rest of a resumed run on other preferences."""
+        return {**super().fingerprint(), **self.judge.fingerprint()}
+
+    def summary_metrics(self) -> dict[str, str]:
+        """The judge's mean score of the policy's samples and their KL to the reference (each
+        when validation measured it)."""
+        return {"score": "val/score", "kl": "val/kl"}
+
     # -- sampling -------------------------------------------------------------------------------
     def seed_for(self, stage: int, batch_idx: int) -> int:
         """The sampling seed of one batch: the base seed, stage (0 train, 1 val), global step,
         batch index and rank."""
-        attached = self._trainer is not None
+        attached = self.attached_trainer is not None
         rank, step = (self.global_rank, self.global_step) if attached else (0, 0)
         return generation_seed(self.sampling.base_seed(), stage, step, batch_idx, rank)
 
@@ -270,7 +280,8 @@ class OnlinePreferenceModule(PreferenceModule):
         if self.loss.needs_reference:
             sequences = pad_sequences(samples.prompt_ids, samples.completion_ids, self.tokenizer.pad_token_id)
             sequences = {name: value.to(self.device) for name, value in sequences.items()}
-            strategy = self.trainer.strategy if self._trainer is not None else None
+            trainer = self.attached_trainer
+            strategy = trainer.strategy if trainer is not None else None
 
             def compute(model: torch.nn.Module, rows: dict[str, Tensor]):
                 return self.sequence_logprobs(model, rows, strategy)

@@ -151,7 +151,8 @@ class PreferenceModule(AlignmentModule):
     def logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:
         """``(2B,)`` log-prob sums and counts of ``model`` on ``batch`` (per-token values too when
         the loss asks), by the configured path; the reference strategy uses the same."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        trainer = self.attached_trainer
+        strategy = trainer.strategy if trainer is not None else None
         return self.logprob_selector(
             model, batch, strategy, with_tokens=self.loss.needs_token_logprobs,
             with_square_mass=self.loss.needs_square_mass and model is self.policy,
@@ -160,6 +161,16 @@ class PreferenceModule(AlignmentModule):
     # -- steps ----------------------------------------------------------------------------
     def trained_model(self) -> torch.nn.Module:
         return self.policy
+
+    def objective(self) -> PreferenceLoss:
+        return self.loss
+
+    def summary_metrics(self) -> dict[str, str]:
+        """Held-out reward accuracy for pairs (and TPO's triples); for unpaired rows (KTO), the
+        mean implicit reward of each side."""
+        if self.compares_pairs:
+            return {"rewards/accuracy": "val/reward_accuracy"}
+        return {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}
 
     def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
         policy = self.logprobs(self.policy, batch)
@@ -215,7 +226,7 @@ class PreferenceModule(AlignmentModule):
         trainer = self.trainer
         self.reference.prepare(PrepareContext(
             policy=self.policy, compute=self.logprobs, tokenizer=self.tokenizer,
-            datamodule=getattr(trainer, "datamodule", None), device=trainer.strategy.root_device,
+            datamodule=trainer.datamodule, device=trainer.strategy.root_device,
             is_global_zero=trainer.is_global_zero, barrier=trainer.strategy.barrier,
         ))
 

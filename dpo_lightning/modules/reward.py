@@ -62,6 +62,13 @@ class RewardModule(AlignmentModule):
     def trained_model(self) -> torch.nn.Module:
         return self.reward_model
 
+    def objective(self) -> BradleyTerryLoss:
+        return self.loss
+
+    def summary_metrics(self) -> dict[str, str]:
+        """Held-out accuracy of the reward model on pairs (``r_w > r_l``)."""
+        return {"rewards/accuracy": "val/reward_accuracy"}
+
     def rewards(self, batch: dict[str, Tensor]) -> Tensor:
         """``(N,)`` scalar rewards for ``input_ids`` ``(N, T)``."""
         out = self.reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -99,7 +99,8 @@ class SFTModule(AlignmentModule):
         return self.policy
 
     def step(self, batch: dict[str, Tensor], metrics: SFTMetrics) -> tuple[Tensor, dict[str, Tensor]]:
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        trainer = self.attached_trainer
+        strategy = trainer.strategy if trainer is not None else None
         logps = self.logprob_selector(self.policy, batch, strategy)
         tokens = logps.counts.sum().clamp(min=1)
         nll = -logps.sums.sum()
