@@ -371,7 +371,13 @@ class IterativePairsDataModule(PromptDataModule):
 
     def current_round(self) -> int:
         """The 0-based round (epoch) Lightning is building the loader for: the epochs the fit loop
-        has finished processing (right whether the run is fresh, between epochs or resumed)."""
+        has finished processing (right whether the run is fresh, between epochs or resumed).
+
+        Not ``trainer.current_epoch`` (the public name), which counts *completed* epochs: resumed
+        from a checkpoint saved at an epoch's end (``on_train_epoch_end``, between Lightning's
+        ``processed`` and ``completed`` counts), it is one behind while the first loader is built,
+        and this would sample the finished round again. Lightning's own stopping check reads
+        ``processed`` for the same reason. The one read of Lightning's loop state here."""
         return int(self.trainer.fit_loop.epoch_progress.current.processed)
 
     def sample_split(self, split: str, stage: int, round_index: int) -> SampledSplit:
