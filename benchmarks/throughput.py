@@ -41,7 +41,7 @@ Runs (``--runs``):
   with native bf16 (AVX512-BF16 or AMX), where it is not emulated.
 * ``trl-best-precompute``, ``ours-precompute``, ``ours-plain-precompute``: the reference's
   log-probs computed once before training (TRL ``precompute_ref_log_probs=True``, ours
-  ``precompute_reference: true``), 2 epochs.
+  ``reference: {precompute: true}``), 2 epochs.
 
 The clock runs from loading the model to the end of training: tokenizer, model and reference
 copy, loading and tokenizing the data, the reference pass where precomputed (TRL does it in
@@ -251,14 +251,14 @@ def run_ours(folder: Path, setting: Setting, run: Run, **options) -> tuple[float
     from dpo_lightning.data import PreferenceDataModule
     from dpo_lightning.losses import DPOLoss
     from dpo_lightning.models import ModelSpec
-    from dpo_lightning.modules import PreferenceModule
+    from dpo_lightning.modules import PreferenceModule, ReferenceSpec
 
     start, cpu = time.perf_counter(), time.process_time()
     L.seed_everything(0, verbose=False)
     module = PreferenceModule(
         model=ModelSpec(name_or_path=str(folder / "model"), tokenizer=str(folder / "tokenizer")), loss=DPOLoss(beta=0.1),
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
-        precompute_reference=run.precompute, reference_cache_dir=str(folder / f"cache-{os.getpid()}"),
+        reference=ReferenceSpec(precompute=run.precompute, cache_dir=str(folder / f"cache-{os.getpid()}")),
         **{**({"share_prompt": run.variant == "shared"} if run.variant in ("plain", "shared") else {}), **options},
     )
     data = PreferenceDataModule(train_data=str(folder / "pairs.jsonl"), max_length=setting.max_length, batch_size=BATCH)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import functools
@@ -17,6 +18,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+import yaml
 
 from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
@@ -25,9 +27,12 @@ from .export import REFERENCE_RECORD, read_reference_record
 from .lora import LoraSpec
 from .models import ModelSpec
 from .modules import AlignmentModule, PreferenceModule
+from .modules.reference import MOVED_SETTINGS, moved_setting_message
 
 #: model specs in a recipe that a command-line ``name_or_path`` may switch to a pretrained model
-SPEC_KEYS = ("model.init_args.model", "model.init_args.reference_model")
+SPEC_KEYS = ("model.init_args.model", "model.init_args.reference.model")
+#: where a recipe's reference settings live (:class:`~dpo_lightning.modules.ReferenceSpec`)
+REFERENCE_KEY = "model.init_args.reference"
 
 
 def connect(model: L.LightningModule, datamodule: L.LightningDataModule | None) -> None:
@@ -44,7 +49,6 @@ PARSER_MODE = "yaml_unique_keys"
 def _yaml_unique_keys(text: str):
     """jsonargparse's YAML loader, after a pass that refuses a key written twice in one mapping
     (plain YAML keeps the last silently: a recipe's second ``lr:`` would win unseen)."""
-    import yaml
     from jsonargparse import get_loader
 
     class Checker(yaml.SafeLoader):
@@ -71,7 +75,7 @@ def switch_to_pretrained(config, command_line: list[str]) -> None:
     ``--model.init_args.model.name_or_path org/name`` on a recipe that builds its model from
     ``config:`` drops that ``config`` and the recipe's ``tokenizer`` (it belonged to the model
     built from scratch; the pretrained model brings its own), unless the command line sets them
-    too. The same for ``reference_model``.
+    too. The same for ``reference.model``.
     """
     given = {a[2:].split("=", 1)[0] for a in command_line if a.startswith("--")}
     for key in SPEC_KEYS:
@@ -85,15 +89,22 @@ def switch_to_pretrained(config, command_line: list[str]) -> None:
 
 
 def use_recorded_reference(config) -> None:
-    """``validate`` of an exported policy: with no ``reference_model`` in the recipe or on the
+    """``validate`` of an exported policy: with no ``reference.model`` in the recipe or on the
     command line, the reference recorded beside the policy (``reference.json``, written at
-    export) is the one it is measured against."""
-    if "model.init_args.reference_model" not in config or config.get("model.init_args.reference_model") is not None:
+    export) is the one it is measured against (``reference.model``; the section's other
+    settings are kept)."""
+    if REFERENCE_KEY not in config:  # a module without a reference (SFT, reward model)
+        return
+    section = config.get(REFERENCE_KEY)
+    if section is not None and section.get("model") is not None:
         return
     folder = config.get("model.init_args.model.name_or_path")
     recorded = read_reference_record(folder) if folder else None
     if recorded is not None:
-        config["model.init_args.reference_model"] = dataclasses.asdict(recorded)
+        if section is None:
+            config[REFERENCE_KEY] = {"model": dataclasses.asdict(recorded)}
+        else:
+            config[f"{REFERENCE_KEY}.model"] = dataclasses.asdict(recorded)
         rank_zero_info(f"reference: {recorded.name_or_path or 'the from-config model'}, as recorded in "
                        f"{Path(folder) / REFERENCE_RECORD}")
 
@@ -202,7 +213,6 @@ def run(args: list[str] | None = None, exit_on_error: bool = True) -> DPOLightni
     """Run the CLI and return it; ``args`` replaces ``sys.argv[1:]`` (tests, notebooks).
     ``exit_on_error=False`` raises a parse error (``argparse.ArgumentError``) instead of
     printing the usage and exiting."""
-    import yaml
     from jsonargparse import set_loader
 
     set_loader(PARSER_MODE, _yaml_unique_keys, exceptions=(yaml.YAMLError,))
@@ -230,9 +240,40 @@ def innermost_reasons(message: str) -> str:
     return "; ".join(dict.fromkeys(kept)) or message
 
 
+def moved_reference_setting(message: str) -> str | None:
+    """The error for a flat reference setting of earlier releases (``precompute_reference``,
+    ``reference_update``, ...) that a jsonargparse error reports as not accepted, from a recipe
+    or the command line: where it lives now, in the ``reference`` section, with the value the
+    user gave written there when the report shows it; ``None`` for any other error."""
+    names = "|".join(MOVED_SETTINGS)
+    cause = re.search(rf"(?:Option '|unrecognized arguments: --)({names})\b", message)
+    if cause is None:
+        return None
+    name = cause.group(1)
+    given = re.search(r"Given value: (.*)", message)
+    value = None
+    try:
+        text = given.group(1).strip() if given else ""
+        nested = re.fullmatch(r"NestedArg\(key='([^']*)', val='(.*)'\)", text)
+        if nested:  # --model.init_args.<key>[.<field>] <val> on the command line
+            first, *fields = nested.group(1).split(".")
+            value = yaml.safe_load(nested.group(2)) if first == name else None
+            for field in reversed(fields if value is not None else []):
+                value = {field: value}
+        elif text:
+            value = ast.literal_eval(text).get("init_args", {}).get(name)
+    except (ValueError, SyntaxError, AttributeError, yaml.YAMLError):
+        value = None
+    return moved_setting_message(name) if value is None else moved_setting_message(name, value)
+
+
 def summarize_parse_error(message: str, accepted_options: Sequence[str] = ()) -> str:
     """One line from a jsonargparse error: the recipe key and the innermost reasons (an import
-    error first), with the closest accepted option or argument when one was misspelled."""
+    error first), with the closest accepted option or argument when one was misspelled; a flat
+    reference setting of earlier releases is pointed to the ``reference`` section."""
+    moved = moved_reference_setting(message)
+    if moved is not None:
+        return moved
     keys = re.findall(r'Parser key "([^"]+)"', message)
     key = ".init_args.".join(keys) if keys else "the recipe"
     missing = re.search(r"No module named '[^']+'", message)

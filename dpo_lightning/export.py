@@ -126,6 +126,6 @@ def read_reference_record(folder: str | os.PathLike) -> ModelSpec | None:
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"{path}: unreadable reference record ({type(err).__name__}: {err}); delete it and set "
-            "model.init_args.reference_model to the model the policy was trained from"
+            "model.init_args.reference.model to the model the policy was trained from"
         ) from err
     return spec

@@ -499,7 +499,7 @@ class IterativePairsDataModule(PromptDataModule):
     def ordered_loader(self, split: str) -> DataLoader:
         raise ValueError(
             "IterativePairsDataModule's pairs are sampled from the policy every round, so their reference log-probs "
-            "cannot be precomputed: set model.init_args.precompute_reference: false"
+            "cannot be precomputed: set model.init_args.reference.precompute: false"
         )
 
     # -- checkpoints ----------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ DEFAULTS = {
     "offline": {"max_epochs": 3, "lr": 3e-4, "batch_size": 16},
     "online": {"num_samples": 2, "pairs": "best_vs_worst", "lr": 1e-3, "batch_size": 16},  # online_dpo.yaml + base.yaml
     "iterative": {"num_samples": 4, "rounds": 2, "pairs": "best_vs_worst", "lr": 1e-3, "batch_size": 16,
-                  "reference_reset": "per_round"},  # iterative_dpo.yaml + base.yaml
+                  "reset": "per_round"},  # iterative_dpo.yaml + base.yaml (reference.reset)
 }
 ALL_PAIRS = {"pairs": "all"}
 # (series, kind, recipe, loss arguments, settings)
@@ -262,7 +262,7 @@ def train(job: dict) -> Path:
             "seed_everything": seed,
             "trainer": {**trainer, "max_epochs": rounds, "limit_val_batches": 0, "num_sanity_val_steps": 0,
                         "callbacks": []},
-            "model": {"init_args": {**model, "reference_reset": settings["reference_reset"]}},
+            "model": {"init_args": {**model, "reference": {"reset": settings["reset"]}}},
             "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": settings["batch_size"],
                                    "sampling": {"num_samples": k, "pairs": settings["pairs"]}}},
         })

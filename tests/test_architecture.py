@@ -23,6 +23,7 @@ from dpo_lightning.modules import (
     MovingReference,
     NoReference,
     PreferenceModule,
+    ReferenceSpec,
     ReferenceUpdate,
     SFTModule,
 )
@@ -89,14 +90,14 @@ def test_strategy_is_chosen_from_the_recipe() -> None:
     frozen = PreferenceModule(model=tiny_spec()).reference
     assert isinstance(frozen, FrozenCopy) and not frozen.training
     assert all(not p.requires_grad for p in frozen.parameters())
-    moving = PreferenceModule(model=tiny_spec(), reference_update=ReferenceUpdate(alpha=0.5, every_n_steps=2)).reference
+    moving = PreferenceModule(model=tiny_spec(), reference=ReferenceSpec(update=ReferenceUpdate(alpha=0.5, every_n_steps=2))).reference
     assert isinstance(moving, MovingReference)
-    with pytest.raises(ValueError, match="reference_update is set but the loss uses no reference"):
-        PreferenceModule(model=tiny_spec(), loss=SimPOLoss(), reference_update=ReferenceUpdate())
-    with pytest.raises(ValueError, match=r"reference_update.alpha must be in \(0, 1\]"):
-        PreferenceModule(model=tiny_spec(), reference_update=ReferenceUpdate(alpha=0.0))
+    with pytest.raises(ValueError, match=r"model.init_args.reference.update is set but the loss uses no reference"):
+        PreferenceModule(model=tiny_spec(), loss=SimPOLoss(), reference=ReferenceSpec(update=ReferenceUpdate()))
+    with pytest.raises(ValueError, match=r"model.init_args.reference.update.alpha must be in \(0, 1\]"):
+        PreferenceModule(model=tiny_spec(), reference=ReferenceSpec(update=ReferenceUpdate(alpha=0.0)))
     with pytest.raises(ValueError, match="cannot be precomputed"):
-        PreferenceModule(model=tiny_spec(), reference_update=ReferenceUpdate(), precompute_reference=True)
+        PreferenceModule(model=tiny_spec(), reference=ReferenceSpec(update=ReferenceUpdate(), precompute=True))
 
 
 def test_moving_reference_soft_update_in_float64() -> None:
@@ -127,7 +128,7 @@ def test_moving_reference_is_resumed_after_a_kill_to_the_same_weights(tmp_path, 
         import yaml
 
         r = yaml.safe_load(open(path))
-        r["model"]["init_args"]["reference_update"] = {"alpha": 0.5, "every_n_steps": 2}
+        r["model"]["init_args"]["reference"] = {"update": {"alpha": 0.5, "every_n_steps": 2}}
         return write_recipe(tmp_path / f"{name}.yaml", r)
 
     straight = cli("fit", "--config", recipe("straight", None))
@@ -158,7 +159,8 @@ def test_fixed_reference_stays_out_of_checkpoints_and_a_moving_one_needs_its_sta
     run(["fit", "--config", write_recipe(tmp_path / "fixed.yaml", recipe)])
     (ckpt,) = list((tmp_path / "run").rglob("*.ckpt"))
     assert not any(k.startswith("reference.") for k in torch.load(ckpt, weights_only=True)["state_dict"])
-    moving = tiny_recipe(tmp_path, *pair_files, reference_update={"alpha": 0.5, "every_n_steps": 1}, overwrite_export=True)
+    moving = tiny_recipe(tmp_path, *pair_files, reference={"update": {"alpha": 0.5, "every_n_steps": 1}},
+                         overwrite_export=True)
     moving["trainer"]["max_steps"] = 3
     with pytest.raises(ValueError, match="holds no moving reference"):
         run(["fit", "--config", write_recipe(tmp_path / "moving.yaml", moving), "--ckpt_path", str(ckpt)])

@@ -20,7 +20,7 @@ from dpo_lightning.losses import (
     BradleyTerryLoss, DPOLoss, IPOLoss, KTOLoss, ODPOLoss, SimPOLoss, WithChosenNLL,
 )
 from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
-from dpo_lightning.modules import PreferenceModule
+from dpo_lightning.modules import PreferenceModule, ReferenceSpec
 from dpo_lightning.optim import WarmupDecayLR
 
 GOOD = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in quickstart_rows(6)]
@@ -84,7 +84,7 @@ def reference_with_other_vocab(tmp_path: Path):
     def go():
         other = load_causal_lm(ModelSpec(config={**CONFIG, "vocab_size": 600}, tokenizer=TOKENIZER_DIR))
         other.save_pretrained(tmp_path / "ref")
-        PreferenceModule(model=tiny_spec(), reference_model=ModelSpec(name_or_path=str(tmp_path / "ref")))
+        PreferenceModule(model=tiny_spec(), reference=ReferenceSpec(model=ModelSpec(name_or_path=str(tmp_path / "ref"))))
     return go
 
 

@@ -16,7 +16,7 @@ from dpo_lightning.data import PreferenceDataModule, UnpairedCollator, UnpairedD
 from dpo_lightning.losses import KTOLoss, SequenceLogProbs
 from dpo_lightning.losses.bco import BCOLoss, BCOPairLoss
 from dpo_lightning.models import load_tokenizer
-from dpo_lightning.modules import PreferenceModule
+from dpo_lightning.modules import PreferenceModule, ReferenceSpec
 
 
 def unpaired_logps(n: int, seed: int) -> tuple[SequenceLogProbs, SequenceLogProbs]:
@@ -345,8 +345,8 @@ def test_unpaired_data_module_follows_the_losss_layout(tmp_path) -> None:
 
 
 def test_precomputed_reference_is_refused() -> None:
-    with pytest.raises(ValueError, match="precompute_reference needs a pairwise loss.*BCOLoss"):
-        PreferenceModule(model=tiny_spec(), loss=BCOLoss(), precompute_reference=True)
+    with pytest.raises(ValueError, match=r"reference\.precompute needs a pairwise loss.*BCOLoss"):
+        PreferenceModule(model=tiny_spec(), loss=BCOLoss(), reference=ReferenceSpec(precompute=True))
 
 
 # -- a fit -------------------------------------------------------------------------------------

@@ -67,12 +67,12 @@ def test_existing_export_dir_is_not_overwritten_unless_asked(tmp_path, pair_file
         main(["fit", "--config", recipe])
 
 
-def test_separate_reference_model_path(tmp_path, pair_files) -> None:
+def test_separate_reference_by_path(tmp_path, pair_files) -> None:
     tokenizer = load_tokenizer(tiny_spec())
     other = load_causal_lm(tiny_spec(seed=5), tokenizer)
     other.save_pretrained(tmp_path / "ref")
     tokenizer.save_pretrained(tmp_path / "ref")
-    recipe = tiny_recipe(tmp_path, *pair_files, reference_model={"name_or_path": str(tmp_path / "ref")})
+    recipe = tiny_recipe(tmp_path, *pair_files, reference={"model": {"name_or_path": str(tmp_path / "ref")}})
     cli = main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
     for ref, saved in zip(cli.model.reference.parameters(), other.parameters()):
         assert torch.equal(ref, saved)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import sys
 
 import pytest
+import yaml
 
-from conftest import ROOT
+from conftest import ROOT, _printed
 from dpo_lightning import cli, models
 from dpo_lightning.models import ModelSpec, check_hub_source, load_tokenizer
+from dpo_lightning.modules import IterativePreferenceModule, OnlinePreferenceModule, ReferenceUpdate
 
 
 def console(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -38,6 +40,55 @@ def test_a_misspelled_flag_gets_the_closest_accepted_name(monkeypatch, capsys, f
     status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/quickstart.yaml", flag, "3")
     assert status == 2
     assert line.startswith("error: ") and hint in line
+
+
+@pytest.mark.parametrize(("recipe", "flags", "message"), [
+    ({"precompute_reference": True}, [],
+     "model.init_args.precompute_reference moved into the reference section: write `reference: {precompute: true}`"),
+    ({"reference_update": {"alpha": 0.5, "every_n_steps": 2}}, [], "model.init_args.reference_update moved into the "
+     "reference section: write `reference: {update: {alpha: 0.5, every_n_steps: 2}}`"),
+    ({"reference_cache_dir": "/tmp/cache"}, [],
+     "model.init_args.reference_cache_dir moved into the reference section: write `reference: {cache_dir: /tmp/cache}`"),
+    ({}, ["--model.init_args.reference_model.name_or_path", "my/sft"],
+     "model.init_args.reference_model moved into the reference section: write `reference: {model: {name_or_path: my/sft}}`"),
+    ({}, ["--model.init_args.precompute_reference", "false"],
+     "model.init_args.precompute_reference moved into the reference section: write `reference: {precompute: false}`"),
+])
+def test_a_flat_reference_setting_of_earlier_releases_points_to_the_reference_section(
+        monkeypatch, capsys, tmp_path, recipe: dict, flags: list[str], message: str) -> None:
+    """Recipes written before the ``reference`` section (``precompute_reference: true``) fail at parse
+    time with one line that writes the setting, with its value, where it lives now."""
+    overlay = tmp_path / "old.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": recipe}}))
+    status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/base.yaml", "--config", str(overlay),
+                           *flags, "--print_config")
+    assert status == 2 and line == f"error: {message}  [--debug shows the whole report]"
+
+
+def test_the_iterative_recipe_of_earlier_releases_and_python_keywords_are_pointed_to_the_reference_section(
+        monkeypatch, capsys) -> None:
+    status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/base.yaml", "--config",
+                           "recipes/iterative_dpo.yaml", "--model.init_args.reference_reset", "never", "--print_config")
+    assert status == 2 and "model.init_args.reference_reset moved into the reference section: write " \
+        "`reference: {reset: never}`" in line
+    with pytest.raises(TypeError, match=r"^model\.init_args\.precompute_reference moved into the reference section: "
+                                        r"write `reference: \{precompute: true\}` \(reference=ReferenceSpec"):
+        IterativePreferenceModule(model=ModelSpec(name_or_path="unused"), precompute_reference=True)
+    with pytest.raises(TypeError, match=r"reference_update moved .* `reference: \{update: \{alpha: 0.5, "):
+        OnlinePreferenceModule(model=ModelSpec(name_or_path="unused"), judge=None,
+                               reference_update=ReferenceUpdate(alpha=0.5))
+
+
+def test_the_reference_section_prints_readably(tmp_path) -> None:
+    """``--print_config`` shows the section as one nested block, every field named."""
+    overlay = tmp_path / "new.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"reference": {
+        "precompute": True, "model": {"name_or_path": "my/sft"}}}}}))
+    printed = _printed("--config", str(ROOT / "recipes" / "base.yaml"), "--config", str(overlay))
+    section = yaml.safe_load(printed)["model"]["init_args"]["reference"]
+    assert list(section) == ["model", "precompute", "cache_dir", "update", "reset"]
+    assert section["precompute"] is True and section["model"]["name_or_path"] == "my/sft" and section["update"] is None
+    assert "    reference:\n      model:\n        name_or_path: my/sft\n" in printed
 
 
 def test_a_flag_near_nothing_gets_no_guess(monkeypatch, capsys) -> None:
@@ -122,17 +173,20 @@ def test_validate_of_an_exported_policy_measures_it_against_its_recorded_referen
 
     by_record = validate()
     assert not math.isclose(by_record["val/loss"], math.log(2), abs_tol=1e-6)
-    spelled_out = validate("--model.init_args.reference_model.config", json.dumps(recorded["config"]),
-                           "--model.init_args.reference_model.tokenizer", recorded["tokenizer"],
-                           "--model.init_args.reference_model.seed", "0")
+    spelled_out = validate("--model.init_args.reference.model.config", json.dumps(recorded["config"]),
+                           "--model.init_args.reference.model.tokenizer", recorded["tokenizer"],
+                           "--model.init_args.reference.model.seed", "0")
     assert by_record == spelled_out
+    # a reference section without a model gets the recorded one too, its other settings kept
+    with_section = validate("--model.init_args.reference.cache_dir", str(tmp_path / "unused"))
+    assert by_record == with_section
 
 
 def test_validate_refuses_a_policy_measured_against_itself(tmp_path, pair_files) -> None:
     from conftest import tiny_recipe, write_recipe
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, *pair_files))
-    with pytest.raises(ValueError, match=r"^validate: the reference is a copy of the policy .*reference_model"):
+    with pytest.raises(ValueError, match=r"^validate: the reference is a copy of the policy .*reference\.model"):
         cli.run(["validate", "--config", recipe, "--model.init_args.model.name_or_path", str(ROOT / "data" / "tiny-llama")])
 
 

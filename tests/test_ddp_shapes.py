@@ -36,8 +36,8 @@ def shape_recipe(shape: str, folder: Path, files: dict[str, str], devices: int) 
         # a reference with wider random weights: its log-probs of the text are lower than the
         # policy's on average, so the KL estimate z_ref is mostly above its clamp at 0 (with a
         # copy of the policy it stays 0 for these 4 steps, and its averaging over ranks is unseen)
-        model["reference_model"] = {"config": dict(TINY_CONFIG, initializer_range=0.1), "tokenizer": TOKENIZER_DIR,
-                                    "seed": 1}
+        model["reference"] = {"model": {"config": dict(TINY_CONFIG, initializer_range=0.1), "tokenizer": TOKENIZER_DIR,
+                                        "seed": 1}}
         # one process builds the KL rows of each half of its batch as each of 2 processes does
         data["class_path"] = "ranks.BlockwiseKLDataModule" if devices == 1 else "dpo_lightning.data.UnpairedDataModule"
         if devices == 1:
@@ -46,9 +46,9 @@ def shape_recipe(shape: str, folder: Path, files: dict[str, str], devices: int) 
         model["loss"] = {"class_path": "dpo_lightning.losses.BCOLoss", "init_args": {"beta": 0.1}}
         data["class_path"] = "dpo_lightning.data.UnpairedDataModule"
     elif shape == "precomputed":
-        model.update(precompute_reference=True, reference_cache_dir=str(folder / "cache"))
+        model["reference"] = {"precompute": True, "cache_dir": str(folder / "cache")}
     elif shape == "tr_dpo":
-        model["reference_update"] = {"alpha": 0.5, "every_n_steps": 2}
+        model["reference"] = {"update": {"alpha": 0.5, "every_n_steps": 2}}
     elif shape == "sft":
         recipe["model"] = {"class_path": "dpo_lightning.modules.SFTModule", "init_args": {
             k: model[k] for k in ("model", "optimizer", "export_dir")}}

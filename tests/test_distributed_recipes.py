@@ -54,7 +54,7 @@ def test_fsdp_strategy_instantiates_and_shards_decoder_layers() -> None:
 def test_deepspeed_strategies_are_registered() -> None:
     assert print_config("deepspeed")["trainer"]["strategy"] == "deepspeed_stage_2"
     assert "deepspeed_stage_2" in StrategyRegistry and "deepspeed_stage_3" in StrategyRegistry
-    assert model_args(print_config("deepspeed"))["precompute_reference"] is True
+    assert model_args(print_config("deepspeed"))["reference"]["precompute"] is True
 
 
 def test_qlora_asks_for_nf4_double_quantization() -> None:

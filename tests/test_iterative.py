@@ -23,7 +23,7 @@ from dpo_lightning.iterative import (
 from dpo_lightning.judges import FunctionJudge
 from dpo_lightning.losses import DPOLoss, IPOLoss, KTOLoss, LossOutput, ODPOLoss, SimPOLoss
 from dpo_lightning.lora import LoraSpec
-from dpo_lightning.modules import PreferenceModule, ReferenceUpdate
+from dpo_lightning.modules import PreferenceModule, ReferenceSpec, ReferenceUpdate
 from dpo_lightning.modules.iterative import IterativePreferenceModule, RoundReference
 
 SENTIMENT = "dpo_lightning.experiments.sentiment:score"
@@ -239,11 +239,11 @@ def test_sampling_settings_and_judge_are_checked_with_the_recipe_key() -> None:
 def test_a_per_round_reference_refuses_what_it_cannot_copy_into() -> None:
     with pytest.raises(ValueError, match="per_round.*lora"):
         IterativePreferenceModule(model=tiny_spec(), lora=LoraSpec(r=4))
-    with pytest.raises(ValueError, match="per_round.*reference_update"):
-        IterativePreferenceModule(model=tiny_spec(), reference_update=ReferenceUpdate())
+    with pytest.raises(ValueError, match=r"per_round.*reference\.update"):
+        IterativePreferenceModule(model=tiny_spec(), reference=ReferenceSpec(update=ReferenceUpdate()))
     with pytest.raises(ValueError, match="SimPOLoss uses no reference"):
         IterativePreferenceModule(model=tiny_spec(), loss=SimPOLoss())
-    assert not isinstance(IterativePreferenceModule(model=tiny_spec(), reference_reset="never").reference, RoundReference)
+    assert not isinstance(IterativePreferenceModule(model=tiny_spec(), reference=ReferenceSpec(reset="never")).reference, RoundReference)
 
 
 def test_connect_refuses_unpaired_losses_and_columns_the_judge_does_not_give() -> None:
@@ -277,10 +277,10 @@ def test_a_round_whose_samples_all_tie_is_an_error(tmp_path) -> None:
 
 
 def test_sampled_pairs_refuse_a_precomputed_reference(tmp_path) -> None:
-    cached = PreferenceModule(model=tiny_spec(), precompute_reference=True, reference_cache_dir=str(tmp_path / "cache"))
+    cached = PreferenceModule(model=tiny_spec(), reference=ReferenceSpec(precompute=True, cache_dir=str(tmp_path / "cache")))
     dm = IterativePairsDataModule(train_data=list(PROMPTS), judge=FunctionJudge(SENTIMENT), max_length=64)
     dm.connect(cached.tokenizer, cached.data_requirements)
-    with pytest.raises(ValueError, match="precompute_reference: false"):
+    with pytest.raises(ValueError, match=r"reference\.precompute: false"):
         one_epoch(tmp_path).fit(cached, dm)
 
 

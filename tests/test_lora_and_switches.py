@@ -54,8 +54,7 @@ def test_lora_reference_is_the_adapter_free_policy(tmp_path, pair_files) -> None
 
 
 def test_lora_with_precomputed_reference(tmp_path, pair_files) -> None:
-    cli = fit(tmp_path, pair_files, lora={**LORA, "merge_on_export": False}, precompute_reference=True,
-              reference_cache_dir=str(tmp_path / "cache"))
+    cli = fit(tmp_path, pair_files, lora={**LORA, "merge_on_export": False}, reference={"precompute": True, "cache_dir": str(tmp_path / "cache")})
     assert cli.model.reference.batches_computed > 0 and cli.trainer.global_step == 2
 
 

@@ -25,7 +25,7 @@ from dpo_lightning.losses.mixture import MixtureLoss, component_name
 from dpo_lightning.losses.rpo import ChosenNLLLoss, WithChosenNLL
 from dpo_lightning.losses.weighting import WPOWeighted
 from dpo_lightning.modules import PreferenceModule
-from dpo_lightning.modules.reference import MovingReference, ReferenceUpdate
+from dpo_lightning.modules.reference import MovingReference, ReferenceSpec, ReferenceUpdate
 
 SHAPES = [1, 4, 16]
 SCORES = {"score_chosen": torch.tensor([2.0, 3.0, 1.5, 4.0], dtype=torch.float64),
@@ -293,7 +293,7 @@ def test_ld_dpo_refuses_what_it_cannot_compute() -> None:
     policy, reference = token_logps(2, seed=1)
     sums_only = SequenceLogProbs(reference.sums, reference.counts)
     for alpha in (0.5, 1.0):  # the same error whatever alpha
-        with pytest.raises(ValueError, match="per-token reference log-probs.*precompute_reference"):
+        with pytest.raises(ValueError, match="per-token reference log-probs.*reference.precompute"):
             LengthDesensitized(DPOLoss(), alpha)(policy, sums_only, {})
         with pytest.raises(ValueError, match="per-token policy log-probs"):
             LengthDesensitized(DPOLoss(), alpha)(SequenceLogProbs(policy.sums, policy.counts), reference, {})
@@ -309,8 +309,8 @@ def test_ld_dpo_with_a_precomputed_reference_equals_the_live_one(tmp_path, pair_
             "init_args": {"ld_alpha": 0.5, "loss": {"class_path": "dpo_lightning.losses.DPOLoss"}}}
 
     def fit(name: str, precompute: bool):
-        recipe = tiny_recipe(tmp_path / name, *pair_files, loss=loss, precompute_reference=precompute,
-                             reference_cache_dir=str(tmp_path / "cache"), export_dir=str(tmp_path / name / "export"))
+        recipe = tiny_recipe(tmp_path / name, *pair_files, loss=loss, reference={"precompute": precompute, "cache_dir": str(tmp_path / "cache")},
+                             export_dir=str(tmp_path / name / "export"))
         return run(["fit", "--config", write_recipe(tmp_path / f"{name}.yaml", recipe)])
 
     from dpo_lightning.losses.length import beyond_shared_sums
@@ -389,7 +389,7 @@ def test_tr_dpo_reference_moves_at_the_update_step(tmp_path, pair_files) -> None
     """every_n_steps=2: after step 1 the reference is the initial policy; after step 2 it is
     alpha * policy + (1 - alpha) * initial."""
     L.seed_everything(0)
-    module = PreferenceModule(model=tiny_spec(), reference_update=ReferenceUpdate(alpha=0.5, every_n_steps=2))
+    module = PreferenceModule(model=tiny_spec(), reference=ReferenceSpec(update=ReferenceUpdate(alpha=0.5, every_n_steps=2)))
     assert isinstance(module.reference, MovingReference)
     initial = {k: v.clone() for k, v in module.reference.network.state_dict().items()}
     seen: list[tuple[dict, dict]] = []

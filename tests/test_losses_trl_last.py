@@ -499,7 +499,7 @@ def test_ld_dpo_from_cached_sums_beyond_the_shared_length_matches_the_token_form
     (grad,) = torch.autograd.grad(out.loss, tokens2)
     assert out.loss.item() == pytest.approx(live.loss.item(), rel=1e-12)
     torch.testing.assert_close(grad, live_grad, rtol=1e-12, atol=1e-14)
-    with pytest.raises(ValueError, match="per-token reference log-probs.*precompute_reference"):
+    with pytest.raises(ValueError, match="per-token reference log-probs.*reference.precompute"):
         LengthDesensitized(DPOLoss(beta), 0.5)(policy, SequenceLogProbs(reference.sums, reference.counts), {})
 
 

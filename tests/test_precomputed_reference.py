@@ -16,8 +16,8 @@ from dpo_lightning.modules import model_logprobs, reference_cache
 
 
 def recipe(tmp_path, pair_files, name: str, precompute: bool) -> list[str]:
-    r = tiny_recipe(tmp_path / name, *pair_files, precompute_reference=precompute,
-                    reference_cache_dir=str(tmp_path / "cache"), export_dir=str(tmp_path / name / "export"))
+    r = tiny_recipe(tmp_path / name, *pair_files, reference={"precompute": precompute, "cache_dir": str(tmp_path / "cache")},
+                    export_dir=str(tmp_path / name / "export"))
     r["trainer"].update(max_steps=4, limit_val_batches=1.0, num_sanity_val_steps=-1, val_check_interval=4)
     return ["fit", "--config", write_recipe(tmp_path / f"{name}.yaml", r)]
 
@@ -56,8 +56,8 @@ def test_cache_is_keyed_by_the_content_of_the_reference_weights(tmp_path, pair_f
     folder = tmp_path / "weights"
 
     def fit(name: str) -> tuple[int, torch.Tensor]:
-        r = tiny_recipe(tmp_path / name, *pair_files, precompute_reference=True,
-                        reference_cache_dir=str(tmp_path / "cache"), export_dir=str(tmp_path / name / "export"))
+        r = tiny_recipe(tmp_path / name, *pair_files, reference={"precompute": True, "cache_dir": str(tmp_path / "cache")},
+                        export_dir=str(tmp_path / name / "export"))
         r["model"]["init_args"]["model"] = {"name_or_path": str(folder), "tokenizer": TOKENIZER_DIR}
         r["trainer"].update(max_steps=1, limit_val_batches=1)
         result = run(["fit", "--config", write_recipe(tmp_path / f"{name}.yaml", r)])

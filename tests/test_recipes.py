@@ -206,12 +206,12 @@ def test_class_path_changes_leak_nothing_and_carry_shared_init_args(tmp_path: Pa
         "beta": 0.1, "length_normalize": True, "divergence": "reverse_kl", "divergence_alpha": 0.5}}
     sft = print_config("sft")
     assert sft["model"]["class_path"] == "dpo_lightning.modules.SFTModule"
-    assert "loss" not in sft["model"]["init_args"] and "reference_model" not in sft["model"]["init_args"]
+    assert "loss" not in sft["model"]["init_args"] and "reference" not in sft["model"]["init_args"]
     assert sft["model"]["init_args"]["scheduler"] is None and sft["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.003
     assert sft["data"]["class_path"] == "dpo_lightning.data.SFTDataModule"
     assert sft["data"]["init_args"]["max_prompt_length"] is None and sft["data"]["init_args"]["max_length"] == 128
     reward = print_config("reward_model")["model"]
-    assert reward["class_path"] == "dpo_lightning.modules.RewardModule" and "reference_model" not in reward["init_args"]
+    assert reward["class_path"] == "dpo_lightning.modules.RewardModule" and "reference" not in reward["init_args"]
     assert reward["init_args"]["model"]["name_or_path"] == "data/tiny-llama"
     kto = print_config("kto")["data"]
     assert kto["class_path"] == "dpo_lightning.data.UnpairedDataModule" and kto["init_args"]["batch_size"] == 16

@@ -92,7 +92,7 @@ def test_console_output_is_quiet_and_short_class_names_resolve(tmp_path, pair_fi
     assert "model: " in text and "trainable" in text
     helped = subprocess.run([sys.executable, "-m", "dpo_lightning.cli", "fit", "--model.help", "PreferenceModule"],
                             capture_output=True, text=True, cwd=ROOT)
-    assert helped.returncode == 0 and "--model.reference_update" in helped.stdout and "disable_dropout" in helped.stdout
+    assert helped.returncode == 0 and "--model.reference REFERENCE" in helped.stdout and "disable_dropout" in helped.stdout
 
 
 def test_export_target_is_checked_before_training(tmp_path, pair_files) -> None:

@@ -54,7 +54,7 @@ def replace_bytes(path: Path, data: bytes) -> None:
 # --- data files known by their bytes --------------------------------------------------------------
 def test_rewritten_data_with_its_time_kept_is_retokenized_recomputed_and_refused_on_resume(tmp_path, pair_files) -> None:
     train, val = pair_files
-    recipe = tiny_recipe(tmp_path, train, val, precompute_reference=True, reference_cache_dir=str(tmp_path / "cache"),
+    recipe = tiny_recipe(tmp_path, train, val, reference={"precompute": True, "cache_dir": str(tmp_path / "cache")},
                          overwrite_export=True)
     recipe["trainer"]["enable_checkpointing"] = True
     first = run(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
@@ -223,8 +223,7 @@ def test_damaged_reference_cache_is_recomputed_naming_it(tmp_path, caplog, damag
 
 def test_swapped_train_and_val_reference_caches_are_recomputed_in_a_run(tmp_path, pair_files, caplog) -> None:
     def fit(name: str):
-        recipe = tiny_recipe(tmp_path / name, *pair_files, precompute_reference=True,
-                             reference_cache_dir=str(tmp_path / "cache"))
+        recipe = tiny_recipe(tmp_path / name, *pair_files, reference={"precompute": True, "cache_dir": str(tmp_path / "cache")})
         return run(["fit", "--config", write_recipe(tmp_path / f"{name}.yaml", recipe)])
 
     first = fit("first")

@@ -15,7 +15,7 @@ from dpo_lightning.cli import run
 from dpo_lightning.data import PairCollator, PreferenceDataModule, UnpairedCollator, UnpairedDataModule
 from dpo_lightning.losses import DPOLoss
 from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
-from dpo_lightning.modules import PreferenceModule
+from dpo_lightning.modules import PreferenceModule, ReferenceSpec
 from dpo_lightning.optim import WarmupDecayLR
 
 
@@ -48,7 +48,7 @@ def test_dropout_is_the_same_for_every_model_source(tmp_path, source) -> None:
 
 def validate(pair_file: str, eval_batch_size: int) -> dict[str, float]:
     """Validation metrics of a policy against another model as reference (rewards differ by pair)."""
-    module = PreferenceModule(model=tiny_spec(seed=4), reference_model=tiny_spec(seed=5), loss=DPOLoss(beta=0.5))
+    module = PreferenceModule(model=tiny_spec(seed=4), reference=ReferenceSpec(model=tiny_spec(seed=5)), loss=DPOLoss(beta=0.5))
     data = PreferenceDataModule(train_data=pair_file, val_data=pair_file, max_length=64, eval_batch_size=eval_batch_size)
     data.connect(module.tokenizer, module.data_requirements)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -60,7 +60,7 @@ def test_validation_metrics_are_exact_per_row_means_whatever_the_batch_size(tmp_
     path = write_jsonl(tmp_path / "v.jsonl", quickstart_rows(13))
     per_pair = validate(path, 1)
     # the per-pair mean of the DPO formula, in float64
-    module = PreferenceModule(model=tiny_spec(seed=4), reference_model=tiny_spec(seed=5), loss=DPOLoss(beta=0.5))
+    module = PreferenceModule(model=tiny_spec(seed=4), reference=ReferenceSpec(model=tiny_spec(seed=5)), loss=DPOLoss(beta=0.5))
     data = PreferenceDataModule(train_data=path, max_length=64, eval_batch_size=13)
     data.connect(module.tokenizer, module.data_requirements)
     data.setup("fit")

@@ -22,7 +22,7 @@ def require_tokens(logps: SequenceLogProbs, side: str) -> None:
         return
     raise ValueError(
         f"LengthDesensitized needs per-token {side} log-probs (SequenceLogProbs.tokens), got none"
-        + (" (nor SequenceLogProbs.beyond_shared, which model.init_args.precompute_reference gives)" if side == "reference" else "")
+        + (" (nor SequenceLogProbs.beyond_shared, which model.init_args.reference.precompute gives)" if side == "reference" else "")
     )
 
 
@@ -93,7 +93,7 @@ class LengthDesensitized(ComposedLoss):
     policy's log-probs alone. Per-token means (SimPO, IPO) keep dividing by the full length.
 
     Needs per-token log-probs (``needs_token_logprobs``), of the reference too
-    (``needs_reference_tokens``); a precomputed reference (``precompute_reference: true``)
+    (``needs_reference_tokens``); a precomputed reference (``reference: {precompute: true}``)
     caches, besides each response's sum, its sum beyond the pair's shared length
     (``SequenceLogProbs.beyond_shared``), which gives the same values for every ``ld_alpha``.
 

@@ -36,6 +36,7 @@ from ..losses import PreferenceLoss
 from ..models import ModelSpec
 from .logprobs import LogProbSelector
 from .preference import PreferenceModule
+from .reference import REFERENCE_KEY, refuse_moved_settings
 
 MODEL_KEY = "model.init_args"
 #: the old name of :class:`~dpo_lightning.generation.Samples`
@@ -100,8 +101,8 @@ class OnlinePreferenceModule(PreferenceModule):
             as OAIF and TRL; ``pairs``, ``max_new_tokens``, ``temperature``, ``top_p``,
             ``top_k``, ``missing_eos_penalty``, ``seed``).
         share_prompt: as :class:`PreferenceModule`, default ``False`` here.
-        kwargs: :class:`PreferenceModule`'s other arguments (``reference_model``, ``optimizer``,
-            ``lora``, ...), passed through; ``precompute_reference`` does not apply (the
+        kwargs: :class:`PreferenceModule`'s other arguments (``reference``, ``optimizer``,
+            ``lora``, ...), passed through; ``reference.precompute`` does not apply (the
             completions change every step).
 
     Not yet run under FSDP or DeepSpeed ZeRO-3, where ``generate`` needs the full weights
@@ -120,13 +121,15 @@ class OnlinePreferenceModule(PreferenceModule):
         **kwargs: Any,
     ) -> None:
         refuse_flat_sampling(kwargs, MODEL_KEY)
+        refuse_moved_settings(kwargs)
         sampling = self.check_settings(judge, loss, sampling or SamplingSpec())
-        if kwargs.pop("precompute_reference", False):
+        reference = kwargs.get("reference")
+        if reference is not None and reference.precompute:
             raise ValueError(
-                f"{MODEL_KEY}.precompute_reference: online training samples new completions every step, so their "
+                f"{REFERENCE_KEY}.precompute: online training samples new completions every step, so their "
                 "reference log-probs cannot be precomputed; set it to false"
             )
-        super().__init__(model=model, loss=loss, share_prompt=share_prompt, precompute_reference=False, **kwargs)
+        super().__init__(model=model, loss=loss, share_prompt=share_prompt, **kwargs)
         # again, here: the judge (a function or a model) stays out of the checkpoint's hyperparameters
         self.save_hyperparameters(ignore=["judge", "loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.judge = judge

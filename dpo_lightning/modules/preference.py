@@ -6,7 +6,7 @@ import functools
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -19,10 +19,9 @@ from ..lora import LoraSpec, add_adapters, save_merged
 from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
-from . import reference_cache
 from .base import AlignmentModule, batch_values
 from .logprobs import LogProbSelector
-from .reference import PrepareContext, ReferenceStrategy, ReferenceUpdate, choose_reference
+from .reference import PrepareContext, ReferenceReset, ReferenceSpec, ReferenceStrategy, choose_reference
 
 REFERENCE_PREFIX = "reference."
 # A frozen reference is in eval mode on purpose; Lightning warns about every eval-mode module at
@@ -34,17 +33,20 @@ class PreferenceModule(AlignmentModule):
     """Train a causal LM policy with any :class:`PreferenceLoss`.
 
     The reference is one :class:`~.reference.ReferenceStrategy` (``self.reference``), chosen
-    from the settings below by :func:`~.reference.choose_reference`: none for reference-free
-    losses, a frozen copy of the initial policy (default), the model at ``reference_model``,
-    the policy with its LoRA adapters disabled, a precomputed cache, or a moving reference
-    (``reference_update``). The module never asks which. Log-probs of policy and reference go
+    from the ``reference`` section (:class:`~.reference.ReferenceSpec`) by
+    :func:`~.reference.choose_reference`: none for reference-free losses, a frozen copy of the
+    initial policy (default), the model at ``reference.model``, the policy with its LoRA
+    adapters disabled, a precomputed cache (``reference.precompute``), or a moving reference
+    (``reference.update``). The module never asks which. Log-probs of policy and reference go
     through one :class:`~.logprobs.LogProbSelector`. What the data must hold is
     :attr:`data_requirements` (the loss's), handed to the data module by ``connect``.
 
     Args:
         model: where the policy comes from (hub id / folder, or a config to build).
         loss: the preference loss; default ``DPOLoss(beta=0.1)``.
-        reference_model: a separate reference; ``None`` copies the initial policy.
+        reference: the reference's settings (:class:`~.reference.ReferenceSpec`:
+            ``{model, precompute, cache_dir, update, reset}``); ``None``: a frozen copy of the
+            initial policy (with LoRA: the policy with its adapters off).
         optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see
             :class:`AlignmentModule` (the policy is what is exported).
         gradient_checkpointing: recompute activations in backward to save memory.
@@ -54,15 +56,9 @@ class PreferenceModule(AlignmentModule):
             (default) picks chunked where the model allows it (plain linear head, no logit
             scaling) and the strategy is not FSDP, whose root unit must run the full forward.
         logprob_chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes).
-        precompute_reference: before training, run the reference once over the train and val
-            splits, cache its log-probs on disk (see :mod:`.reference_cache`), and free the
-            reference model: training then runs the policy alone. A later run with the same
-            data, tokenization, reference and tokenizer reads the cache and runs no reference.
-            Pairwise losses only (KTO's KL pairs change every batch).
-        reference_cache_dir: where the cache lives; default ``~/.cache/dpo_lightning/reference_logps``.
         lora: train LoRA adapters (peft) instead of all weights. The reference is then the
             policy with adapters disabled (unless ``lora.separate_reference`` or a
-            ``reference_model`` is given); export writes the adapter (and, with
+            ``reference.model`` is given); export writes the adapter (and, with
             ``lora.merge_on_export``, the merged model to ``<export_dir>/merged``).
         share_prompt: run each pair's prompt once instead of twice: ``[prompt; chosen; rejected]``
             in one row with a 4D attention mask (see :func:`.logprobs.shared_prompt_model_logprobs`).
@@ -70,9 +66,6 @@ class PreferenceModule(AlignmentModule):
             ``auto`` (default): on for CPU batches of pairwise losses where the shared layout is
             exact (listed architectures, no sliding window shorter than the batch: see
             :func:`.logprobs.shared_prompt_is_exact`), off elsewhere; ``true`` forces it.
-        reference_update: a moving reference (TR-DPO, :class:`~.reference.ReferenceUpdate`):
-            every ``every_n_steps`` optimizer steps ``ref <- alpha * policy + (1 - alpha) * ref``.
-            Saved in checkpoints. Full fine-tuning only; not with ``precompute_reference``.
         disable_dropout: switch every dropout of the policy off (LoRA's too), whether the model
             is loaded or built. Default True, as in TRL's DPO: with dropout the policy's
             log-probs differ from the reference's at step 0 and the implicit rewards are noise.
@@ -82,7 +75,7 @@ class PreferenceModule(AlignmentModule):
         self,
         model: ModelSpec,
         loss: PreferenceLoss | None = None,
-        reference_model: ModelSpec | None = None,
+        reference: ReferenceSpec | None = None,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
@@ -91,32 +84,34 @@ class PreferenceModule(AlignmentModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
         logprobs: Literal["auto", "chunked", "full"] = "auto",
         logprob_chunk_size: int = 1024,
-        precompute_reference: bool = False,
-        reference_cache_dir: str | None = None,
         lora: LoraSpec | None = None,
         share_prompt: bool | Literal["auto"] = "auto",
-        reference_update: ReferenceUpdate | None = None,
         disable_dropout: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.loss = loss if loss is not None else DPOLoss()
         self.model_spec = model
-        self.reference_model_spec = reference_model
-        self.reference_update = reference_update
+        needs = self.loss.needs
+        settings = reference if reference is not None else ReferenceSpec()
+        if not isinstance(settings, ReferenceSpec):
+            raise TypeError(f"model.init_args.reference must be a ReferenceSpec, got {type(settings).__name__}")
+        #: the ``reference`` section, its ``reset`` resolved (:attr:`default_reset` when unset)
+        self.reference_settings = replace(settings, reset=settings.reset or self.default_reset)
+        pairwise = needs.layout == BatchLayout.PAIRS
+        self.reference_settings.check(needs_reference=needs.reference, pairwise=pairwise, adapters=lora is not None)
         self.tokenizer = load_tokenizer(model)
         self.policy = load_causal_lm(model, self.tokenizer)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.lora = lora
-        needs = self.loss.needs
+        separate = self.reference_settings.model
         self.reference: ReferenceStrategy = choose_reference(
-            needs_reference=needs.reference, pairwise=needs.layout == BatchLayout.PAIRS, policy=self.policy,
-            tokenizer=self.tokenizer, reference_model=reference_model, adapters=lora is not None,
-            separate_with_adapters=bool(lora and lora.separate_reference), precompute=precompute_reference,
-            cache_dir=reference_cache_dir or reference_cache.DEFAULT_CACHE_DIR,
-            reference_id=spec_fingerprint(reference_model if reference_model is not None else model),
-            update=reference_update, reference_tokens=needs.reference_tokens, **self.reference_options(),
+            self.reference_settings, needs_reference=needs.reference, pairwise=pairwise, policy=self.policy,
+            tokenizer=self.tokenizer, adapters=lora is not None,
+            separate_with_adapters=bool(lora and lora.separate_reference),
+            reference_id=spec_fingerprint(separate if separate is not None else model),
+            reference_tokens=needs.reference_tokens,
         )
         if lora is not None:
             self.policy = add_adapters(self.policy, lora, gradient_checkpointing)
@@ -128,10 +123,8 @@ class PreferenceModule(AlignmentModule):
             metrics=functools.partial(PreferenceMetrics, paired=self.compares_pairs),
         )
 
-    def reference_options(self) -> dict[str, Any]:
-        """Further :func:`~.reference.choose_reference` settings a subclass adds (the iterative
-        module's ``per_round``); none here. Called in ``__init__``, before the policy exists."""
-        return {}
+    #: ``reference.reset`` when the recipe leaves it unset (the iterative module: ``per_round``)
+    default_reset: ClassVar[ReferenceReset] = "never"
 
     @property
     def compares_pairs(self) -> bool:
@@ -196,26 +189,26 @@ class PreferenceModule(AlignmentModule):
 
     # -- the reference's hooks ------------------------------------------------------------------
     def reference_spec(self) -> ModelSpec | None:
-        """``reference_model``, else the policy's starting point ``model`` (with LoRA, the base
+        """``reference.model``, else the policy's starting point ``model`` (with LoRA, the base
         without adapters); ``None`` when the loss uses no reference or it moves (TR-DPO)."""
-        if not self.loss.needs_reference or self.reference_update is not None:
+        if not self.loss.needs_reference or self.reference_settings.update is not None:
             return None
-        return self.reference_model_spec or self.model_spec
+        return self.reference_settings.model or self.model_spec
 
     #: validation measures implicit rewards against the reference (online modules measure samples)
     validates_implicit_rewards = True
 
     def check_reference_is_not_the_policy(self, ckpt_path: str | None) -> None:
         """``dpo-lightning validate`` refuses to measure a policy against a copy of itself: with no
-        ``reference_model``, no adapters and no checkpoint, every implicit reward would be 0 (loss
+        ``reference.model``, no adapters and no checkpoint, every implicit reward would be 0 (loss
         log 2, accuracy 0.00) whatever the policy is. (From Python, validating before ``fit`` gives
         exactly that on purpose: the "before" figure.)"""
-        same = self.reference_model_spec is None and self.lora is None and ckpt_path is None
+        same = self.reference_settings.model is None and self.lora is None and ckpt_path is None
         if self.validates_implicit_rewards and self.loss.needs_reference and same:
             raise ValueError(
                 f"validate: the reference is a copy of the policy {self.model_spec.name_or_path or 'model'!r} "
-                "(model.init_args.reference_model is not set and the policy's folder records none in "
-                "reference.json), so every implicit reward is 0; set model.init_args.reference_model.name_or_path "
+                "(model.init_args.reference.model is not set and the policy's folder records none in "
+                "reference.json), so every implicit reward is 0; set model.init_args.reference.model.name_or_path "
                 "to the model the policy was trained from, or give --ckpt_path"
             )
 

@@ -15,12 +15,15 @@ exactly one and never asks which:
   moving reference is saved and restored.
 
 Strategies: :class:`NoReference` (SimPO, ORPO), :class:`FrozenCopy` (the initial policy, the
-default), :class:`SeparateModel` (``reference_model``), :class:`AdaptersDisabled` (LoRA: the
+default), :class:`SeparateModel` (``reference.model``), :class:`AdaptersDisabled` (LoRA: the
 policy with its adapters switched off), :class:`PrecomputedReference` (one pass before
 training, cached on disk; wraps one of the live strategies), :class:`MovingReference`
 (TR-DPO: soft or hard updates towards the policy) and :class:`RoundReference` (iterative DPO:
 the policy at the start of each round). Adding one is a class here plus a line in
 :func:`choose_reference`.
+
+A recipe's reference settings are one nested section, :class:`ReferenceSpec`
+(``model.init_args.reference``).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import yaml
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -42,6 +46,8 @@ from . import reference_cache
 #: ``compute(network, batch) -> SequenceLogProbs``: the module's log-prob path (:class:`.logprobs.LogProbSelector`)
 LogProbFn = Callable[[nn.Module, Mapping[str, Tensor]], SequenceLogProbs]
 MODEL_KEY = "model.init_args"
+#: where a recipe's reference settings live (:class:`ReferenceSpec`)
+REFERENCE_KEY = f"{MODEL_KEY}.reference"
 
 
 @dataclass
@@ -161,14 +167,14 @@ class FrozenCopy(FrozenNetwork):
 
 
 class SeparateModel(FrozenNetwork):
-    """A frozen reference loaded from its own spec (``model.init_args.reference_model``)."""
+    """A frozen reference loaded from its own spec (``model.init_args.reference.model``)."""
 
     def __init__(self, spec: ModelSpec, policy: nn.Module, tokenizer: Any) -> None:
-        spec.validate("model.init_args.reference_model")
+        spec.validate(f"{REFERENCE_KEY}.model")
         network = load_causal_lm(spec, tokenizer)
         if network.config.vocab_size != policy.config.vocab_size:
             raise ValueError(
-                f"model.init_args.reference_model: vocab size {network.config.vocab_size} != policy's "
+                f"{REFERENCE_KEY}.model: vocab size {network.config.vocab_size} != policy's "
                 f"{policy.config.vocab_size}; both must share the tokenizer"
             )
         super().__init__(network)
@@ -185,7 +191,7 @@ class AdaptersDisabled(ReferenceStrategy):
 
 @dataclass
 class ReferenceUpdate:
-    """The ``reference_update`` section of a recipe: TR-DPO's moving reference (Gorbatovski et
+    """The ``reference.update`` section of a recipe: TR-DPO's moving reference (Gorbatovski et
     al. 2024, arXiv 2404.09656). Every ``every_n_steps`` optimizer steps::
 
         theta_ref <- alpha * theta_policy + (1 - alpha) * theta_ref
@@ -203,9 +209,9 @@ class ReferenceUpdate:
 
     def validate(self) -> None:
         if not 0 < self.alpha <= 1:
-            raise ValueError(f"model.init_args.reference_update.alpha must be in (0, 1], got {self.alpha}")
+            raise ValueError(f"{REFERENCE_KEY}.update.alpha must be in (0, 1], got {self.alpha}")
         if self.every_n_steps < 1:
-            raise ValueError(f"model.init_args.reference_update.every_n_steps must be >= 1, got {self.every_n_steps}")
+            raise ValueError(f"{REFERENCE_KEY}.update.every_n_steps must be >= 1, got {self.every_n_steps}")
 
 
 class MovingReference(MovingNetwork):
@@ -216,7 +222,7 @@ class MovingReference(MovingNetwork):
     """
 
     kind = "moving reference"
-    setting = "model.init_args.reference_update"
+    setting = f"{REFERENCE_KEY}.update"
 
     def __init__(self, network: nn.Module, policy: nn.Module, update: ReferenceUpdate) -> None:
         update.validate()
@@ -245,11 +251,11 @@ class RoundReference(MovingNetwork):
     """
 
     kind = "per-round reference"
-    setting = f"{MODEL_KEY}.reference_reset: per_round"
+    setting = f"{REFERENCE_KEY}.reset: per_round"
 
     def __init__(self, network: nn.Module, policy: nn.Module) -> None:
-        super().__init__(network, policy, "the policy's weights are copied into it; drop reference_model or set "
-                                          "reference_reset: never")
+        super().__init__(network, policy, "the policy's weights are copied into it; drop reference.model or set "
+                                          "reference.reset: never")
         self.register_buffer("round", torch.full((), -1, dtype=torch.long))
 
     @torch.no_grad()
@@ -325,7 +331,7 @@ class PrecomputedReference(ReferenceStrategy):
     def logprobs(self, policy, batch, compute) -> SequenceLogProbs:
         if reference_cache.COLUMNS[0] not in batch:
             raise RuntimeError(
-                "precompute_reference: this batch has no reference log-probs; the data module must be "
+                f"{REFERENCE_KEY}.precompute: this batch has no reference log-probs; the data module must be "
                 "set up through the trainer (trainer.fit / validate) so they can be attached"
             )
         counts = batch["completion_mask"][:, 1:].sum(-1)
@@ -335,76 +341,160 @@ class PrecomputedReference(ReferenceStrategy):
         return SequenceLogProbs(torch.cat([batch[c] for c in reference_cache.COLUMNS]), counts, beyond_shared=tail)
 
 
-def check_per_round(*, adapters: bool, update: ReferenceUpdate | None, precompute: bool) -> None:
-    """Refuse settings a per-round reference cannot have (checked before a model is loaded)."""
-    clash = [name for name, value in (("lora", adapters), ("reference_update", update),
-                                      ("precompute_reference", precompute)) if value]
-    if clash:
-        raise ValueError(
-            f"{MODEL_KEY}.reference_reset: per_round copies the policy into the reference each round, which "
-            f"{clash[0]} does not allow (LoRA's reference is the base model without adapters; a moving or "
-            f"precomputed reference is another strategy); set reference_reset: never or remove {MODEL_KEY}.{clash[0]}"
-        )
+ReferenceReset = Literal["never", "per_round"]
+
+
+@dataclass
+class ReferenceSpec:
+    """The ``reference`` section of a recipe (``model.init_args.reference``): where the
+    reference comes from and how it changes during training. Every field is optional; an
+    absent section is a frozen copy of the initial policy (or, with LoRA, the policy with its
+    adapters off). :func:`choose_reference` maps it to one strategy.
+
+    Attributes:
+        model: a separate frozen reference (hub id / folder, or a config); ``None``: the initial
+            policy.
+        precompute: before training, run the reference once over the train and val splits,
+            cache its log-probs on disk (:mod:`.reference_cache`) and free it: training then
+            runs the policy alone. Pairwise losses only; not with ``update`` or ``reset: per_round``.
+        cache_dir: where that cache lives; ``None``: ``~/.cache/dpo_lightning/reference_logps``.
+        update: TR-DPO's moving reference (:class:`ReferenceUpdate`); full fine-tuning only.
+        reset: ``per_round``: at the start of every training epoch after the first the
+            reference becomes the policy (:class:`RoundReference`; iterative DPO's rounds);
+            ``never``: it does not. ``None``: the module's default (``never``;
+            :class:`~.iterative.IterativePreferenceModule`: ``per_round``).
+    """
+
+    model: ModelSpec | None = None
+    precompute: bool = False
+    cache_dir: str | None = None
+    update: ReferenceUpdate | None = None
+    reset: ReferenceReset | None = None
+
+    def check(self, *, needs_reference: bool, pairwise: bool, adapters: bool) -> None:
+        """Refuse settings that cannot go together, naming the recipe key; needs no model, so a
+        module runs it before loading one.
+
+        Args:
+            needs_reference: the loss's ``needs_reference``.
+            pairwise: the loss trains on pairs (precomputation needs fixed pairs).
+            adapters: LoRA adapters will be added to the policy.
+        """
+        if self.reset not in (None, "never", "per_round"):
+            raise ValueError(f"{REFERENCE_KEY}.reset must be never or per_round, got {self.reset!r}")
+        if not needs_reference:
+            for name in ("model", "precompute", "update"):
+                if getattr(self, name):
+                    raise ValueError(f"{REFERENCE_KEY}.{name} is set but the loss uses no reference model")
+            if self.reset == "per_round":
+                raise ValueError(f"{REFERENCE_KEY}.reset: per_round is set but the loss uses no reference model")
+            return
+        if self.precompute and not pairwise:
+            raise ValueError(
+                f"{REFERENCE_KEY}.precompute needs a pairwise loss: the cache holds one chosen and one "
+                "rejected log-prob per pair (KTO's KL pairs change every batch; unpaired rows, as BCOLoss trains on, "
+                "are not cached); set it to false"
+            )
+        if self.reset == "per_round":
+            clash = [name for name, value in (("lora", adapters), ("reference.update", self.update),
+                                              ("reference.precompute", self.precompute)) if value]
+            if clash:
+                raise ValueError(
+                    f"{REFERENCE_KEY}.reset: per_round copies the policy into the reference each round, which "
+                    f"{clash[0]} does not allow (LoRA's reference is the base model without adapters; a moving or "
+                    f"precomputed reference is another strategy); set reference: {{reset: never}} or remove "
+                    f"{MODEL_KEY}.{clash[0]}"
+                )
+        if self.update is not None:
+            self.update.validate()
+            if self.precompute:
+                raise ValueError(f"{REFERENCE_KEY}: a moving reference (update) cannot be precomputed; "
+                                 "set precompute: false or remove update")
+            if adapters:
+                raise ValueError(f"{REFERENCE_KEY}.update needs full fine-tuning; it cannot move a LoRA reference")
+
+
+#: the flat reference settings of earlier releases -> their field of :class:`ReferenceSpec`
+MOVED_SETTINGS = {
+    "reference_model": "model",
+    "precompute_reference": "precompute",
+    "reference_cache_dir": "cache_dir",
+    "reference_update": "update",
+    "reference_reset": "reset",
+}
+#: what a moved setting's message shows when its value is not known
+_EXAMPLES = {"model": {"name_or_path": "..."}, "precompute": True, "cache_dir": "...",
+             "update": {"alpha": 0.6, "every_n_steps": 512}, "reset": "per_round"}
+_UNKNOWN = object()
+
+
+def moved_setting_message(name: str, value: Any = _UNKNOWN) -> str:
+    """The error for a flat reference setting of earlier releases (``precompute_reference``):
+    where it lives now, with its value written in the new place when known::
+
+        model.init_args.precompute_reference moved into the reference section: write `reference: {precompute: true}`
+    """
+    field = MOVED_SETTINGS[name]
+    shown = _EXAMPLES[field] if value is _UNKNOWN else value
+    if hasattr(shown, "__dataclass_fields__"):
+        shown = {k: v for k, v in vars(shown).items() if not k.startswith("_")}
+    text = yaml.safe_dump({"reference": {field: shown}}, default_flow_style=True, width=10**6).strip()
+    return f"{MODEL_KEY}.{name} moved into the reference section: write `{text[1:-1]}`"
+
+
+def refuse_moved_settings(kwargs: Mapping[str, Any]) -> None:
+    """Refuse a flat reference setting of earlier releases among a module's keyword arguments
+    (``precompute_reference=True``), pointing to the ``reference`` section."""
+    for name in kwargs:
+        if name in MOVED_SETTINGS:
+            raise TypeError(moved_setting_message(name, kwargs[name]) + " (reference=ReferenceSpec(...) in Python)")
 
 
 def choose_reference(
+    spec: ReferenceSpec,
     *,
     needs_reference: bool,
     pairwise: bool,
     policy: nn.Module,
     tokenizer: Any,
-    reference_model: ModelSpec | None,
     adapters: bool,
     separate_with_adapters: bool,
-    precompute: bool,
-    cache_dir: str,
     reference_id: str,
-    update: ReferenceUpdate | None,
     reference_tokens: bool = False,
-    per_round: bool = False,
 ) -> ReferenceStrategy:
     """The one place that maps a recipe's reference settings to a strategy.
 
     Args:
+        spec: the ``reference`` section (:class:`ReferenceSpec`), its ``reset`` resolved by the
+            module (``None`` counts as ``never``).
         needs_reference: the loss's ``needs_reference``.
         pairwise: the loss trains on pairs (precomputation needs fixed pairs).
         policy: the initial policy, before LoRA adapters are added.
-        reference_model: ``model.init_args.reference_model`` or ``None``.
+        tokenizer: the policy's tokenizer (a separate reference must share it).
         adapters: LoRA adapters will be added to the policy.
         separate_with_adapters: ``lora.separate_reference``.
-        precompute / cache_dir / reference_id: ``precompute_reference`` and its cache.
-        update: ``reference_update`` (moving reference) or ``None``.
+        reference_id: what the precomputed cache is keyed by (the reference's spec).
         reference_tokens: the loss reads per-token reference log-probs (``needs_reference_tokens``);
             a precomputed reference then caches the sums beyond the shared length as well.
-        per_round: the reference becomes the policy at each round's start (iterative DPO's
-            ``reference_reset: per_round``; full fine-tuning, neither moving nor precomputed).
     """
+    spec.check(needs_reference=needs_reference, pairwise=pairwise, adapters=adapters)
     if not needs_reference:
-        for name, value in (("precompute_reference", precompute), ("reference_update", update), ("reference_model", reference_model)):
-            if value:
-                raise ValueError(f"model.init_args.{name} is set but the loss uses no reference model")
         return NoReference()
-    if precompute and not pairwise:
-        raise ValueError(
-            "model.init_args.precompute_reference needs a pairwise loss: the cache holds one chosen and one "
-            "rejected log-prob per pair (KTO's KL pairs change every batch; unpaired rows, as BCOLoss trains on, "
-            "are not cached); set it to false"
-        )
-    if per_round:
-        check_per_round(adapters=adapters, update=update, precompute=precompute)
-        network = copy.deepcopy(policy) if reference_model is None else SeparateModel(reference_model, policy, tokenizer).network
-        return RoundReference(network, policy)
-    if update is not None:
-        if precompute:
-            raise ValueError("model.init_args: a moving reference (reference_update) cannot be precomputed")
-        if adapters:
-            raise ValueError("model.init_args.reference_update needs full fine-tuning; it cannot move a LoRA reference")
-        network = copy.deepcopy(policy) if reference_model is None else SeparateModel(reference_model, policy, tokenizer).network
-        return MovingReference(network, policy, update)
-    if reference_model is not None:
-        live: ReferenceStrategy = SeparateModel(reference_model, policy, tokenizer)
+
+    def network() -> nn.Module:
+        return copy.deepcopy(policy) if spec.model is None else SeparateModel(spec.model, policy, tokenizer).network
+
+    if spec.reset == "per_round":
+        return RoundReference(network(), policy)
+    if spec.update is not None:
+        return MovingReference(network(), policy, spec.update)
+    if spec.model is not None:
+        live: ReferenceStrategy = SeparateModel(spec.model, policy, tokenizer)
     elif adapters and not separate_with_adapters:
         live = AdaptersDisabled()
     else:
         live = FrozenCopy(policy)
-    return PrecomputedReference(live, cache_dir, reference_id, beyond_shared=reference_tokens) if precompute else live
+    if not spec.precompute:
+        return live
+    return PrecomputedReference(live, spec.cache_dir or reference_cache.DEFAULT_CACHE_DIR, reference_id,
+                                beyond_shared=reference_tokens)

@@ -134,7 +134,7 @@ def reference_identity(reference_id: str) -> str:
     folder = model_folder(spec)
     if folder is None:
         raise ValueError(
-            f"precompute_reference: cannot find the files of {spec['name_or_path']!r} "
+            f"model.init_args.reference.precompute: cannot find the files of {spec['name_or_path']!r} "
             f"(revision {spec.get('revision') or 'main'}) in the local hub cache to key the reference cache by "
             "their content; download the model to a folder and give that folder as name_or_path"
         )

@@ -57,7 +57,7 @@ class SFTModule(AlignmentModule):
     rank 0's share under DDP; ``train_epoch/loss`` and ``val/loss`` are exact token means over
     every rank. Pairs with
     :class:`~dpo_lightning.data.SFTDataModule`; the export is the reference policy of a later
-    preference run (``reference_model`` / ``model.name_or_path``).
+    preference run (``reference.model`` / ``model.name_or_path``).
 
     Args:
         model: hub id / folder, or a config to build.
