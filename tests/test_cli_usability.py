@@ -86,7 +86,7 @@ def test_the_reference_section_prints_readably(tmp_path) -> None:
         "precompute": True, "model": {"name_or_path": "my/sft"}}}}}))
     printed = _printed("--config", str(ROOT / "recipes" / "base.yaml"), "--config", str(overlay))
     section = yaml.safe_load(printed)["model"]["init_args"]["reference"]
-    assert list(section) == ["model", "precompute", "cache_dir", "update", "reset"]
+    assert list(section) == ["model", "precompute", "cache_dir", "update", "reset", "bema"]
     assert section["precompute"] is True and section["model"]["name_or_path"] == "my/sft" and section["update"] is None
     assert "    reference:\n      model:\n        name_or_path: my/sft\n" in printed
 

@@ -1,12 +1,14 @@
 """LightningModules, the reference strategies and the log-prob paths they share."""
 
 from .base import AlignmentModule
+from .bema import BEMAUpdate
 from .logprobs import LogProbSelector, logits_to_completion_logprobs, model_logprobs, token_logprobs
 from .iterative import IterativePreferenceModule
 from .online import OnlinePreferenceModule
 from .preference import PreferenceModule
 from .reference import (
     AdaptersDisabled,
+    BEMAReference,
     FrozenCopy,
     MovingReference,
     NoReference,
@@ -24,6 +26,8 @@ from .sft import SFTModule
 __all__ = [
     "AdaptersDisabled",
     "AlignmentModule",
+    "BEMAReference",
+    "BEMAUpdate",
     "FrozenCopy",
     "IterativePreferenceModule",
     "LogProbSelector",

@@ -37,7 +37,8 @@ class PreferenceModule(AlignmentModule):
     :func:`~.reference.choose_reference`: none for reference-free losses, a frozen copy of the
     initial policy (default), the model at ``reference.model``, the policy with its LoRA
     adapters disabled, a precomputed cache (``reference.precompute``), or a moving reference
-    (``reference.update``). The module never asks which. Log-probs of policy and reference go
+    (``reference.update``: TR-DPO; ``reference.bema``: the bias-corrected EMA of the policy).
+    The module never asks which. Log-probs of policy and reference go
     through one :class:`~.logprobs.LogProbSelector`. What the data must hold is
     :attr:`data_requirements` (the loss's), handed to the data module by ``connect``.
 
@@ -45,7 +46,7 @@ class PreferenceModule(AlignmentModule):
         model: where the policy comes from (hub id / folder, or a config to build).
         loss: the preference loss; default ``DPOLoss(beta=0.1)``.
         reference: the reference's settings (:class:`~.reference.ReferenceSpec`:
-            ``{model, precompute, cache_dir, update, reset}``); ``None``: a frozen copy of the
+            ``{model, precompute, cache_dir, update, reset, bema}``); ``None``: a frozen copy of the
             initial policy (with LoRA: the policy with its adapters off).
         optimizer, scheduler, export_dir, overwrite_export, on_nonfinite: see
             :class:`AlignmentModule` (the policy is what is exported).
@@ -190,8 +191,9 @@ class PreferenceModule(AlignmentModule):
     # -- the reference's hooks ------------------------------------------------------------------
     def reference_spec(self) -> ModelSpec | None:
         """``reference.model``, else the policy's starting point ``model`` (with LoRA, the base
-        without adapters); ``None`` when the loss uses no reference or it moves (TR-DPO)."""
-        if not self.loss.needs_reference or self.reference_settings.update is not None:
+        without adapters); ``None`` when the loss uses no reference or it moves (TR-DPO, BEMA)."""
+        moves = self.reference_settings.update is not None or self.reference_settings.bema is not None
+        if not self.loss.needs_reference or moves:
             return None
         return self.reference_settings.model or self.model_spec
 

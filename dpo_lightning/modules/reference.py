@@ -18,8 +18,9 @@ Strategies: :class:`NoReference` (SimPO, ORPO), :class:`FrozenCopy` (the initial
 default), :class:`SeparateModel` (``reference.model``), :class:`AdaptersDisabled` (LoRA: the
 policy with its adapters switched off), :class:`PrecomputedReference` (one pass before
 training, cached on disk; wraps one of the live strategies), :class:`MovingReference`
-(TR-DPO: soft or hard updates towards the policy) and :class:`RoundReference` (iterative DPO:
-the policy at the start of each round). Adding one is a class here plus a line in
+(TR-DPO: soft or hard updates towards the policy), :class:`BEMAReference` (the bias-corrected
+EMA of the policy's weights) and :class:`RoundReference` (iterative DPO: the policy at the start
+of each round). Adding one is a class here plus a line in
 :func:`choose_reference`.
 
 A recipe's reference settings are one nested section, :class:`ReferenceSpec`
@@ -41,7 +42,8 @@ from torch import Tensor, nn
 from ..fingerprints import tokenizer_fingerprint
 from ..losses import SequenceLogProbs
 from ..models import ModelSpec, freeze, load_causal_lm
-from . import reference_cache
+from . import bema, reference_cache
+from .bema import BEMAUpdate
 
 #: ``compute(network, batch) -> SequenceLogProbs``: the module's log-prob path (:class:`.logprobs.LogProbSelector`)
 LogProbFn = Callable[[nn.Module, Mapping[str, Tensor]], SequenceLogProbs]
@@ -239,6 +241,68 @@ class MovingReference(MovingNetwork):
             ref.lerp_(new.detach().to(ref.dtype), self.update.alpha)
 
 
+class WeightCopies(nn.Module):
+    """One buffer per parameter of a network, holding a copy of it (named as the parameter,
+    ``.`` written ``__``), in the network's dtype: saved in checkpoints with the module."""
+
+    def __init__(self, network: nn.Module, like: nn.Module) -> None:
+        """``network``: whose parameters are copied; ``like``: whose parameters' dtypes they take."""
+        super().__init__()
+        for (name, param), target in zip(network.named_parameters(), like.parameters(), strict=True):
+            self.register_buffer(name.replace(".", "__"), param.detach().to(target.dtype).clone())
+
+    def tensors(self) -> list[Tensor]:
+        """The copies, in the network's parameter order."""
+        return list(self._buffers.values())
+
+
+class BEMAReference(MovingNetwork):
+    """A reference that is the bias-corrected EMA of the policy's weights (BEMA, Block & Zhang
+    2025, arXiv 2508.00180), on TRL's schedule (:mod:`.bema`, :class:`~.bema.BEMAUpdate`).
+
+    State (buffers, saved in checkpoints and restored on resume): ``theta0`` (the weights at
+    ``update_after``), ``ema`` (the running EMA), ``running`` (the last BEMA weights; only when
+    the reference's schedule differs from the BEMA updates', see
+    :meth:`~.bema.BEMAUpdate.needs_running_copy`; otherwise each update writes into the
+    reference itself) and ``steps`` (optimizer steps taken). All start as the initial policy's
+    weights, as TRL's ``on_train_begin`` sets them. Memory: the reference plus two (or three)
+    copies of the policy's weights, on the module's device.
+
+    Every parameter of the policy is averaged (full fine-tuning: all are trained); buffers of
+    the reference are left as they are.
+    """
+
+    kind = "BEMA reference"
+    setting = f"{REFERENCE_KEY}.bema"
+
+    def __init__(self, network: nn.Module, policy: nn.Module, update: BEMAUpdate) -> None:
+        update.validate()
+        super().__init__(network, policy, "the average of the policy's weights is written into it")
+        self.update = update
+        self.theta0 = WeightCopies(policy, like=self.network)
+        self.ema = WeightCopies(policy, like=self.network)
+        self.running = WeightCopies(policy, like=self.network) if update.needs_running_copy() else None
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def after_optimizer_step(self, policy: nn.Module) -> None:
+        """One step of TRL's ``on_step_end`` (BEMA, then the reference update), ``t = steps``."""
+        self.steps += 1
+        step, update = int(self.steps), self.update
+        weights = [p.detach() for p in policy.parameters()]
+        reference = list(self.network.parameters())
+        refresh = update.is_reference_step(step)
+        if update.is_snapshot_step(step):
+            bema.snapshot_(self.theta0.tensors(), self.ema.tensors(), weights)
+        elif update.is_update_step(step):
+            bema.ema_update_(self.ema.tensors(), weights, update.ema_beta(step))
+            out = self.running.tensors() if self.running is not None else reference if refresh else None
+            if out is not None:  # without a running copy, an update off the reference's schedule is not kept
+                bema.bema_weights_(out, self.ema.tensors(), weights, self.theta0.tensors(), update.bias_alpha(step))
+        if refresh and self.running is not None:
+            bema.copy_(reference, self.running.tensors())
+
+
 class RoundReference(MovingNetwork):
     """Iterative DPO's reference: frozen, and set to the policy at the start of each round
     (training epoch) after the first, so each round is a DPO run around the policy that sampled
@@ -363,6 +427,8 @@ class ReferenceSpec:
             reference becomes the policy (:class:`RoundReference`; iterative DPO's rounds);
             ``never``: it does not. ``None``: the module's default (``never``;
             :class:`~.iterative.IterativePreferenceModule`: ``per_round``).
+        bema: the reference is the bias-corrected EMA of the policy's weights
+            (:class:`BEMAReference`, :class:`~.bema.BEMAUpdate`); full fine-tuning only.
     """
 
     model: ModelSpec | None = None
@@ -370,6 +436,7 @@ class ReferenceSpec:
     cache_dir: str | None = None
     update: ReferenceUpdate | None = None
     reset: ReferenceReset | None = None
+    bema: BEMAUpdate | None = None
 
     def check(self, *, needs_reference: bool, pairwise: bool, adapters: bool) -> None:
         """Refuse settings that cannot go together, naming the recipe key; needs no model, so a
@@ -383,7 +450,7 @@ class ReferenceSpec:
         if self.reset not in (None, "never", "per_round"):
             raise ValueError(f"{REFERENCE_KEY}.reset must be never or per_round, got {self.reset!r}")
         if not needs_reference:
-            for name in ("model", "precompute", "update"):
+            for name in ("model", "precompute", "update", "bema"):
                 if getattr(self, name):
                     raise ValueError(f"{REFERENCE_KEY}.{name} is set but the loss uses no reference model")
             if self.reset == "per_round":
@@ -397,7 +464,8 @@ class ReferenceSpec:
             )
         if self.reset == "per_round":
             clash = [name for name, value in (("lora", adapters), ("reference.update", self.update),
-                                              ("reference.precompute", self.precompute)) if value]
+                                              ("reference.bema", self.bema), ("reference.precompute", self.precompute))
+                     if value]
             if clash:
                 raise ValueError(
                     f"{REFERENCE_KEY}.reset: per_round copies the policy into the reference each round, which "
@@ -412,6 +480,20 @@ class ReferenceSpec:
                                  "set precompute: false or remove update")
             if adapters:
                 raise ValueError(f"{REFERENCE_KEY}.update needs full fine-tuning; it cannot move a LoRA reference")
+        if self.bema is not None:
+            self.bema.validate()
+            other = "update" if self.update is not None else "precompute" if self.precompute else None
+            if other is not None:
+                raise ValueError(
+                    f"{REFERENCE_KEY}: bema and {other} are two ways to set the reference; keep one "
+                    f"(a BEMA reference moves every step, so it cannot be precomputed either)"
+                )
+            if adapters:
+                raise ValueError(
+                    f"{REFERENCE_KEY}.bema needs full fine-tuning: it averages every trained weight, and with LoRA "
+                    "the reference is the base model under the adapters, which the averages would overwrite "
+                    "(TRL's PEFT path writes them into the policy's own base weights); remove lora or reference.bema"
+                )
 
 
 #: the flat reference settings of earlier releases -> their field of :class:`ReferenceSpec`
@@ -488,6 +570,8 @@ def choose_reference(
         return RoundReference(network(), policy)
     if spec.update is not None:
         return MovingReference(network(), policy, spec.update)
+    if spec.bema is not None:
+        return BEMAReference(network(), policy, spec.bema)
     if spec.model is not None:
         live: ReferenceStrategy = SeparateModel(spec.model, policy, tokenizer)
     elif adapters and not separate_with_adapters:
