@@ -3,7 +3,7 @@
 from .aot import AOTLoss, AOTUnpairedLoss
 from .apo import APODownLoss, APOZeroLoss, APOZeroUnpairedLoss
 from .bradley_terry import BradleyTerryLoss
-from .base import ComposedLoss, LossNeeds, LossOutput, PreferenceLoss, SequenceLogProbs
+from .base import ComposedLoss, LossNeeds, LossOutput, PreferenceLoss, SequenceLogProbs, global_batch_loss, mean_rows
 from .bco import BCOLoss, BCOPairLoss
 from .cpo import CPOHingeLoss, CPOIPOLoss, CPOLoss
 from .discopop import DiscoPOPLoss
@@ -62,4 +62,6 @@ __all__ = [
     "TPOLoss",
     "WPOWeighted",
     "WithChosenNLL",
+    "global_batch_loss",
+    "mean_rows",
 ]

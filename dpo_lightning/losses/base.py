@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -104,6 +104,12 @@ class LossOutput:
         per_pair: ``(B,)`` the loss of each pair before the batch mean (``loss ==
             per_pair.mean()``), carrying the graph; ``None`` when the loss is not a mean over
             pairs (AOT sorts its pairs, KTO averages rows). Wrappers that weight pairs (WPO) need it.
+        token_part / tokens: the part of ``loss`` (a scalar carrying the graph) that is a mean
+            over the batch's completion tokens, and that token count (a scalar):
+            :class:`~.rpo.ChosenNLLLoss` ``average="tokens"`` sets them, a mixture adds up its
+            components' parts. ``None``: all of ``loss`` is a mean over the batch's rows. Read by
+            :func:`global_batch_loss`, which weighs each part by this process's share of the
+            global batch under DDP.
 
     For unpaired losses (KTO) the "chosen" side is the desirable rows and the "rejected" side
     the undesirable ones; their lengths may differ and reward accuracy is then not defined.
@@ -116,6 +122,61 @@ class LossOutput:
     chosen_logps: Tensor | None = None
     rejected_logps: Tensor | None = None
     per_pair: Tensor | None = None
+    token_part: Tensor | None = None
+    tokens: Tensor | None = None
+
+
+def mean_rows(out: LossOutput, paired: bool) -> Tensor:
+    """How many rows ``out.loss`` is a mean over: the pairs of a paired batch (``(B,)`` chosen
+    rewards), every labelled row of an unpaired one (desirable and undesirable together); a
+    scalar tensor on the rewards' device. The same count :class:`~dpo_lightning.metrics.PreferenceMetrics`
+    weighs a batch's loss by."""
+    rows = out.chosen_rewards.numel() + (0 if paired else out.rejected_rewards.numel())
+    return torch.tensor(float(rows), device=out.chosen_rewards.device)
+
+
+def global_batch_loss(
+    loss: Tensor,
+    rows: Tensor,
+    sum_over_ranks: Callable[[Tensor], Tensor],
+    world_size: int,
+    token_part: Tensor | None = None,
+    tokens: Tensor | None = None,
+) -> Tensor:
+    r"""This process's loss, scaled so that DDP's gradient average is the gradient of the global
+    batch's loss, whatever the rows (or tokens) each process holds.
+
+    DDP averages the gradients of the ``W`` processes with equal weights. When process ``r``'s
+    loss is a mean over its ``n_r`` rows, that average is the mean of per-process means, not the
+    mean over the ``N = sum_r n_r`` rows of the global batch (a process with 3 pairs and one with
+    1 would weigh each of the latter's pairs 3 times as much). Scaling by the process's share::
+
+        L'_r = L_r * n_r / mean_r(n_r)        mean_r(L'_r) = sum_r n_r L_r / N
+
+    gives exactly the global-batch mean. A ``token_part`` (a mean over ``tokens`` completion
+    tokens, e.g. an SFT term) is scaled by the process's share of the global tokens instead, and
+    the rest of ``loss`` by its share of the rows. A process with no rows (``n_r = 0``) gets a
+    zero weight. With ``world_size == 1`` ``loss`` is returned as it is (no collective).
+
+    Args:
+        loss: scalar, this process's batch mean (carrying the graph).
+        rows: scalar count of the rows ``loss`` (less ``token_part``) averages over (:func:`mean_rows`).
+        sum_over_ranks: sums a ``(2,)`` float64 tensor over every process (an ``all_reduce``);
+            every process must call this function once per training batch, or the others wait.
+        world_size: ``W``.
+        token_part / tokens: see :class:`LossOutput`.
+    Returns:
+        the scaled scalar loss, ``loss``'s dtype.
+    """
+    if world_size == 1:
+        return loss
+    zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+    counts = torch.stack([rows.detach().to(zero), zero if tokens is None else tokens.detach().to(zero)])
+    mean = sum_over_ranks(counts) / world_size
+    share = torch.where(mean > 0, counts / mean.clamp(min=torch.finfo(torch.float64).tiny), zero).to(loss.dtype)
+    if token_part is None:
+        return loss * share[0]
+    return (loss - token_part) * share[0] + token_part * share[1]
 
 
 #: Where a loss's arguments sit in a recipe, named in error messages.
@@ -406,7 +467,9 @@ __all__ = [
     "check_divergence",
     "check_range",
     "divergence_scores",
+    "global_batch_loss",
     "implicit_rewards",
+    "mean_rows",
     "policy_rewards",
     "log_ratio_margin",
 ]

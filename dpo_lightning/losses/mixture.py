@@ -59,7 +59,9 @@ class MixtureLoss(ComposedLoss):
 
     What the mixture needs is the union of what its components need: a reference if any
     needs one, per-token log-probs if any asks, every score column. All components must share
-    one batch layout (pairs, or KTO's unpaired rows). ``needs_square_mass`` is not passed on:
+    one batch layout (pairs, or KTO's unpaired rows). The parts of the components that are means
+    over tokens (``LossOutput.token_part``, weighted) make the mixture's ``token_part``, over the
+    first such component's token count (all count the same chosen tokens: ``ChosenNLLLoss``). ``needs_square_mass`` is not passed on:
     ``WPOWeighted(aligned=True)`` goes around the mixture, not inside it. ``per_pair`` is ``sum_i w_i *
     per_pair_i`` when every component gives one, else ``None``.
 
@@ -160,9 +162,15 @@ class MixtureLoss(ComposedLoss):
             for weight, out in zip(self.weights[1:], outputs[1:]):
                 per_pair = per_pair + weight * out.per_pair
         main = outputs[self.reporter]
+        token_part, tokens = None, None
+        for weight, out in zip(self.weights, outputs):  # the components' means over tokens, weighted
+            if out.token_part is not None:
+                token_part = weight * out.token_part if token_part is None else token_part + weight * out.token_part
+                tokens = out.tokens if tokens is None else tokens
         return LossOutput(
             total, main.chosen_rewards, main.rejected_rewards, self.combine_metrics(outputs),
             chosen_logps=main.chosen_logps, rejected_logps=main.rejected_logps, per_pair=per_pair,
+            token_part=token_part, tokens=tokens,
         )
 
 

@@ -48,12 +48,14 @@ class ChosenNLLLoss(PreferenceLoss):
     ) -> LossOutput:
         chosen_means = policy.chosen_means
         if self.average == "tokens":
-            counts = policy.counts[: chosen_means.shape[0]]
-            loss = -policy.chosen.sum() / counts.sum().clamp(min=1).to(policy.sums.dtype)
+            tokens = policy.counts[: chosen_means.shape[0]].sum().clamp(min=1).to(policy.sums.dtype)
+            loss = -policy.chosen.sum() / tokens
             per_pair = loss.expand(chosen_means.shape[0])
-        else:
-            per_pair = -chosen_means
-            loss = per_pair.mean()
+            # a mean over tokens: under DDP weighed by this process's share of the global tokens
+            return LossOutput(loss, chosen_means.detach(), policy.rejected_means.detach(), per_pair=per_pair,
+                              token_part=loss, tokens=tokens.detach())
+        per_pair = -chosen_means
+        loss = per_pair.mean()
         return LossOutput(loss, chosen_means.detach(), policy.rejected_means.detach(), per_pair=per_pair)
 
 

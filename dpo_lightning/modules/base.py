@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
@@ -19,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from ..checkpoints import AtomicCheckpointIO
 from ..contract import DataRequirements
 from ..data.base import TokenizedDataModule
+from ..losses import global_batch_loss
 from ..export import REFERENCE_RECORD, alias_tied_weights, check_export_target, reference_record, save_pretrained_atomic
 from ..fingerprints import (
     CHECKPOINT_KEY, Fingerprinted, check_same_run, loss_fingerprint, optimizer_fingerprint, run_fingerprint,
@@ -53,6 +55,15 @@ def batch_values(
     for name, value in (extra or {}).items():
         values[name] = value.detach().float().mean()
     return values
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every process of the default process group (a copy, all-reduced);
+    ``value`` itself in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,6 +133,7 @@ class AlignmentModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.nonfinite_skipped = 0
         self._rows_since_step: list[int] = []
+        self._batch_counts: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.export_dir = export_dir
@@ -191,6 +203,26 @@ class AlignmentModule(L.LightningModule):
         if its gradient turns out non-finite; read only then: no host sync)."""
         self._rows_since_step.append(row_ids)
 
+    def count_batch(self, rows: torch.Tensor, token_part: torch.Tensor | None = None,
+                    tokens: torch.Tensor | None = None) -> None:
+        """Record what this training batch's loss averages over (``rows``; and the part of it
+        that is a mean over ``tokens``), for :meth:`global_batch_share`. ``step`` calls it in
+        training mode; scalars."""
+        self._batch_counts = (rows, token_part, tokens)
+
+    def global_batch_share(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to run backward on: under DDP this process's batch mean scaled by its share
+        of the global batch's rows (and tokens), so that DDP's gradient average equals one
+        process on the global batch (:func:`~dpo_lightning.losses.base.global_batch_loss`; one
+        ``all_reduce`` of two numbers); ``loss`` unchanged in one process or when the batch was
+        not counted (:meth:`count_batch`)."""
+        counts, self._batch_counts = self._batch_counts, None
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if counts is None or world == 1:
+            return loss
+        rows, token_part, tokens = counts
+        return global_batch_loss(loss, rows, sum_over_ranks, world, token_part=token_part, tokens=tokens)
+
     @property
     def data_requirements(self) -> DataRequirements:
         """The batch layout and extra columns this module trains on."""
@@ -217,7 +249,7 @@ class AlignmentModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size)
         if "rewards/accuracy" in values:
             self.log("acc", values["rewards/accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
-        return loss
+        return self.global_batch_share(loss)
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Lightning's backward under the attention kernels chosen for the loss's device

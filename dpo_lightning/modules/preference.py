@@ -16,7 +16,7 @@ from torch import Tensor
 from ..contract import BatchLayout, DataRequirements
 from ..fingerprints import spec_fingerprint
 from ..lora import LoraSpec, add_adapters, save_merged
-from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs
+from ..losses import DPOLoss, PreferenceLoss, SequenceLogProbs, mean_rows
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
 from .base import AlignmentModule, batch_values
@@ -170,6 +170,8 @@ class PreferenceModule(AlignmentModule):
         policy = self.logprobs(self.policy, batch)
         reference = self.reference.logprobs(self.policy, batch, self.logprobs)
         out = self.loss(policy, reference, batch)
+        if self.training:  # under DDP each process's loss is weighed by its share of the global batch
+            self.count_batch(mean_rows(out, self.loss.pairwise), out.token_part, out.tokens)
         chosen_logps, rejected_logps = out.chosen_logps, out.rejected_logps
         if chosen_logps is None or rejected_logps is None:
             default_chosen, default_rejected = self.logged_logps(policy, batch)

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ..contract import DataRequirements
-from ..losses import BradleyTerryLoss
+from ..losses import BradleyTerryLoss, mean_rows
 from ..metrics import PreferenceMetrics
 from ..models import ModelSpec, load_reward_model, load_tokenizer, set_dropout
 from .base import AlignmentModule, batch_values
@@ -76,5 +76,7 @@ class RewardModule(AlignmentModule):
 
     def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
         out = self.loss(self.rewards(batch), batch)
+        if self.training:  # a mean over pairs: under DDP weighed by this process's share of them
+            self.count_batch(mean_rows(out, paired=True))
         metrics.update(out.loss, out.chosen_rewards, out.rejected_rewards)
         return out.loss, batch_values(out.chosen_rewards, out.rejected_rewards)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -14,17 +13,6 @@ from ..contract import BatchLayout, DataRequirements
 from ..models import ModelSpec, load_causal_lm, load_tokenizer, set_dropout
 from .base import AlignmentModule
 from .logprobs import LogProbMode, LogProbSelector
-
-
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """The mean of the scalar ``value`` over every DDP rank (all-reduced, detached); ``value``
-    itself in one process."""
-    value = value.detach().float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
 
 
 class SFTMetrics(nn.Module):
@@ -50,12 +38,12 @@ class SFTModule(AlignmentModule):
     """Fine-tune a causal LM on prompt / completion rows; prompt and padding are not scored.
 
     ``L = -sum(log pi(y_t | x, y_<t)) / (number of completion tokens in the batch)``. Under DDP
-    the batch is the global one: each rank divides its sum by the mean token count over the
-    ranks, so the gradient DDP averages is the global token mean's, as in one process on the
-    same global batch (not the mean of each rank's token mean). Micro-batches of gradient
-    accumulation are still each divided by their own count. The per-step ``train/loss`` is
-    rank 0's share under DDP; ``train_epoch/loss`` and ``val/loss`` are exact token means over
-    every rank. Pairs with
+    the batch is the global one: each rank's token mean is weighed by its share of the global
+    tokens (:meth:`~.base.AlignmentModule.global_batch_share`), so the gradient DDP averages is
+    the global token mean's, as in one process on the same global batch (not the mean of each
+    rank's token mean). Micro-batches of gradient accumulation are still each divided by their
+    own count. The per-step ``train/loss`` is rank 0's token mean under DDP; ``train_epoch/loss``
+    and ``val/loss`` are exact token means over every rank. Pairs with
     :class:`~dpo_lightning.data.SFTDataModule`; the export is the reference policy of a later
     preference run (``reference.model`` / ``model.name_or_path``).
 
@@ -104,8 +92,8 @@ class SFTModule(AlignmentModule):
         logps = self.logprob_selector(self.policy, batch, strategy)
         tokens = logps.counts.sum().clamp(min=1)
         nll = -logps.sums.sum()
-        metrics.update(nll / tokens, tokens)
-        if not self.training:
-            return nll / tokens, {}
-        # ranks' batches hold different token counts: each divides by the mean count over ranks
-        return nll / mean_over_ranks(tokens).clamp(min=1), {}
+        loss = nll / tokens
+        metrics.update(loss, tokens)
+        if self.training:  # all of it a mean over tokens: under DDP weighed by this process's share of them
+            self.count_batch(torch.zeros((), device=loss.device), token_part=loss, tokens=tokens.detach())
+        return loss, {}
