@@ -145,21 +145,33 @@ class RoundStats:
         return {prefix + k: v for k, v in out.items()}
 
 
-def plan_batches(n_pairs: int, n_batches: int, seed: int) -> list[list[int]]:
-    """``n_batches`` lists of pair indices: a seeded permutation of ``range(n_pairs)`` dealt in
-    contiguous runs whose sizes differ by at most one; with fewer pairs than batches the
-    permutation is repeated so that every batch holds one pair."""
-    if n_pairs < 1 or n_batches < 1:
-        raise ValueError(f"plan_batches needs pairs and batches, got {n_pairs} pairs for {n_batches} batches")
+def plan_batches(n_pairs: int, n_batches: int, seed: int, world_size: int = 1) -> list[list[int]]:
+    """``n_batches * world_size`` lists of pair indices: a seeded permutation of
+    ``range(n_pairs)`` dealt into ``n_batches`` global batches in contiguous runs whose sizes
+    differ by at most one, each global batch then split into ``world_size`` contiguous parts
+    (again differing by at most one): ``out[j * world_size + r]`` is process ``r``'s part of
+    global batch ``j``. The global batches are those of one process (``world_size=1``) for the
+    same ``n_batches``, whatever the world size. With fewer pairs than ``n_batches *
+    world_size`` the permutation is repeated so that every process's batch holds one pair."""
+    if n_pairs < 1 or n_batches < 1 or world_size < 1:
+        raise ValueError(
+            f"plan_batches needs pairs, batches and processes, got {n_pairs} pairs for {n_batches} batches "
+            f"on {world_size} processes"
+        )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_pairs, generator=generator).tolist()
-    if n_pairs < n_batches:
-        order = [order[i % n_pairs] for i in range(n_batches)]
-    size, extra = divmod(len(order), n_batches)
+    if n_pairs < n_batches * world_size:
+        order = [order[i % n_pairs] for i in range(n_batches * world_size)]
+    return [part for batch in deal(order, n_batches) for part in deal(batch, world_size)]
+
+
+def deal(items: list[int], n: int) -> list[list[int]]:
+    """``items`` cut into ``n`` contiguous runs whose sizes differ by at most one (longer first)."""
+    size, extra = divmod(len(items), n)
     out, start = [], 0
-    for i in range(n_batches):
+    for i in range(n):
         end = start + size + (1 if i < extra else 0)
-        out.append(order[start:end])
+        out.append(items[start:end])
         start = end
     return out
 
@@ -469,7 +481,7 @@ class IterativePairsDataModule(PromptDataModule):
                 stacklevel=2,
             )
         seed = generation_seed(self.shuffle_seed, SHUFFLE_STAGE, round_index)
-        batches = plan_batches(len(self.round_rows), steps * world, seed)
+        batches = plan_batches(len(self.round_rows), steps, seed, world)
         return RoundLoader(
             PairRows(self.round_rows), RoundSampler(batches, world, rank), self.collator(), round_index, self.num_workers
         )

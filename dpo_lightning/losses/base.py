@@ -271,6 +271,12 @@ class PreferenceLoss(nn.Module, ABC):
             square_mass=self.needs_square_mass,
         )
 
+    def communicates(self) -> bool:
+        """Whether :meth:`forward` runs a collective (an ``all_reduce``) under DDP, as KTO's KL
+        estimate and BCO's reward shift do: every process must then run the loss on every
+        training batch. Here: whether any loss inside this one does (a mixture's parts)."""
+        return any(m.communicates() for m in self.modules() if m is not self and isinstance(m, PreferenceLoss))
+
     @property
     def data_requirements(self) -> DataRequirements:
         """What this loss needs from the data module (layout and extra columns)."""

@@ -81,6 +81,10 @@ class _RewardShift(PreferenceLoss):
     #: fold each step's batch mean in with the weight of its rows (True) or with weight 1 (False)
     shift_weighted_by_rows: bool = True
 
+    def communicates(self) -> bool:
+        """The running shift's batch means are all-reduced over the processes."""
+        return self.shift is not None
+
     def running_shift(self, rewards: Tensor) -> Tensor:
         """``delta`` for this step, a detached scalar in ``rewards``' dtype: in training mode
         the batch mean of ``rewards`` (``beta * h`` of every row, both classes, all DDP ranks)

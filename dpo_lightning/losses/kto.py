@@ -54,6 +54,10 @@ class KTOLoss(PreferenceLoss):
         self.desirable_weight = check_positive("desirable_weight", desirable_weight)
         self.undesirable_weight = check_positive("undesirable_weight", undesirable_weight)
 
+    def communicates(self) -> bool:
+        """``z_ref`` is all-reduced over the processes."""
+        return True
+
     def forward(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, batch: Mapping[str, Any]
     ) -> LossOutput:

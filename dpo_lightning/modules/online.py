@@ -35,6 +35,7 @@ from ..judges import Judge, PairwiseJudge
 from ..losses import PreferenceLoss
 from ..models import ModelSpec
 from .logprobs import LogProbSelector
+from .base import sum_over_ranks
 from .preference import PreferenceModule
 from .reference import REFERENCE_KEY, refuse_moved_settings
 
@@ -216,7 +217,10 @@ class OnlinePreferenceModule(PreferenceModule):
         if not judged.pairs:
             self.note_rows(batch["row_id"])
             params = [p for p in self.trained_model().parameters() if p.requires_grad]
-            return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device))
+            zero = sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device))
+            # no rows: weight 0 in the global batch, and the same collective as a process with pairs
+            self.count_batch(torch.zeros((), device=self.device))
+            return self.global_batch_share(zero)
         self._pairs_since_step = True
         pad = self.tokenizer.pad_token_id
         pair_batch = build_pair_batch(samples, judged.pairs, judged.scores, batch["row_id"].tolist(), pad)
@@ -224,22 +228,30 @@ class OnlinePreferenceModule(PreferenceModule):
         return super().training_step(pair_batch, batch_idx)
 
     def log_judged(self, judged: JudgedPairs) -> None:
-        """``train/online/*`` of one batch (see the class docstring)."""
-        samples, scores = judged.samples, judged.scores
-        lengths = torch.tensor([len(c) for c in samples.completion_ids], dtype=torch.float32)
+        """``train/online/*`` of one batch (see the class docstring): under DDP of the global
+        batch, every process's samples and pairs (sums and counts all-reduced, one collective
+        that every process runs, then the same values logged by each)."""
+        samples = judged.samples
+        chosen, rejected = judged.pair_scores()
+        totals = sum_over_ranks(torch.tensor([
+            float(judged.scores.double().sum()), float(len(samples.texts)), float(sum(map(len, samples.completion_ids))),
+            float(sum(samples.has_eos)), float(judged.ties), float(len(judged.pairs)), sum(chosen), sum(rejected),
+            float(len(samples.prompts)),
+        ], dtype=torch.float64, device=self.device)).tolist()
+        score_sum, n_samples, length_sum, eos, ties, pairs, chosen_sum, rejected_sum, prompts = totals
         online = {
-            "score_mean": scores.mean(),
-            "completion_length": lengths.mean(),
-            "eos_fraction": torch.tensor(samples.has_eos, dtype=torch.float32).mean(),
-            "tied_pairs": torch.tensor(float(judged.ties)),
-            "pairs": torch.tensor(float(len(judged.pairs))),
+            "score_mean": score_sum / n_samples,
+            "completion_length": length_sum / n_samples,
+            "eos_fraction": eos / n_samples,
+            "tied_pairs": ties,
+            "pairs": pairs,
         }
-        if judged.pairs:
-            chosen, rejected = judged.pair_scores()
-            online["score_chosen"] = torch.tensor(chosen).mean().float()
-            online["score_rejected"] = torch.tensor(rejected).mean().float()
+        if pairs:
+            online["score_chosen"] = chosen_sum / pairs
+            online["score_rejected"] = rejected_sum / pairs
         for name, value in online.items():
-            self.log(f"train/online/{name}", value, batch_size=len(samples.prompts))
+            self.log(f"train/online/{name}", torch.tensor(value, dtype=torch.float32, device=self.device),
+                     batch_size=int(prompts))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
@@ -312,6 +324,12 @@ class OnlinePreferenceModule(PreferenceModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.judge.to(self.device)
+        if self.trainer.world_size > 1 and self.loss.communicates():
+            raise ValueError(
+                f"{MODEL_KEY}.loss: {type(self.loss).__name__} all-reduces inside its forward (BCOPairLoss's "
+                "reward_shift), and under DDP a process whose samples all tied runs no loss in that step, so the "
+                "processes' collectives would not match; set reward_shift: false, or train on one process"
+            )
 
 
 __all__ = [
