@@ -33,10 +33,15 @@ Steps per round are fixed: ``S = ceil(prompts * m / (batch_size * world))`` batc
 process (``m`` the most pairs a prompt can give: 1 for ``best_vs_worst``, ``k (k - 1) / 2`` for
 ``all``), so the learning-rate schedule (``trainer.estimated_stepping_batches`` = rounds x S)
 is known before the first round and is the same on resume. The round's ``P`` pairs are
-shuffled (seed: ``shuffle_seed`` and the round) and dealt into the ``S * world`` batches as
-evenly as possible (sizes differ by at most one, none above ``batch_size``): ties make
-batches smaller, not fewer. When ``P < S * world`` (almost every prompt tied) pairs are
-repeated to give every batch one, with a warning; a round without any pair is an error.
+shuffled (seed: ``shuffle_seed`` and the round) and dealt into ``S`` global batches as evenly
+as possible (sizes differ by at most one), each then split over the ``world`` processes (again
+differing by at most one; none above ``batch_size``): the global batches are those of one
+process with ``batch_size * world`` pairs a batch, whatever the world size, and each process's
+loss is weighed by its share of the global batch's pairs
+(:meth:`~dpo_lightning.modules.base.AlignmentModule.global_batch_share`), so 2 processes take
+the steps of one on the same global batch. Ties make batches smaller, not fewer. When ``P < S *
+world`` (almost every prompt tied) pairs are repeated to give every process's batch one, with a
+warning; a round without any pair is an error.
 
 Resuming. The round's pairs (token ids and scores) are part of the data module's state in
 every checkpoint. A run resumed *at a round boundary* (a checkpoint of the end of an epoch)
@@ -62,7 +67,10 @@ scores were equal), ``round/prompts``, ``round/completion_length`` (tokens, EOS 
 ``<log_dir>/rounds/round_<n>.jsonl`` (``prompt``, ``chosen``, ``rejected``, ``score_chosen``,
 ``score_rejected``; ``data.init_args.train_data`` of an offline run can read it).
 
-Not yet run under DDP on several processes, nor under FSDP or DeepSpeed ZeRO-3 (where
+Under DDP (tested with 2 CPU processes against one process with the same
+``generation_batch_size`` and global batch): every process holds every pair of the round (the
+same round file, the same digest), trains on its part of each global batch, and the run ends
+with one process's weights within float tolerance. Not yet run under FSDP or DeepSpeed ZeRO-3 (where
 ``generate`` needs the full weights).
 """
 

@@ -202,6 +202,10 @@ def test_batches_are_planned_evenly_and_resume_only_within_their_round() -> None
     assert [len(b) for b in batches] == [3, 3, 2, 2] and sorted(i for b in batches for i in b) == list(range(10))
     assert plan_batches(10, 4, seed=0) == batches and plan_batches(10, 4, seed=1) != batches
     assert sorted(len(b) for b in plan_batches(3, 5, seed=0)) == [1] * 5  # repeated to fill every batch
+    # 2 processes: global batch j is one process's batch j, split 2 + 1 / 2 + 2 in order
+    whole, split = plan_batches(7, 2, seed=3), plan_batches(7, 2, seed=3, world_size=2)
+    assert [len(b) for b in split] == [2, 2, 2, 1] and [split[0] + split[1], split[2] + split[3]] == whole
+    assert [len(b) for b in plan_batches(3, 2, seed=0, world_size=2)] == [1] * 4  # a pair for every process
     sampler = RoundSampler(plan_batches(8, 4, seed=0), num_replicas=2, rank=1)
     assert len(sampler) == 2 and list(sampler) == plan_batches(8, 4, seed=0)[1::2]
     rows = PairRows([{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2], "row_id": i,
