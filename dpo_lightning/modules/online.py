@@ -106,8 +106,17 @@ class OnlinePreferenceModule(PreferenceModule):
             ``lora``, ...), passed through; ``reference.precompute`` does not apply (the
             completions change every step).
 
-    Not yet run under FSDP or DeepSpeed ZeRO-3, where ``generate`` needs the full weights
-    gathered.
+    Under DDP (tested with 2 CPU processes): each process samples its own prompts (the
+    distributed sampler splits them) with its own seed (the rank is part of it), and judges its
+    own samples; process ``r``'s samples and pairs are what one process gives for those prompts
+    with that seed. Each process's loss is weighed by its share of the step's pairs
+    (:meth:`~.base.AlignmentModule.global_batch_share`), so the update is one process's on the
+    union of every process's pairs, also when their numbers differ or one process has none (it
+    runs the same collectives with weight 0). The ``train/online/*`` figures are the union's
+    (sums and counts all-reduced); validation's are synced means over every process's samples.
+    A loss that all-reduces inside its forward (``BCOPairLoss(reward_shift=True)``) is refused
+    under DDP: a process without pairs runs no loss. Not yet run under FSDP or DeepSpeed
+    ZeRO-3, where ``generate`` needs the full weights gathered.
     """
 
     validates_implicit_rewards = False  # validation measures the policy's samples (score, KL)
