@@ -15,7 +15,7 @@ from conftest import tiny_spec
 from dpo_lightning.data.collator import PairCollator
 from dpo_lightning.data.sft import CompletionCollator
 from dpo_lightning.losses import (
-    BCOLoss, ChosenNLLLoss, DPOLoss, LossOutput, MixtureLoss, PreferenceLoss, SequenceLogProbs, global_batch_loss,
+    BCOLoss, ChosenNLLLoss, CPOLoss, DPOLoss, LossOutput, MixtureLoss, PreferenceLoss, SequenceLogProbs, global_batch_loss,
     mean_rows,
 )
 from dpo_lightning.modules import PreferenceModule, SFTModule
@@ -90,6 +90,7 @@ LOSSES: dict[str, tuple[Callable[[], PreferenceLoss], bool]] = {
     "chosen nll (token mean)": (lambda: ChosenNLLLoss(average="tokens"), False),
     "dpo + chosen nll (rows and tokens)": (
         lambda: MixtureLoss([DPOLoss(beta=0.5), ChosenNLLLoss(average="tokens")], weights=[1.0, 0.7]), False),
+    "cpo (pair mean and token nll)": (lambda: CPOLoss(beta=0.5, alpha=0.8), False),
 }
 
 
@@ -105,7 +106,7 @@ def test_two_ranks_weighted_equal_the_global_batch(name: str, sizes: tuple[int, 
     assert float(sum(losses).detach() / WORLD) == pytest.approx(float(union.detach()), rel=1e-12)
     plain, _ = rank_losses(make(), theta, sizes, unpaired, weighted=False)
     unweighted = ddp_gradient(plain, theta)
-    if sizes[0] == sizes[1] and name != "dpo + chosen nll (rows and tokens)" and "token" not in name:
+    if sizes[0] == sizes[1] and "token" not in name:
         torch.testing.assert_close(unweighted, expected, rtol=1e-12, atol=1e-14)  # equal rows: the plain mean is right
     else:
         assert (unweighted - expected).abs().max() > 1e-4  # unequal rows or tokens: the plain mean is not

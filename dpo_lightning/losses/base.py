@@ -128,7 +128,8 @@ class LossOutput:
 
 def mean_rows(out: LossOutput, paired: bool) -> Tensor:
     """How many rows ``out.loss`` is a mean over: the pairs of a paired batch (``(B,)`` chosen
-    rewards), every labelled row of an unpaired one (desirable and undesirable together); a
+    rewards; TPO's triples too), every labelled row of an unpaired one (desirable and
+    undesirable together); a
     scalar tensor on the rewards' device. The same count :class:`~dpo_lightning.metrics.PreferenceMetrics`
     weighs a batch's loss by."""
     rows = out.chosen_rewards.numel() + (0 if paired else out.rejected_rewards.numel())

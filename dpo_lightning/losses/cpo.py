@@ -86,7 +86,8 @@ class CPOLoss(PreferenceLoss):
         per_pair = preference + self.alpha * nll_share
         metrics = {"nll": nll_share.mean().detach(), "preference_loss": preference.detach()}
         return LossOutput(
-            per_pair.mean(), (self.beta * scored_w).detach(), (self.beta * scored_l).detach(), metrics, per_pair=per_pair
+            per_pair.mean(), (self.beta * scored_w).detach(), (self.beta * scored_l).detach(), metrics, per_pair=per_pair,
+            token_part=self.alpha * nll_share.mean(), tokens=tokens.detach(),  # the NLL: a mean over chosen tokens
         )
 
 

@@ -80,6 +80,7 @@ class TPOLoss(PreferenceLoss):
         return LossOutput(
             per_pair.mean(), (self.beta * chosen).detach(), (self.beta * rejected).detach(), metrics,
             chosen_logps=policy.sums[:b].detach(), rejected_logps=policy.sums[b : 2 * b].detach(), per_pair=per_pair,
+            token_part=self.alpha * nll_share.mean(), tokens=tokens.detach(),  # the NLL: a mean over gold tokens
         )
 
 

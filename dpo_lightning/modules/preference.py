@@ -171,7 +171,7 @@ class PreferenceModule(AlignmentModule):
         reference = self.reference.logprobs(self.policy, batch, self.logprobs)
         out = self.loss(policy, reference, batch)
         if self.training:  # under DDP each process's loss is weighed by its share of the global batch
-            self.count_batch(mean_rows(out, self.loss.pairwise), out.token_part, out.tokens)
+            self.count_batch(mean_rows(out, self.compares_pairs), out.token_part, out.tokens)
         chosen_logps, rejected_logps = out.chosen_logps, out.rejected_logps
         if chosen_logps is None or rejected_logps is None:
             default_chosen, default_rejected = self.logged_logps(policy, batch)
