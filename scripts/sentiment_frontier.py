@@ -1,5 +1,5 @@
 """The controlled-sentiment experiment in miniature: reward against KL for offline DPO, ODPO and
-IPO, online DPO and iterative DPO, over several seeds.
+IPO, online DPO and iterative DPO, over several seeds, against the KL-optimal policy.
 
     make experiment          # or: .venv/bin/python scripts/sentiment_frontier.py
     .venv/bin/python scripts/sentiment_frontier.py --quick      # a few minutes, for development
@@ -9,44 +9,50 @@ IPO, online DPO and iterative DPO, over several seeds.
    sentiment); recipes/base.yaml + recipes/sft.yaml, seed 0. It is the reference policy and the
    initial policy of every run below, for every seed (the seeds are paired: they vary the
    sampled pairs, the training and the evaluation samples, not the reference).
-2. Pairs (offline methods), per seed: 4 samples per prompt from the SFT model on the 600 prompts
-   of data/sentiment/pair_prompts.jsonl, scored by the ground truth
+2. Pairs (offline methods), per seed: 4 samples per prompt from the SFT model on the 600
+   training prompts of data/sentiment/pair_prompts.jsonl, scored by the ground truth
    (dpo_lightning.experiments.sentiment:score); best vs worst with their scores (for ODPO).
-   Every 10th pair is held out: the offline runs validate on it every 10 steps, which traces
-   the policy's log-probs of held-out chosen and rejected replies (docs/logps.png). Every
-   sample is kept (outputs/frontier/seed<s>/pair_samples.jsonl): the best-of-4 coverage of
-   the pair data, and the SFT model's reward distribution that gives the KL-optimal frontier.
-3. Offline: DPO (recipes/dpo.yaml), ODPO and IPO (base.yaml + odpo.yaml / ipo.yaml), 3 epochs on
-   the seed's pairs at lr 3e-4 (the settings of the first version of this experiment), and DPO
-   at lr 1e-3 (the recipe's own). A control: DPO on only the pairs whose chosen reply is all
-   positive (score 1.0), 5 epochs (about as many steps as 3 epochs on all pairs).
+   The same samples again with Bradley-Terry labels (``--label_temperature 0.25``: the best
+   is chosen with probability sigmoid((s_best - s_worst) / 0.25)), on which DPO at beta has
+   pi* at beta * 0.25 as its exact optimum. Every 10th pair is held out: the offline runs
+   validate on it every 10 steps (docs/logps.png). Every sample is kept
+   (outputs/frontier/seed<s>/pair_samples.jsonl).
+3. Offline: DPO, ODPO and IPO (recipes/dpo.yaml; base.yaml + odpo.yaml / ipo.yaml), 3 epochs
+   on the seed's pairs at lr 3e-4; DPO at lr 1e-3 (the recipe's own); DPO on the
+   Bradley-Terry pairs (its optimum columns in docs/frontier.csv: pi* at beta * tau).
 4. Online DPO: base.yaml + recipes/online_dpo.yaml (OnlinePreferenceModule) from the SFT model:
-   the recipe as shipped (2 samples per prompt, best vs worst, lr 1e-3), and with 4 samples
-   per prompt and every pair of them. Iterative DPO: base.yaml + recipes/iterative_dpo.yaml
+   the recipe as shipped (2 samples per prompt, best vs worst, lr 1e-3, 2 epochs of 600
+   prompts), 4 samples and every pair of them (1 epoch), and 8 samples, every pair, lr 3e-4
+   for 3 epochs (deterministic labels, and Bradley-Terry labels through
+   ``sampling.label_temperature``). Iterative DPO: base.yaml + recipes/iterative_dpo.yaml
    (2 rounds of 4 samples per prompt from the policy of the round's start, the reference reset
-   to it each round), with every pair, at lr 3e-4.
-   Budget convention: every method gets the same number of judged samples, 600 prompts x 4 =
-   2400 (offline: one pass of 4 samples over 600 prompts; online: 2 epochs x 600 prompts x 2
-   samples, or 1 epoch x 600 x 4; iterative: 2 rounds x 300 prompts x 4 samples).
-5. Evaluation, per run: 16 samples on each of the 64 held-out prompts (exact sampling), the mean
-   ground-truth reward and the Monte-Carlo KL(pi || pi_sft) (dpo_lightning.sampling.evaluate_policy),
-   and a breakdown of the samples: the share that is a review template word for word, the share
-   of their sentiment slots holding a negative word. For the seed-0 runs, where the KL goes
-   (scripts/frontier_diagnosis.py): the exact per-position KL summed over positions that
-   emitted a sentiment word, the end of sequence, and the rest.
+   to it each round), with every pair, at lr 3e-4. Judged samples per run: 2400 (offline: 4
+   per prompt; online as shipped and with 4 samples; iterative: 2 rounds x 300 prompts x 4),
+   14400 for the 8-sample online runs (3 epochs x 600 prompts x 8).
+5. Evaluation, per run: 128 samples on each of the 40 held-out prompts (5120 samples; the
+   prompts never occur in the SFT data or the preference prompts), the mean ground-truth
+   reward and the Monte-Carlo KL(pi || pi_sft) (dpo_lightning.sampling.evaluate_policy) with
+   their standard errors (the evaluation's own noise, reported beside the spread of the
+   seeds), and a breakdown of the samples: the share that is a review template word for
+   word, the share of their sentiment slots holding a negative word. The trajectory: every
+   run exports 4 snapshots along its training (dpo_lightning.callbacks.ExportSnapshots),
+   each earlier one evaluated on 16 samples per held-out prompt. For the seed-0 runs, where
+   the KL goes (scripts/frontier_diagnosis.py): the exact per-position KL summed over
+   positions that emitted a sentiment word, the end of sequence, and the rest.
 6. Results: outputs/frontier/runs.csv (a row per run and seed), docs/frontier.csv (mean and
-   standard error across seeds), docs/frontier.png (reward against KL with error bars and the
-   KL-optimal frontier), docs/logps.png + docs/logps.csv (log-probs of chosen and rejected
-   during training), docs/frontier_pairs.csv (the pair data), docs/frontier_kl_split.csv (where
-   the KL goes), docs/frontier_optimal.csv (the KL-optimal frontier),
-   outputs/frontier/timing.json (wall and CPU seconds of every part).
+   standard error across seeds, the mean evaluation standard error, regret and KL
+   efficiency), docs/frontier.png (reward against KL with error bars, trajectories, best-of-n
+   and the KL-optimal frontier), docs/frontier_trajectories.csv, docs/logps.png +
+   docs/logps.csv (log-probs of chosen and rejected during training), docs/frontier_pairs.csv
+   (the pair data), docs/frontier_kl_split.csv (where the KL goes), docs/frontier_optimal.csv,
+   docs/frontier_best_of_n.csv, outputs/frontier/timing.json (wall and CPU seconds of every
+   part).
 7. Reference frontiers (dpo_lightning.experiments.frontiers), from 512 SFT samples for each
-   evaluation prompt: best-of-n from the SFT model with its exact KL (the KL between the
-   distributions of reward levels; log n - (n-1)/n is only a bound when rewards tie),
-   docs/frontier_best_of_n.csv; the per-prompt KL-optimal policy pi* by self-normalised
-   importance weights with its effective sample size, docs/frontier_optimal.csv; each run's
-   regret (pi*'s reward at the run's KL minus its reward) and KL efficiency (pi*'s KL for the
-   run's reward over the run's KL), columns of docs/frontier.csv.
+   held-out prompt: best-of-n from the SFT model with its exact KL (the KL between the
+   distributions of reward levels; log n - (n-1)/n is only a bound when rewards tie); the
+   per-prompt KL-optimal policy pi* by self-normalised importance weights with its effective
+   sample size; each run's regret (pi*'s reward at the run's KL minus its reward) and KL
+   efficiency (pi*'s KL for the run's reward over the run's KL).
 
 Jobs run in ``--jobs`` worker processes (default 2), each with ``--threads`` torch threads
 (default 1: the 0.1M-parameter model gains nothing from more). Iterative DPO joins when
@@ -79,6 +85,7 @@ EVAL_PROMPTS = ROOT / "data" / "sentiment" / "eval_prompts.jsonl"
 ITERATIVE_RECIPE = ROOT / "recipes" / "iterative_dpo.yaml"
 
 PAIR_SAMPLES = 4  # samples per prompt for the offline pairs
+BT_LABEL_TEMPERATURE = 0.25  # the Bradley-Terry pairs: P(best chosen) = sigmoid((s_best - s_worst) / 0.25)
 PROMPTS, QUICK_PROMPTS = 600, 200  # the budget is PROMPTS x PAIR_SAMPLES judged samples per run
 HELD_OUT_EVERY = 10  # every 10th pair is the offline runs' validation set
 VAL_EVERY_STEPS = 10
@@ -90,31 +97,42 @@ DEFAULTS = {
                   "reset": "per_round"},  # iterative_dpo.yaml + base.yaml (reference.reset)
 }
 ALL_PAIRS = {"pairs": "all"}
+# the online recipe that closes most of the gap to pi*: 8 samples, every pair, lr 3e-4 for 3 epochs
+SLOW_ONLINE = {"num_samples": 8, **ALL_PAIRS, "lr": 3e-4, "max_epochs": 3}
+BT = {"label_temperature": BT_LABEL_TEMPERATURE}
 # (series, kind, recipe, loss arguments, settings)
 SWEEP = [
-    *[("DPO", "offline", "dpo", {"beta": b}, {}) for b in (0.05, 0.1, 0.5, 1.0)],
-    *[("ODPO", "offline", "odpo", {"beta": b, "alpha": 1.0}, {}) for b in (0.1, 0.5)],
-    *[("IPO", "offline", "ipo", {"beta": b}, {}) for b in (0.1, 1.0)],
-    *[("DPO, lr 1e-3", "offline", "dpo", {"beta": b}, {"lr": 1e-3}) for b in (1.0, 2.0)],
-    # control: only the pairs whose chosen reply is all positive (score 1), 5 epochs (about the steps of 3 on all)
-    ("DPO, all-positive chosen only", "offline", "dpo", {"beta": 0.5}, {"perfect_chosen": True, "max_epochs": 5}),
-    *[("online DPO", "online", "online_dpo", {"beta": b}, {}) for b in (0.5, 1.0, 2.0)],
-    *[("online DPO, 4 samples, all pairs", "online", "online_dpo", {"beta": b}, {"num_samples": 4, **ALL_PAIRS})
-      for b in (0.5, 1.0, 2.0)],
-    *[("iterative DPO, all pairs", "iterative", "iterative_dpo", {"beta": b}, {"lr": 3e-4, **ALL_PAIRS})
-      for b in (0.5, 1.0, 2.0)],
-]
-QUICK_SWEEP = [
-    ("DPO", "offline", "dpo", {"beta": 0.1}, {}),
-    ("DPO, all-positive chosen only", "offline", "dpo", {"beta": 0.5}, {"perfect_chosen": True, "max_epochs": 5}),
+    *[("DPO", "offline", "dpo", {"beta": b}, {}) for b in (0.1, 0.5, 1.0)],
+    ("ODPO", "offline", "odpo", {"beta": 0.5, "alpha": 1.0}, {}),
+    ("IPO", "offline", "ipo", {"beta": 1.0}, {}),
     ("DPO, lr 1e-3", "offline", "dpo", {"beta": 1.0}, {"lr": 1e-3}),
+    # DPO's theorem at full size: on Bradley-Terry labels at tau its optimum is pi* at beta * tau
+    *[("DPO, Bradley-Terry labels", "offline", "dpo", {"beta": b}, {"bradley_terry_pairs": True}) for b in (0.5, 1.0)],
     ("online DPO", "online", "online_dpo", {"beta": 1.0}, {}),
     ("online DPO, 4 samples, all pairs", "online", "online_dpo", {"beta": 1.0}, {"num_samples": 4, **ALL_PAIRS}),
+    *[("online DPO, 8 samples, all pairs, lr 3e-4, 3 epochs", "online", "online_dpo", {"beta": b}, SLOW_ONLINE)
+      for b in (0.5, 1.0)],
+    ("online DPO, Bradley-Terry labels, 8 samples, lr 3e-4, 3 epochs", "online", "online_dpo", {"beta": 0.5},
+     {**SLOW_ONLINE, **BT}),
     ("iterative DPO, all pairs", "iterative", "iterative_dpo", {"beta": 1.0}, {"lr": 3e-4, **ALL_PAIRS}),
 ]
-EVAL = {"prompts": 64, "samples_per_prompt": 16, "max_new_tokens": 32}  # 1024 samples
-QUICK_EVAL = {"prompts": 32, "samples_per_prompt": 8, "max_new_tokens": 32}
-DIAGNOSIS_SAMPLES = 8  # per held-out prompt, for the KL split (512 samples)
+#: series trained on Bradley-Terry labels: their optimum is pi* at beta * tau (columns optimum_*)
+LABEL_TEMPERATURE = {"DPO, Bradley-Terry labels": BT_LABEL_TEMPERATURE,
+                     "online DPO, Bradley-Terry labels, 8 samples, lr 3e-4, 3 epochs": BT_LABEL_TEMPERATURE}
+QUICK_SWEEP = [
+    ("DPO", "offline", "dpo", {"beta": 0.5}, {}),
+    ("DPO, Bradley-Terry labels", "offline", "dpo", {"beta": 1.0}, {"bradley_terry_pairs": True}),
+    ("online DPO", "online", "online_dpo", {"beta": 1.0}, {}),
+    ("online DPO, 8 samples, all pairs, lr 3e-4, 3 epochs", "online", "online_dpo", {"beta": 1.0},
+     {**SLOW_ONLINE, "max_epochs": 1}),
+    ("iterative DPO, all pairs", "iterative", "iterative_dpo", {"beta": 1.0}, {"lr": 3e-4, **ALL_PAIRS}),
+]
+EVAL = {"prompts": 40, "samples_per_prompt": 128, "max_new_tokens": 32}  # 5120 samples of the 40 held-out prompts
+QUICK_EVAL = {"prompts": 40, "samples_per_prompt": 8, "max_new_tokens": 32}
+SNAPSHOTS = 4  # points on each run's trajectory (ExportSnapshots; the last is the final policy)
+TRAJECTORY_SAMPLES, QUICK_TRAJECTORY_SAMPLES = 16, 4  # per held-out prompt, for each earlier snapshot
+SEEDS, QUICK_SEEDS = 5, 1
+DIAGNOSIS_SAMPLES = 8  # per held-out prompt, for the KL split (320 samples)
 REFERENCE_SAMPLES, QUICK_REFERENCE_SAMPLES = 512, 64  # SFT samples per evaluation prompt, for the reference frontiers
 BEST_OF = (1, 2, 4, 8, 16, 32, 64)
 OPTIMUM_BETAS = [10 ** (1 - i / 20) for i in range(61)]  # 10 down to 0.01
@@ -122,8 +140,11 @@ OPTIMUM_BETAS = [10 ** (1 - i / 20) for i in range(61)]  # 10 down to 0.01
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 STYLE = {  # series: (colour, marker)
     "SFT": ("black", "s"), "DPO": ("tab:blue", "o"), "ODPO": ("tab:orange", "o"), "IPO": ("tab:green", "o"),
-    "DPO, lr 1e-3": ("tab:cyan", "D"), "DPO, all-positive chosen only": ("navy", "X"), "online DPO": ("tab:red", "^"),
-    "online DPO, 4 samples, all pairs": ("tab:pink", "v"), "iterative DPO, all pairs": ("tab:purple", "P"),
+    "DPO, lr 1e-3": ("tab:cyan", "D"), "DPO, Bradley-Terry labels": ("navy", "X"), "online DPO": ("tab:red", "^"),
+    "online DPO, 4 samples, all pairs": ("tab:pink", "v"),
+    "online DPO, 8 samples, all pairs, lr 3e-4, 3 epochs": ("darkred", "*"),
+    "online DPO, Bradley-Terry labels, 8 samples, lr 3e-4, 3 epochs": ("tab:brown", "P"),
+    "iterative DPO, all pairs": ("tab:purple", "P"),
 }
 SERIES = list(STYLE)
 
@@ -220,6 +241,9 @@ def train(job: dict) -> Path:
     policy = out / "policies" / name
     trainer = {"default_root_dir": str(run_dir), "enable_checkpointing": False, "log_every_n_steps": 1,
                "logger": csv_logger(run_dir)}
+    snapshots = lambda steps: [{"class_path": "dpo_lightning.callbacks.ExportSnapshots",  # noqa: E731
+                                "init_args": {"dirpath": str(out / "snapshots" / name),
+                                              "every_n_steps": max(1, math.ceil(steps / SNAPSHOTS))}}]
     model = {
         "model": {"name_or_path": job["sft"]},  # the SFT model is the initial policy and the reference
         "loss": {"init_args": job["loss_args"]},
@@ -227,19 +251,16 @@ def train(job: dict) -> Path:
         "export_dir": str(policy),
     }
     if kind == "offline":  # validation on the held-out pairs at step 0 (sanity check) and every 10 steps
-        train_pairs = job["pairs_train"]
-        if settings.get("perfect_chosen"):
-            lines = [l for l in Path(train_pairs).read_text().splitlines() if l.strip()]
-            train_pairs = str(out / "data" / f"pairs_{name}.jsonl")
-            Path(train_pairs).parent.mkdir(parents=True, exist_ok=True)
-            Path(train_pairs).write_text("".join(l + "\n" for l in lines if json.loads(l)["score_chosen"] >= 1.0))
+        labels = "bt_" if settings.get("bradley_terry_pairs") else ""  # the seed's pairs with Bradley-Terry labels
+        train_pairs, val_pairs = job[f"{labels}pairs_train"], job[f"{labels}pairs_val"]
         batches = math.ceil(sum(1 for l in Path(train_pairs).read_text().splitlines() if l.strip()) / settings["batch_size"])
         cli = fit(out, name, job["recipe"], {
             "seed_everything": seed,
             "trainer": {**trainer, "max_epochs": settings["max_epochs"], "num_sanity_val_steps": -1,
+                        "callbacks": snapshots(batches * settings["max_epochs"]),
                         "val_check_interval": VAL_EVERY_STEPS if batches >= VAL_EVERY_STEPS else 1.0},
             "model": {"init_args": model},
-            "data": {"init_args": {"train_data": train_pairs, "val_data": job["pairs_val"],
+            "data": {"init_args": {"train_data": train_pairs, "val_data": val_pairs,
                                    "batch_size": settings["batch_size"]}},
         })
         history = [{k: (float(v) if not isinstance(v, bool) else v) for k, v in h.items()}
@@ -247,24 +268,30 @@ def train(job: dict) -> Path:
         (run_dir / "validation.json").write_text(json.dumps(history))
     elif kind == "online":  # the budget: epochs x prompts x num_samples
         k = settings["num_samples"]
-        epochs = max(1, job["budget"] // (job["prompts"] * k))
-        prompts = subset(Path(job["prompt_file"]), out / "data" / f"prompts_{name}.jsonl", job["budget"] // (epochs * k))
+        epochs = settings.get("max_epochs") or max(1, job["budget"] // (job["prompts"] * k))
+        n = job["prompts"] if settings.get("max_epochs") else job["budget"] // (epochs * k)
+        prompts = subset(Path(job["prompt_file"]), out / "data" / f"prompts_{name}.jsonl", n)
         fit(out, name, job["recipe"], {
             "seed_everything": seed,
-            "trainer": {**trainer, "max_epochs": epochs, "limit_val_batches": 0, "num_sanity_val_steps": 0},
-            "model": {"init_args": {**model, "sampling": {"num_samples": k, "pairs": settings["pairs"]}}},
+            "trainer": {**trainer, "max_epochs": epochs, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+                        "callbacks": snapshots(epochs * math.ceil(n / settings["batch_size"]))},
+            "model": {"init_args": {**model, "sampling": {"num_samples": k, "pairs": settings["pairs"],
+                                                          "label_temperature": settings.get("label_temperature")}}},
             "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": settings["batch_size"]}},
         })
     elif kind == "iterative":  # the budget: rounds x prompts x num_samples
         rounds, k = settings["rounds"], settings["num_samples"]
-        prompts = subset(Path(job["prompt_file"]), out / "data" / f"prompts_{name}.jsonl", job["budget"] // (rounds * k))
+        n = job["budget"] // (rounds * k)
+        prompts = subset(Path(job["prompt_file"]), out / "data" / f"prompts_{name}.jsonl", n)
+        pairs_per_round = n * (k * (k - 1) // 2 if settings["pairs"] == "all" else 1) * 0.8  # about 20 % tie
         fit(out, name, job["recipe"], {
             "seed_everything": seed,
             "trainer": {**trainer, "max_epochs": rounds, "limit_val_batches": 0, "num_sanity_val_steps": 0,
-                        "callbacks": []},
+                        "callbacks": snapshots(rounds * math.ceil(pairs_per_round / settings["batch_size"]))},
             "model": {"init_args": {**model, "reference": {"reset": settings["reset"]}}},
             "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": settings["batch_size"],
-                                   "sampling": {"num_samples": k, "pairs": settings["pairs"]}}},
+                                   "sampling": {"num_samples": k, "pairs": settings["pairs"],
+                                                "label_temperature": settings.get("label_temperature")}}},
         })
     else:
         raise ValueError(kind)
@@ -290,19 +317,64 @@ def evaluate(job: dict, policy: str) -> dict[str, Any]:
     return result
 
 
+def evaluate_sft(job: dict) -> dict[str, Any]:
+    """The SFT model's own reward on the evaluation's samples (the same prompts, samples per
+    prompt and seed as a run's evaluation) and its sample breakdown; its KL to itself is 0."""
+    import torch
+
+    from dpo_lightning.experiments.sentiment import score
+    from dpo_lightning.sampling import mean_and_stderr, read_prompts, sample
+    from frontier_diagnosis import load
+
+    torch.manual_seed(job["seed"])
+    model, tokenizer = load(job["sft"])
+    rows = []
+    for prompt in read_prompts(job["eval_prompts"]):
+        texts = sample(model, tokenizer, prompt, job["eval"]["samples_per_prompt"], job["eval"]["max_new_tokens"]).texts
+        rows += [{"prompt": prompt, "completion": t, "score": score(t)} for t in texts]
+    reward, reward_se = mean_and_stderr([r["score"] for r in rows])
+    return {"reward": reward, "reward_stderr": reward_se, "kl": 0.0, "kl_stderr": 0.0, "samples": len(rows),
+            **sample_breakdown(rows)}
+
+
+def trajectory(job: dict, final: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's path: ``{"point", "step", "reward", "kl"}`` for each snapshot before the last
+    (``job["trajectory_samples"]`` samples per held-out prompt each), then the final policy's
+    full evaluation; point 0 is the SFT model (reward and KL from the run's own SFT row)."""
+    from dpo_lightning.sampling import evaluate_policy
+
+    folder = Path(job["out"]) / "snapshots" / job["name"]
+    steps = sorted(folder.iterdir()) if folder.exists() else []
+    final_weights = (Path(job["out"]) / "policies" / job["name"] / "model.safetensors").read_bytes()
+    if steps and (steps[-1] / "model.safetensors").read_bytes() == final_weights:
+        steps = steps[:-1]  # the last snapshot is the final policy, evaluated in full below
+    points = []
+    for i, snapshot in enumerate(steps, start=1):
+        result = evaluate_policy(str(snapshot), job["sft"], job["eval_prompts"], samples_per_prompt=job["trajectory_samples"],
+                                 max_new_tokens=job["eval"]["max_new_tokens"], seed=job["seed"])
+        points.append({"point": i, "step": int(snapshot.name.split("-")[1]), "reward": result["reward"], "kl": result["kl"]})
+    points.append({"point": len(points) + 1, "step": "final", "reward": final["reward"], "kl": final["kl"]})
+    return points
+
+
 def sample_pairs_job(job: dict) -> None:
-    """The seed's pairs from the SFT model, every sample kept; every 10th pair held out."""
+    """The seed's pairs from the SFT model, every sample kept; every 10th pair held out. The same
+    samples again (the same seed) with Bradley-Terry labels at ``BT_LABEL_TEMPERATURE``: the
+    pairs on which DPO at beta has pi* at ``beta * BT_LABEL_TEMPERATURE`` as its optimum."""
     import inspect
 
     from dpo_lightning.sampling import sample_pairs
 
-    kwargs = {"samples_per_prompt": PAIR_SAMPLES, "seed": job["seed"]}
-    if "save_samples" in inspect.signature(sample_pairs).parameters:
-        kwargs["save_samples"] = job["pair_samples"]
-    sample_pairs(job["sft"], job["prompt_file"], job["pairs"], **kwargs)
-    lines = [line for line in Path(job["pairs"]).read_text().splitlines() if line.strip()]
-    Path(job["pairs_train"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if i % HELD_OUT_EVERY))
-    Path(job["pairs_val"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if not i % HELD_OUT_EVERY))
+    for prefix, temperature in (("", None), ("bt_", BT_LABEL_TEMPERATURE)):
+        kwargs = {"samples_per_prompt": PAIR_SAMPLES, "seed": job["seed"]}
+        if temperature is not None:
+            kwargs["label_temperature"] = temperature
+        elif "save_samples" in inspect.signature(sample_pairs).parameters:
+            kwargs["save_samples"] = job["pair_samples"]
+        sample_pairs(job["sft"], job["prompt_file"], job[f"{prefix}pairs"], **kwargs)
+        lines = [line for line in Path(job[f"{prefix}pairs"]).read_text().splitlines() if line.strip()]
+        Path(job[f"{prefix}pairs_train"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if i % HELD_OUT_EVERY))
+        Path(job[f"{prefix}pairs_val"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if not i % HELD_OUT_EVERY))
 
 
 def reference_scores_job(job: dict) -> None:
@@ -355,6 +427,10 @@ def add_regret(summary: list[dict[str, Any]], scores: list[list[float]]) -> None
 
     table = torch.tensor(scores, dtype=torch.float64)
     for r in summary:
+        tau = LABEL_TEMPERATURE.get(r["series"])
+        if tau is not None and r["beta"] != "":  # DPO's optimum on these labels: pi* at beta * tau
+            optimum = frontiers.optimum(table, float(r["beta"]) * tau)
+            r.update(optimum_beta=float(r["beta"]) * tau, optimum_reward=optimum["reward"], optimum_kl=optimum["kl"])
         kl = max(float(r["kl"]), 0.0)
         r["regret"] = frontiers.regret(table, kl, r["reward"]) if kl > 0 else ""
         r["kl_efficiency"] = frontiers.kl_efficiency(table, kl, r["reward"]) if kl > 0 else ""
@@ -374,7 +450,7 @@ def run_job(job: dict) -> dict[str, Any]:
     elif job["kind"] == "reference":
         reference_scores_job(job)
     elif job["kind"] == "sft":
-        row.update(evaluate(job, job["sft"]))
+        row.update(evaluate_sft(job))
     elif job["kind"] == "diagnose":
         from frontier_diagnosis import diagnose
 
@@ -383,6 +459,7 @@ def run_job(job: dict) -> dict[str, Any]:
     else:
         policy = train(job)
         row.update(evaluate(job, str(policy)))
+        row["trajectory"] = trajectory(job, row)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
     row.update({"kind": job["kind"], "wall_s": time.perf_counter() - start, "cpu_s": cpu})
@@ -415,10 +492,38 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 agg[key], agg[f"{key}_se"] = "", ""
                 continue
             agg[key], agg[f"{key}_se"] = mean_se(values)
-            if len(values) == 1 and key in ("reward", "kl"):
-                agg[f"{key}_se"] = group[0][f"{key}_stderr"]
+            if key in ("reward", "kl"):  # the evaluation's own noise: a run's standard error, mean over seeds
+                own = [g[f"{key}_stderr"] for g in group if isinstance(g.get(f"{key}_stderr"), float)]
+                agg[f"{key}_eval_se"] = sum(own) / len(own) if own else ""
+                if len(values) == 1:
+                    agg[f"{key}_se"] = group[0][f"{key}_stderr"]
         result.append(agg)
     return result
+
+
+def trajectory_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each run's trajectory as rows (``label, seed, point, step, reward, kl``), and their mean and
+    standard error across seeds per label and point (point 0: the SFT model)."""
+    flat = [{"series": r["series"], "label": r["label"], "seed": r["seed"], **p}
+            for r in rows for p in r.get("trajectory") or []]
+    sft = [r for r in rows if r["series"] == "SFT"]
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for p in flat:
+        groups[(p["label"], p["point"])].append(p)
+    summary = []
+    for label in dict.fromkeys(p["label"] for p in flat):
+        series = next(p["series"] for p in flat if p["label"] == label)
+        if sft:
+            summary.append({"series": series, "label": label, "point": 0, "seeds": len(sft),
+                            "reward": mean_se([r["reward"] for r in sft])[0], "reward_se": "", "kl": 0.0, "kl_se": ""})
+        for (name, point), group in sorted(groups.items(), key=lambda item: item[0][1]):
+            if name != label:
+                continue
+            reward, reward_se = mean_se([g["reward"] for g in group])
+            kl, kl_se = mean_se([g["kl"] for g in group])
+            summary.append({"series": series, "label": label, "point": point, "seeds": len(group), "reward": reward,
+                            "reward_se": reward_se, "kl": kl, "kl_se": kl_se})
+    return flat, summary
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
@@ -485,7 +590,8 @@ def optimal_frontier(scores: list[float]) -> list[dict[str, float]]:
 
 # -- plots ------------------------------------------------------------------------------------------
 def plot_frontier(rows: list[dict[str, Any]], path: Path, optimal: list[dict[str, Any]],
-                  pairs: list[dict[str, Any]], best_of: list[dict[str, Any]] | None = None) -> None:
+                  pairs: list[dict[str, Any]], best_of: list[dict[str, Any]] | None = None,
+                  trajectories: list[dict[str, Any]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,6 +607,10 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, optimal: list[dict[str
         if pairs:
             chosen = sum(p["chosen_mean"] for p in pairs) / len(pairs)
             ax.axhline(chosen, color="tab:blue", ls=":", lw=1, label=f"mean score of the chosen replies ({chosen:.2f})")
+        for label in dict.fromkeys(t["label"] for t in trajectories or []):  # each run's path, mean over seeds
+            path_points = sorted((t for t in trajectories if t["label"] == label), key=lambda t: t["point"])
+            ax.plot([t["kl"] for t in path_points], [t["reward"] for t in path_points], color=STYLE[path_points[0]["series"]][0],
+                    lw=0.6, alpha=0.35, marker=".", ms=2)
         for series in SERIES:
             pts = sorted((r for r in rows if r["series"] == series), key=lambda r: r["kl"])
             if not pts:
@@ -614,7 +724,8 @@ def replot(docs: Path = DOCS) -> None:
     pairs = read_csv(docs / "frontier_pairs.csv") if (docs / "frontier_pairs.csv").exists() else []
     optimal = read_csv(docs / "frontier_optimal.csv") if (docs / "frontier_optimal.csv").exists() else []
     best_of = read_csv(docs / "frontier_best_of_n.csv") if (docs / "frontier_best_of_n.csv").exists() else None
-    plot_frontier(read_csv(docs / "frontier.csv"), docs / "frontier.png", optimal, pairs, best_of)
+    trajectories = read_csv(docs / "frontier_trajectories.csv") if (docs / "frontier_trajectories.csv").exists() else None
+    plot_frontier(read_csv(docs / "frontier.csv"), docs / "frontier.png", optimal, pairs, best_of, trajectories)
     if (docs / "logps.csv").exists():
         plot_logps(read_csv(docs / "logps.csv"), docs / "logps.png")
 
@@ -674,7 +785,7 @@ def reference_only(out: Path) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; --quick: 1)")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per run (default {SEEDS}; --quick: {QUICK_SEEDS})")
     parser.add_argument("--quick", action="store_true", help="development: SFT for 1 epoch, 200 prompts, one run per "
                         "series, 256 evaluation samples, 1 seed; writes only under outputs/frontier_quick")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
@@ -687,7 +798,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "KL efficiency of the runs in docs/frontier.csv; writes only under outputs/frontier_reference")
     args = parser.parse_args(argv)
     if args.seeds is None:
-        args.seeds = 1 if args.quick else 3
+        args.seeds = QUICK_SEEDS if args.quick else SEEDS
     return args
 
 
@@ -723,13 +834,15 @@ def main(argv: list[str] | None = None) -> None:
 
     base = {"out": str(out), "sft": sft, "threads": args.threads, "budget": n_prompts * PAIR_SAMPLES,
             "prompts": n_prompts, "prompt_file": str(prompt_file), "eval": evaluation, "eval_prompts": str(eval_prompts),
+            "trajectory_samples": QUICK_TRAJECTORY_SAMPLES if args.quick else TRAJECTORY_SAMPLES,
             "loss_args": {}, "settings": {}}
     pair_jobs, run_jobs = [], []
     for seed in seeds:
         folder = out / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        pairs = {"pairs": str(folder / "pairs.jsonl"), "pairs_train": str(folder / "pairs_train.jsonl"),
-                 "pairs_val": str(folder / "pairs_val.jsonl"), "pair_samples": str(folder / "pair_samples.jsonl")}
+        pairs = {f"{prefix}{part}": str(folder / f"{prefix}{part}.jsonl") for prefix in ("", "bt_")
+                 for part in ("pairs", "pairs_train", "pairs_val")}
+        pairs["pair_samples"] = str(folder / "pair_samples.jsonl")
         pair_jobs.append({**base, **pairs, "kind": "pairs", "series": "pairs", "label": "pairs",
                           "name": f"pairs_seed{seed}", "seed": seed})
         run_jobs.append({**base, "kind": "sft", "series": "SFT", "label": "SFT", "name": f"SFT_seed{seed}", "seed": seed})
@@ -780,13 +893,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         optimal = optimal_frontier(sft_scores) if sft_scores else []
     curves = training_curves(out, rows)
+    trajectories, trajectory_means = trajectory_rows(rows)
 
     write_csv(out / "runs.csv", rows, ["series", "label", "beta", "alpha", "seed", "reward", "reward_stderr", "kl",
                                        "kl_stderr", "wellformed", "negative_slots", "reward_wellformed", "samples",
                                        "wall_s", "cpu_s"])
-    write_csv(docs / "frontier.csv", summary, ["series", "label", "beta", "alpha", "seeds", "reward", "reward_se", "kl",
-                                               "kl_se", "wellformed", "wellformed_se", "negative_slots",
-                                               "negative_slots_se", "regret", "kl_efficiency"])
+    write_csv(docs / "frontier.csv", summary, ["series", "label", "beta", "alpha", "seeds", "reward", "reward_se",
+                                               "reward_eval_se", "kl", "kl_se", "kl_eval_se", "wellformed",
+                                               "wellformed_se", "negative_slots", "negative_slots_se", "regret",
+                                               "kl_efficiency", "optimum_beta", "optimum_reward", "optimum_kl"])
+    write_csv(out / "trajectories.csv", trajectories, ["series", "label", "seed", "point", "step", "reward", "kl"])
+    write_csv(docs / "frontier_trajectories.csv", trajectory_means,
+              ["series", "label", "point", "seeds", "reward", "reward_se", "kl", "kl_se"])
     write_csv(docs / "frontier_pairs.csv", coverage, ["seed", "pairs", "sft_mean", "best_of_4", "chosen_mean",
                                                       "rejected_mean", "chosen_perfect", "small_gap",
                                                       "rejected_half_positive", "chosen_negative_slots"])
@@ -798,7 +916,7 @@ def main(argv: list[str] | None = None) -> None:
             "series", "label", "beta", "alpha", "samples", "reward", "kl_exact", "kl_sentiment", "kl_eos", "kl_other",
             "kl_sentiment_share", "wellformed", "negative_slots", "length", "eos", "product_reward_min",
             "product_reward_max", "worst_product"])
-    plot_frontier(summary, docs / "frontier.png", optimal, coverage, best_of)
+    plot_frontier(summary, docs / "frontier.png", optimal, coverage, best_of, trajectory_means)
     plot_logps(curves, docs / "logps.png")
 
     total = time.perf_counter() - start
