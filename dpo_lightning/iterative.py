@@ -184,7 +184,7 @@ def deal(items: list[int], n: int) -> list[list[int]]:
     return out
 
 
-class PairRows(Dataset):
+class RoundPairs(Dataset):
     """A round's pair rows; indexed by a list of indices (one batch at a time)."""
 
     def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
@@ -231,7 +231,7 @@ class RoundLoader(DataLoader):
 
     sampler: RoundSampler
 
-    def __init__(self, rows: PairRows, sampler: RoundSampler, collate_fn: Any, round_index: int, num_workers: int = 0) -> None:
+    def __init__(self, rows: RoundPairs, sampler: RoundSampler, collate_fn: Any, round_index: int, num_workers: int = 0) -> None:
         super().__init__(rows, batch_size=None, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
         self.round_index = round_index
         self.handed_out = 0
@@ -491,7 +491,7 @@ class IterativePairsDataModule(PromptDataModule):
         seed = generation_seed(self.shuffle_seed, SHUFFLE_STAGE, round_index)
         batches = plan_batches(len(self.round_rows), steps, seed, world)
         return RoundLoader(
-            PairRows(self.round_rows), RoundSampler(batches, world, rank), self.collator(), round_index, self.num_workers
+            RoundPairs(self.round_rows), RoundSampler(batches, world, rank), self.collator(), round_index, self.num_workers
         )
 
     # -- validation -----------------------------------------------------------------------------------
@@ -513,7 +513,7 @@ class IterativePairsDataModule(PromptDataModule):
         if not self.val_rows:
             warnings.warn("every validation prompt's samples tied: no validation pairs", stacklevel=2)
             return []
-        return DataLoader(PairRows(self.val_rows), batch_size=self.eval_batch_size, shuffle=False,
+        return DataLoader(RoundPairs(self.val_rows), batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=self.collator(), num_workers=self.num_workers)
 
     def ordered_loader(self, split: str) -> DataLoader:
@@ -535,4 +535,4 @@ class IterativePairsDataModule(PromptDataModule):
         self.history = list(state_dict.get("history") or [])
 
 
-__all__ = ["IterativePairsDataModule", "PairRows", "RoundLoader", "RoundSampler", "RoundStats", "plan_batches"]
+__all__ = ["IterativePairsDataModule", "RoundPairs", "RoundLoader", "RoundSampler", "RoundStats", "plan_batches"]

@@ -18,7 +18,7 @@ from dpo_lightning.cli import run
 from dpo_lightning.experiments.sentiment import score as sentiment
 from dpo_lightning.generation import SamplingSpec
 from dpo_lightning.iterative import (
-    TRAIN_STAGE, IterativePairsDataModule, PairRows, RoundLoader, RoundSampler, plan_batches,
+    TRAIN_STAGE, IterativePairsDataModule, RoundPairs, RoundLoader, RoundSampler, plan_batches,
 )
 from dpo_lightning.judges import FunctionJudge
 from dpo_lightning.losses import DPOLoss, IPOLoss, KTOLoss, LossOutput, ODPOLoss, SimPOLoss
@@ -208,7 +208,7 @@ def test_batches_are_planned_evenly_and_resume_only_within_their_round() -> None
     assert [len(b) for b in plan_batches(3, 2, seed=0, world_size=2)] == [1] * 4  # a pair for every process
     sampler = RoundSampler(plan_batches(8, 4, seed=0), num_replicas=2, rank=1)
     assert len(sampler) == 2 and list(sampler) == plan_batches(8, 4, seed=0)[1::2]
-    rows = PairRows([{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2], "row_id": i,
+    rows = RoundPairs([{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2], "row_id": i,
                       "score_chosen": 1.0, "score_rejected": 0.0} for i in range(4)])
     from dpo_lightning.data import PairCollator
 
