@@ -69,7 +69,7 @@ def iterative_recipe(folder: Path, files: dict[str, str], devices: int) -> dict:
                              check_val_every_n_epoch=2)
     recipe["trainer"]["callbacks"] = [{"class_path": "online_ranks.RecordRounds", "init_args": {"folder": str(folder)}}]
     recipe["model"]["class_path"] = "dpo_lightning.modules.IterativePreferenceModule"
-    recipe["model"]["init_args"].update(scheduler=CONSTANT_LR, reference_reset="per_round")
+    recipe["model"]["init_args"].update(scheduler=CONSTANT_LR, reference={"reset": "per_round"})
     recipe["data"] = {"class_path": "dpo_lightning.iterative.IterativePairsDataModule", "init_args": {
         "train_data": files["iterative_train"], "val_data": files["val"], "max_length": 64,
         "batch_size": 4 // devices, "eval_batch_size": 2, "group_by_length": False, "generation_batch_size": 2,
