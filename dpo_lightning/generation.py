@@ -97,9 +97,7 @@ class SamplingSpec:
             raise ValueError(f"{key}.top_k must be an int >= 0 (0 is off), got {self.top_k!r}")
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
             raise ValueError(f"{key}.missing_eos_penalty must be a finite number or null, got {self.missing_eos_penalty}")
-        if self.label_temperature is not None and not (self.label_temperature > 0 and math.isfinite(self.label_temperature)):
-            raise ValueError(f"{key}.label_temperature must be a number > 0 (Bradley-Terry labels) or null (the higher "
-                             f"score always wins), got {self.label_temperature}")
+        check_label_temperature(self.label_temperature, f"{key}.label_temperature")
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         return self
 
@@ -114,6 +112,14 @@ class SamplingSpec:
     def distribution(self) -> dict[str, Any]:
         """``temperature`` / ``top_p`` / ``top_k``, as :func:`sample_completions` takes them."""
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+def check_label_temperature(value: float | None, name: str) -> None:
+    """Refuse a Bradley-Terry label temperature that is not a finite number > 0 (``None`` is off),
+    naming the setting ``name``."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a number > 0 (Bradley-Terry labels) or null (the higher score always "
+                         f"wins), got {value}")
 
 
 def refuse_flat_sampling(kwargs: dict[str, Any], key: str) -> None:
@@ -582,7 +588,7 @@ def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 __all__ = [
     "EXACT", "SCORE_COLUMNS", "JudgedPairs", "PairMode", "SamplingSpec", "Samples", "build_pair_batch",
-    "check_judge", "check_pair_columns", "check_positions", "cut_at_eos", "encode_prompt", "form_pairs",
+    "check_judge", "check_label_temperature", "check_pair_columns", "check_positions", "cut_at_eos", "encode_prompt", "form_pairs",
     "generating_model", "generation_seed", "judge_and_pair", "judge_samples", "left_padded", "pair_row",
     "pair_rows", "pairwise_win_rates", "position_limit", "refuse_flat_sampling", "sample_completions",
     "stop_token_ids", "text_pair_rows", "write_jsonl",

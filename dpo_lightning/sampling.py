@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .data.collator import pad_sequences
 from .data.formats import is_conversation
 from .generation import (
-    EXACT, Samples, SamplingSpec, encode_prompt, generating_model, generation_seed, judge_and_pair, judge_samples, left_padded,
+    EXACT, Samples, SamplingSpec, check_label_temperature, encode_prompt, generating_model, generation_seed, judge_and_pair, judge_samples, left_padded,
     sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
 )
 from .export import read_reference_record
@@ -290,8 +290,7 @@ def sample_pairs(
     rows, ties, saved = [], 0, []
     spec = SamplingSpec(num_samples=samples_per_prompt, pairs="best_vs_worst", max_new_tokens=max_new_tokens,
                         label_temperature=label_temperature)
-    if label_temperature is not None and not (label_temperature > 0 and math.isfinite(label_temperature)):
-        raise ValueError(f"--label_temperature must be a number > 0 (Bradley-Terry labels) or left out, got {label_temperature}")
+    check_label_temperature(label_temperature, "--label_temperature")
     for index, prompt in enumerate(tqdm(read_prompts(prompts), desc="sampling pairs", unit="prompt")):
         s = sample(model, tokenizer, prompt, samples_per_prompt, max_new_tokens, chat_template_kwargs)
         judged = judge_and_pair(scoring, s.as_samples(prompt), spec, generation_seed(seed, index))
