@@ -71,3 +71,12 @@ def test_the_same_seed_draws_the_same_labels_and_another_seed_others() -> None:
     assert any(judge_and_pair(judge, batch, spec, seed=s).pairs != first for s in (12, 13, 14))
     plain = judge_and_pair(judge, batch, SamplingSpec(num_samples=4, pairs="all"), seed=11).pairs
     assert sorted((i, min(c, r), max(c, r)) for i, c, r in first) == sorted((i, min(c, r), max(c, r)) for i, c, r in plain)
+
+
+def test_the_shipped_online_recipe_trains_with_bradley_terry_labels(tmp_path) -> None:
+    from conftest import quick
+    from dpo_lightning.cli import run
+
+    cli = run(quick("online_dpo", tmp_path, "--model.init_args.sampling.label_temperature", "0.25"))
+    assert cli.model.sampling.label_temperature == 0.25
+    assert cli.trainer.global_step == 2 and (tmp_path / "model" / "model.safetensors").exists()
