@@ -3,7 +3,7 @@ IPO, online DPO and iterative DPO, over several seeds, against the KL-optimal po
 
     make experiment          # or: .venv/bin/python scripts/sentiment_frontier.py
     .venv/bin/python scripts/sentiment_frontier.py --quick      # a few minutes, for development
-    .venv/bin/python scripts/sentiment_frontier.py --plot-only  # redraw docs/*.png from docs/*.csv
+    .venv/bin/python scripts/sentiment_frontier.py --plot-only  # redraw docs/*.png and the tables from docs/*.csv
 
 1. SFT: the tiny Llama (data/tiny-llama) learns the review language of data/sentiment (mixed
    sentiment); recipes/base.yaml + recipes/sft.yaml, seed 0. It is the reference policy and the
@@ -45,8 +45,9 @@ IPO, online DPO and iterative DPO, over several seeds, against the KL-optimal po
    and the KL-optimal frontier), docs/frontier_trajectories.csv, docs/logps.png +
    docs/logps.csv (log-probs of chosen and rejected during training), docs/frontier_pairs.csv
    (the pair data), docs/frontier_kl_split.csv (where the KL goes), docs/frontier_optimal.csv,
-   docs/frontier_best_of_n.csv, outputs/frontier/timing.json (wall and CPU seconds of every
-   part).
+   docs/frontier_best_of_n.csv, outputs/frontier/timing.json = docs/frontier_timing.json
+   (wall and CPU seconds of every part); the tables of docs/frontier.md and README.md, written
+   between their marker lines (scripts/frontier_tables.py).
 7. Reference frontiers (dpo_lightning.experiments.frontiers), from 512 SFT samples for each
    held-out prompt: best-of-n from the SFT model with its exact KL (the KL between the
    distributions of reward levels; log n - (n-1)/n is only a bound when rewards tie); the
@@ -76,6 +77,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+import frontier_tables  # scripts/, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "outputs" / "frontier"
@@ -792,7 +795,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--only", default=None, help="a regular expression: only the run labels it matches")
     parser.add_argument("--no-diagnosis", action="store_true", help="skip the KL split of the seed-0 policies")
-    parser.add_argument("--plot-only", action="store_true", help="redraw docs/*.png from docs/*.csv")
+    parser.add_argument("--plot-only", action="store_true", help="redraw docs/*.png and the tables of docs/frontier.md "
+                        "and README.md from docs/*.csv")
     parser.add_argument("--reference-only", action="store_true", help="train the SFT model (or reuse outputs/"
                         "frontier_reference/sft), sample the reference frontiers and print them with the regret and "
                         "KL efficiency of the runs in docs/frontier.csv; writes only under outputs/frontier_reference")
@@ -806,6 +810,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.plot_only:
         replot()
+        frontier_tables.write_tables(DOCS, DOCS / "frontier.md", ROOT / "README.md")
         return
     if args.reference_only:
         reference_only(OUT.with_name("frontier_reference"))
@@ -928,6 +933,11 @@ def main(argv: list[str] | None = None) -> None:
         "quiet_estimate_s": timing["sft"]["cpu_s"] + (cpu - timing["sft"]["cpu_s"]) / max(args.jobs, 1),
     })
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    (docs / "frontier_timing.json").write_text(json.dumps(timing, indent=2))
+    frontier_md, readme = DOCS / "frontier.md", ROOT / "README.md"
+    if args.quick:  # the tables go into copies, the real ones untouched
+        frontier_md, readme = (Path(shutil.copy(f, docs / f.name)) for f in (frontier_md, readme))
+    frontier_tables.write_tables(docs, frontier_md, readme)
     print(f"\nwrote {out / 'runs.csv'} and {docs}/frontier*.csv, logps.csv, frontier.png, logps.png in {total:.0f} s "
           f"({cpu:.0f} CPU seconds in all processes; quiet estimate {timing['quiet_estimate_s']:.0f} s)")
     for c in coverage:
