@@ -34,9 +34,13 @@ from torch import Tensor
 from .data.collator import PairCollator
 from .data.formats import as_assistant_replies
 from .data.tokenization import PairEncoder, TokenizationSettings
+from .decoding import can_decode, decode
 from .judges import Judge, JudgeError, PairwiseJudge, Prompt
 
 PairMode = Literal["best_vs_worst", "all"]
+#: how completions are sampled (see :class:`SamplingSpec`)
+Engine = Literal["auto", "generate"]
+ENGINES = ("auto", "generate")
 #: the batch columns filled from the judge's scores
 SCORE_COLUMNS = ("score_chosen", "score_rejected")
 #: sampling settings that draw from the policy's own distribution (validation's KL estimate, the commands)
@@ -69,6 +73,12 @@ class SamplingSpec:
             as its exact optimum (DPO paper, arXiv 2305.18290, section 5), while always
             preferring the higher score leaves the loss without a finite minimiser. The draws
             come from the step's sampling seed, so a resumed or repeated run draws the same.
+        engine: ``"auto"``: the sampling loop of :mod:`dpo_lightning.decoding` (each prompt's
+            prefill once, finished rows dropped from the batch, its own seeded random stream)
+            for decoder-only models with a KV cache, ``generate`` for the others;
+            ``"generate"``: always transformers' ``generate``. The same distribution, other
+            random draws (so other samples for the same seed). Not part of a run's fingerprint:
+            it changes the draws, not what is sampled from.
     """
 
     num_samples: int = 2
@@ -80,6 +90,7 @@ class SamplingSpec:
     missing_eos_penalty: float | None = None
     seed: int | None = None
     label_temperature: float | None = None
+    engine: Engine = "auto"
 
     def validate(self, key: str) -> SamplingSpec:
         """Refuse unusable settings, naming ``<key>.<field>``; return ``self``."""
@@ -98,6 +109,7 @@ class SamplingSpec:
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
             raise ValueError(f"{key}.missing_eos_penalty must be a finite number or null, got {self.missing_eos_penalty}")
         check_label_temperature(self.label_temperature, f"{key}.label_temperature")
+        check_engine(self.engine, f"{key}.engine")
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         return self
 
@@ -112,6 +124,13 @@ class SamplingSpec:
     def distribution(self) -> dict[str, Any]:
         """``temperature`` / ``top_p`` / ``top_k``, as :func:`sample_completions` takes them."""
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+def check_engine(value: Any, name: str) -> None:
+    """Refuse a sampling engine other than ``auto`` / ``generate``, naming the setting ``name``."""
+    if value not in ENGINES:
+        raise ValueError(f"{name} must be auto (the prefill-once sampling loop, generate for models it cannot serve) "
+                         f"or generate (transformers' generate), got {value!r}")
 
 
 def check_label_temperature(value: float | None, name: str) -> None:
@@ -300,17 +319,23 @@ def sample_completions(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    engine: Engine = "auto",
 ) -> Samples:
     """``num_samples`` completions of each prompt of a ``PROMPTS`` batch from ``policy``.
 
-    ``generate`` with the KV cache and ``do_sample``; ``temperature`` / ``top_p`` / ``top_k`` as
-    given (defaults: exact ancestral sampling) and the other distribution-changing processors a
-    checkpoint's ``generation_config`` may turn on (repetition penalty, typical-p, min-p,
-    no-repeat n-grams) switched off. Runs under ``no_grad`` with every submodule of ``policy``
-    in eval mode (no dropout), each put back in its own mode after. With a ``seed``, inside a
-    forked RNG seeded with it (CPU and, on CUDA, the batch's device), so the caller's random
-    stream is untouched; with ``None``, from the caller's stream (the commands seed it once).
-    Each completion is cut at its first token of ``stop_ids`` (:func:`cut_at_eos`).
+    ``engine="auto"`` (a decoder-only model with a KV cache, :func:`~dpo_lightning.decoding.can_decode`):
+    the sampling loop of :mod:`dpo_lightning.decoding`: each prompt's prefill once, its cache
+    expanded to the ``k`` samples, finished rows dropped from the batch, ``k`` completions drawn
+    from a ``torch.Generator`` seeded with ``seed`` (with ``None``: a seed drawn from the caller's
+    stream, which the commands seed once), so the caller's random stream is untouched.
+    ``engine="generate"`` (and other models): ``generate`` on the prompts repeated ``k`` times,
+    with ``do_sample`` and the KV cache, inside a forked RNG seeded with ``seed`` (CPU and, on
+    CUDA, the batch's device), the processors a checkpoint's ``generation_config`` may turn on
+    (repetition penalty, typical-p, min-p, no-repeat n-grams) switched off. Both draw from the
+    same distribution (temperature / top-k / top-p as given; defaults: exact ancestral
+    sampling) with different random streams. Runs under ``no_grad`` with every submodule of
+    ``policy`` in eval mode (no dropout), each put back in its own mode after. Each completion
+    ends at its first token of ``stop_ids`` (:func:`cut_at_eos`).
 
     Args:
         policy: a causal LM (or a peft model around one).
@@ -321,10 +346,55 @@ def sample_completions(
         seed: the sampling seed, or ``None``.
         max_new_tokens: most tokens per completion.
         stop_ids: tokens that end a completion (the first is the tokenizer's EOS).
+        engine: ``"auto"`` or ``"generate"`` (see :class:`SamplingSpec`).
     """
+    check_engine(engine, "engine")
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     lengths = attention_mask.sum(-1).tolist()
     prompt_ids = [row[row.numel() - n :].tolist() for row, n in zip(input_ids, lengths)]
+    modes = [(m, m.training) for m in policy.modules()]
+    policy.eval()
+    try:
+        if engine == "auto" and can_decode(policy):
+            if seed is None:  # the caller's stream gives the seed (the commands seed it once)
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+            decoded = decode(
+                policy, input_ids, attention_mask, num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                generator=generator, temperature=temperature, top_p=top_p, top_k=top_k,
+            )
+            completions, has_eos = decoded.tokens, decoded.has_eos
+        else:
+            sequences = sample_with_generate(
+                policy, tokenizer, input_ids, attention_mask, num_samples, seed=seed, max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids, temperature=temperature, top_p=top_p, top_k=top_k,
+            )
+            completions, has_eos = cut_at_eos(sequences[:, input_ids.shape[1] :].tolist(), stop_ids)
+    finally:
+        for module, training in modes:  # each submodule as it was (a frozen part may be in eval mode)
+            module.training = training
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    row_ids = batch["row_id"].tolist() if isinstance(batch.get("row_id"), Tensor) else None
+    return Samples(prompt_ids, completions, has_eos, texts, list(batch["prompt"]), num_samples, row_ids)
+
+
+def sample_with_generate(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    num_samples: int,
+    *,
+    seed: int | None,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    temperature: float,
+    top_p: float,
+    top_k: int,
+) -> Tensor:
+    """``(B * k, T + n)`` prompts and sampled tokens from ``policy.generate`` on the prompts
+    repeated ``k`` times (rows after a stop id padded), in a forked RNG seeded with ``seed``
+    (with ``None``: the caller's stream). The caller puts the policy in eval mode."""
     device = input_ids.device
     settings = dict(
         input_ids=input_ids.repeat_interleave(num_samples, 0),
@@ -333,26 +403,16 @@ def sample_completions(
         repetition_penalty=1.0, typical_p=1.0, min_p=0.0, no_repeat_ngram_size=0, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=list(stop_ids),
     )
-    modes = [(m, m.training) for m in policy.modules()]
-    policy.eval()
-    try:
-        if seed is None:
+    if seed is None:
+        out = policy.generate(**settings)
+    else:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
             out = policy.generate(**settings)
-        else:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.default_generator.manual_seed(seed)
-                if device.type == "cuda":
-                    with torch.cuda.device(device):
-                        torch.cuda.manual_seed(seed)
-                out = policy.generate(**settings)
-    finally:
-        for module, training in modes:  # each submodule as it was (a frozen part may be in eval mode)
-            module.training = training
-    sequences = out.sequences if hasattr(out, "sequences") else out
-    completions, has_eos = cut_at_eos(sequences[:, input_ids.shape[1] :].tolist(), stop_ids)
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    row_ids = batch["row_id"].tolist() if isinstance(batch.get("row_id"), Tensor) else None
-    return Samples(prompt_ids, completions, has_eos, texts, list(batch["prompt"]), num_samples, row_ids)
+    return out.sequences if hasattr(out, "sequences") else out
 
 
 # -- judge: the one dispatch ---------------------------------------------------------------------------
@@ -588,8 +648,8 @@ def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 __all__ = [
     "EXACT", "SCORE_COLUMNS", "JudgedPairs", "PairMode", "SamplingSpec", "Samples", "build_pair_batch",
-    "check_judge", "check_label_temperature", "check_pair_columns", "check_positions", "cut_at_eos", "encode_prompt", "form_pairs",
+    "ENGINES", "Engine", "check_engine", "check_judge", "check_label_temperature", "check_pair_columns", "check_positions", "cut_at_eos", "encode_prompt", "form_pairs",
     "generating_model", "generation_seed", "judge_and_pair", "judge_samples", "left_padded", "pair_row",
     "pair_rows", "pairwise_win_rates", "position_limit", "refuse_flat_sampling", "sample_completions",
-    "stop_token_ids", "text_pair_rows", "write_jsonl",
+    "sample_with_generate", "stop_token_ids", "text_pair_rows", "write_jsonl",
 ]

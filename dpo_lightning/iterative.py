@@ -425,7 +425,7 @@ class IterativePairsDataModule(PromptDataModule):
             seed = generation_seed(spec.base_seed(), stage, round_index, g)
             samples = sample_completions(
                 policy, self.tokenizer, batch, spec.num_samples, seed=seed,
-                max_new_tokens=spec.max_new_tokens, stop_ids=stops, **spec.distribution(),
+                max_new_tokens=spec.max_new_tokens, stop_ids=stops, **spec.distribution(), engine=spec.engine,
             )
             judged = judge_and_pair(self.judge, samples, spec, seed)
             rows = pair_rows(samples, judged.pairs, judged.scores, samples.row_ids or [])

@@ -211,6 +211,7 @@ class OnlinePreferenceModule(PreferenceModule):
         return sample_completions(
             self.policy, self.tokenizer, batch, num_samples, seed=seed, max_new_tokens=max_new_tokens,
             stop_ids=stop_token_ids(self.policy, self.tokenizer), **(EXACT if exact else self.sampling.distribution()),
+            engine=self.sampling.engine,
         )
 
     def judge_samples(self, samples: Samples) -> Tensor:

@@ -1,0 +1,211 @@
+"""The sampling loop: ``k`` completions of each of ``B`` left-padded prompts from a causal LM,
+with each prompt's prefill run once and finished rows dropped from the batch.
+
+1. prefill the ``B`` prompts once (``use_cache``, position ids from the attention mask as
+   ``generate`` makes them for left padding, logits of the last position only);
+2. expand the KV cache, the mask and the last logits to ``B * k`` rows
+   (``Cache.batch_repeat_interleave``);
+3. decode: every step, each still-active row draws its next token from the distribution
+   ``generate`` samples from (float32 logits -> ``TemperatureLogitsWarper`` ->
+   ``TopKLogitsWarper`` -> ``TopPLogitsWarper``, in ``generate``'s order -> softmax), and a row
+   that drew a stop id or reached ``max_new_tokens`` leaves the batch
+   (``Cache.batch_select_indices``): a step costs what its active rows cost;
+4. randomness: every step draws one float64 uniform for each of the ``B * k`` ORIGINAL rows from a
+   ``torch.Generator`` seeded with the seed (on the prompts' device), and an active row takes the
+   token where its uniform falls in the cumulative probabilities (inverse CDF). A row's tokens so
+   depend on the seed and its own history only: dropping finished rows or keeping them gives the
+   same tokens, and the caller's global random stream is never touched.
+
+The stream differs from ``generate``'s (``torch.multinomial`` on the global RNG); the
+distribution is the same (tests/test_decoding.py compares the frequencies with the model's exact
+probabilities). :func:`can_decode` says whether a model can be served (a decoder-only model whose
+forward takes an attention mask, position ids and a cache); the caller falls back to
+``generate`` for the others.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+#: the names a model's forward may give its KV cache argument (transformers 5: ``cache``)
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+@dataclass
+class Decoded:
+    """What :func:`decode` sampled for ``N = B * k`` rows (row ``i * k + j``: sample ``j`` of prompt ``i``).
+
+    Attributes:
+        tokens: ``N`` lists: each row's tokens up to and including its first stop id, or
+            ``max_new_tokens`` tokens without one.
+        has_eos: ``N``: whether the row stopped at a stop id.
+        steps: decode steps run (the longest row's length).
+        row_steps: rows of the decode forwards summed over the steps after the first (the
+            work done; ``N * (steps - 1)`` without dropping finished rows).
+    """
+
+    tokens: list[list[int]]
+    has_eos: list[bool]
+    steps: int
+    row_steps: int
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_args(model: torch.nn.Module) -> set[str]:
+    """The parameter names of the (base) model's ``forward``."""
+    return set(inspect.signature(base_model(model).forward).parameters)
+
+
+def cache_arg(model: torch.nn.Module) -> str | None:
+    """The name under which ``model``'s forward takes its KV cache, or ``None``."""
+    names = forward_args(model)
+    return next((name for name in CACHE_ARGS if name in names), None)
+
+
+def can_decode(model: torch.nn.Module) -> bool:
+    """Whether :func:`decode` can serve ``model``: a decoder-only LM whose forward takes
+    ``attention_mask``, ``position_ids`` and a cache (``cache`` or ``past_key_values``)."""
+    config = getattr(base_model(model), "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    names = forward_args(model)
+    return {"attention_mask", "position_ids"} <= names and cache_arg(model) is not None
+
+
+def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """The logits warpers ``generate`` applies for these settings, in its order (temperature,
+    top-k, top-p; each only when it changes the distribution)."""
+    out = LogitsProcessorList()
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        out.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return out
+
+
+def next_token_probs(logits: Tensor, warp: LogitsProcessorList) -> Tensor:
+    """``(N, V)`` float32 probabilities of the next token from ``(N, V)`` last-position logits,
+    as ``generate`` computes them (float32 logits, the warpers, softmax)."""
+    scores = logits.float()
+    if len(warp):
+        scores = warp(None, scores)  # the three warpers never read the input ids
+    return torch.softmax(scores, dim=-1)
+
+
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """``(N,)`` tokens: for each row the first token whose cumulative probability exceeds
+    ``u * total`` (``probs`` ``(N, V)``, ``uniforms`` ``(N,)`` in [0, 1)), in float64. A token of
+    probability 0 is never taken (its cumulative value equals its predecessor's)."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    num_samples: int,
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    drop_finished: bool = True,
+) -> Decoded:
+    """Sample ``num_samples`` completions of each prompt (see the module docstring).
+
+    The caller puts the model in eval mode. Args:
+        model: a decoder-only causal LM (or a peft model around one) that :func:`can_decode`.
+        input_ids: ``(B, T)`` left-padded prompts. attention_mask: ``(B, T)``, 0 on padding.
+        num_samples: ``k``; row ``i * k + j`` is sample ``j`` of prompt ``i``.
+        max_new_tokens: most tokens per row. stop_ids: tokens that end a row (kept in it).
+        generator: the random stream, on ``input_ids``' device; ``B * k`` float64 uniforms
+            are drawn from it every step.
+        temperature / top_p / top_k: ``generate``'s warpers (1.0 / 1.0 / 0: off).
+        drop_finished: ``False`` keeps finished rows in the batch (feeding them their last
+            token) instead of selecting them out of the cache: the same tokens, more work (a
+            check of the row dropping).
+    Raises:
+        TypeError: the model's forward returned no transformers ``Cache``.
+    """
+    device = input_ids.device
+    batch, k = input_ids.shape[0], num_samples
+    rows = batch * k
+    name = cache_arg(model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_args(model) else {}
+    warp = warpers(temperature, top_k, top_p)
+    stops = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=input_ids.dtype, device=device)
+
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # as generate: left padding shifts the positions
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    cache = getattr(out, "cache", None) if name == "cache" else getattr(out, "past_key_values", None)
+    if not isinstance(cache, Cache):
+        raise TypeError(f"{type(base_model(model)).__name__}'s forward returned no transformers Cache; sample with generate")
+    probs = next_token_probs(out.logits[:, -1], warp).repeat_interleave(k, 0)  # (B*k, V): the prompt's, k times
+    del out
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+    mask = mask.repeat_interleave(k, 0)
+    next_position = mask.sum(-1, keepdim=True)  # (B*k, 1): one past each prompt's last token
+
+    active = torch.arange(rows, device=device)  # original row of each batch row
+    live = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows still sampling (no dropping)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    has_eos = [False] * rows
+    steps = row_steps = 0
+    for step in range(max_new_tokens):
+        uniforms = torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
+        picked = inverse_cdf(probs, uniforms[active])  # (n,)
+        stopped = torch.isin(picked, stops)
+        steps += 1
+        for row, token, stop, alive in zip(active.tolist(), picked.tolist(), stopped.tolist(), live.tolist()):
+            if alive:
+                tokens[row].append(token)
+                has_eos[row] = stop
+        finished = stopped | ~live
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        if drop_finished:
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                active, picked, mask, next_position = active[keep], picked[keep], mask[keep], next_position[keep]
+                live = live[keep]
+        else:
+            live = live & ~stopped
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        row_steps += mask.shape[0]
+        out = model(input_ids=picked.unsqueeze(-1), attention_mask=mask, position_ids=next_position,
+                    use_cache=True, **{name: cache})
+        returned = getattr(out, name, None)
+        cache = returned if returned is not None else cache
+        probs = next_token_probs(out.logits[:, -1], warp)
+        next_position = next_position + 1
+    return Decoded(tokens, has_eos, steps, row_steps)
+
+
+__all__ = ["CACHE_ARGS", "Decoded", "base_model", "can_decode", "decode", "inverse_cdf", "next_token_probs", "warpers"]
