@@ -104,8 +104,8 @@ def pair_data(tmp_path: Path) -> PreferenceDataModule:
 
 def online(judge=None, **kwargs) -> OnlinePreferenceModule:
     kwargs.setdefault("optimizer", adamw)
-    return OnlinePreferenceModule(model=tiny_spec(), judge=judge or FunctionJudge(SENTIMENT),
-                                  sampling=SamplingSpec(max_new_tokens=4), **kwargs)
+    kwargs.setdefault("sampling", SamplingSpec(max_new_tokens=4))
+    return OnlinePreferenceModule(model=tiny_spec(), judge=judge or FunctionJudge(SENTIMENT), **kwargs)
 
 
 # -- the stored record is what it was ------------------------------------------------------------------
@@ -121,7 +121,9 @@ def test_offline_dpo_record_is_the_old_one(tmp_path) -> None:
 
 def test_online_record_with_its_judge_is_the_old_one(tmp_path) -> None:
     L.seed_everything(0)
-    module = online(FunctionJudge(SENTIMENT))
+    # 4 samples per prompt: the sentiment judge gives random text's samples equal scores often,
+    # and a step without one pair fails the run (sampling is not part of the record)
+    module = online(FunctionJudge(SENTIMENT), sampling=SamplingSpec(num_samples=4, max_new_tokens=4))
     datamodule = PromptDataModule(train_data=list(PROMPTS), max_length=64, batch_size=4)
     saved = fit_and_save(module, datamodule, tmp_path / "online.ckpt")
     assert list(saved) == BASE_KEYS + ["judge", "train_data"] + OPTIMIZER_KEYS
