@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from dpo_lightning.decoding import can_decode, decode, inverse_cdf, next_token_probs, warpers
+from dpo_lightning.decoding import can_decode, decode, inverse_cdf
 from dpo_lightning.generation import SamplingSpec, sample_completions, sample_with_generate
 from dpo_lightning.lora import LoraSpec, add_adapters
 
@@ -134,21 +134,30 @@ SETTINGS = [
 ]
 
 
+def generate_probs(model, prompts: list[list[int]], settings: dict) -> torch.Tensor:
+    """``(n, V)`` float64: the next-token distribution ``generate`` samples from after each
+    (equal-length) prompt: its processed scores (``output_scores``) through softmax."""
+    ids = torch.tensor(prompts)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=1,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=0, **settings)
+    return torch.softmax(out.scores[0].double(), dim=-1)
+
+
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_frequencies_match_the_exact_warped_probabilities(settings) -> None:
     """4000 samples of 2 tokens (2000 of each of two prompts of different lengths) over an
     8-token vocabulary, token 0 a stop id: every first token and every (first, second) pair
-    within 5 standard errors of its exact probability (HF's warpers on a full forward), and no
+    within 5 standard errors of its exact probability (what ``generate`` samples from: its
+    processed scores for the prompt, and for the prompt and each first token), and no
     sample of a pair whose exact probability is 0 (a token top-k / top-p removes)."""
     vocab, k = 8, 2000
     model = tiny_lm(vocab=vocab, seed=1, scale=0.3)
     prompts = [[3, 4, 5], [6, 7]]
     result = run(model, k=k, n=2, stops=(0,), prompts=prompts, seed=2024, **settings)
-    warp = warpers(settings["temperature"], settings["top_k"], settings["top_p"])
     worst_z, checked_zero = 0.0, 0
     for i, prompt in enumerate(prompts):
-        first = next_token_probs(model(torch.tensor([prompt])).logits[:, -1], warp)[0].double()
-        second = next_token_probs(model(torch.tensor([prompt + [a] for a in range(vocab)])).logits[:, -1], warp).double()
+        first = generate_probs(model, [prompt], settings)[0]
+        second = generate_probs(model, [prompt + [a] for a in range(vocab)], settings)
         exact = {(a,): first[a].item() for a in range(vocab)}
         pair = {(a, b): first[a].item() * second[a, b].item() for a in range(1, vocab) for b in range(vocab)}
         samples = [tuple(t) for t in result.tokens[i * k : (i + 1) * k]]
