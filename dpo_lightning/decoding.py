@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -78,14 +78,28 @@ def cache_arg(model: torch.nn.Module) -> str | None:
     return next((name for name in CACHE_ARGS if name in names), None)
 
 
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    """An empty ``DynamicCache`` laid out for ``model``'s layers (full, sliding-window, ...), as
+    ``generate`` makes one."""
+    return DynamicCache(config=base_model(model).config)
+
+
 def can_decode(model: torch.nn.Module) -> bool:
     """Whether :func:`decode` can serve ``model``: a decoder-only LM whose forward takes
-    ``attention_mask``, ``position_ids`` and a cache (``cache`` or ``past_key_values``)."""
+    ``attention_mask``, ``position_ids`` and a cache (``cache`` or ``past_key_values``), and
+    whose cache layers can be repeated and selected along the batch
+    (``batch_repeat_interleave`` / ``batch_select_indices``: not linear-attention layers)."""
     config = getattr(base_model(model), "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
     names = forward_args(model)
-    return {"attention_mask", "position_ids"} <= names and cache_arg(model) is not None
+    if not ({"attention_mask", "position_ids"} <= names and cache_arg(model) is not None):
+        return False
+    try:
+        layers = new_cache(model).layers
+    except Exception:  # a config transformers cannot lay a cache out for: leave it to generate
+        return False
+    return all(hasattr(layer, "batch_repeat_interleave") and hasattr(layer, "batch_select_indices") for layer in layers)
 
 
 def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
@@ -161,10 +175,15 @@ def decode(
 
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # as generate: left padding shifts the positions
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    cache = getattr(out, "cache", None) if name == "cache" else getattr(out, "past_key_values", None)
-    if not isinstance(cache, Cache):
-        raise TypeError(f"{type(base_model(model)).__name__}'s forward returned no transformers Cache; sample with generate")
+    cache = new_cache(model)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache}, **extra)
+    returned = getattr(out, name, None)
+    cache = returned if returned is not None else cache
+    if not isinstance(cache, Cache) or cache.get_seq_length() != input_ids.shape[1]:
+        raise TypeError(
+            f"{type(base_model(model)).__name__}'s forward kept no transformers Cache of the prompts; sample it with "
+            "sampling.engine: generate"
+        )
     probs = next_token_probs(out.logits[:, -1], warp).repeat_interleave(k, 0)  # (B*k, V): the prompt's, k times
     del out
     if k > 1:
@@ -208,4 +227,6 @@ def decode(
     return Decoded(tokens, has_eos, steps, row_steps)
 
 
-__all__ = ["CACHE_ARGS", "Decoded", "base_model", "can_decode", "decode", "inverse_cdf", "next_token_probs", "warpers"]
+__all__ = [
+    "CACHE_ARGS", "Decoded", "base_model", "can_decode", "decode", "inverse_cdf", "new_cache", "next_token_probs", "warpers",
+]

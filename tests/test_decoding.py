@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from dpo_lightning.decoding import can_decode, decode, inverse_cdf
+from dpo_lightning import generation
 from dpo_lightning.generation import SamplingSpec, sample_completions, sample_with_generate
 from dpo_lightning.lora import LoraSpec, add_adapters
 
@@ -226,7 +227,7 @@ def test_a_peft_model_samples_through_its_adapters() -> None:
 
 
 # -- the engine ------------------------------------------------------------------------------------------
-def test_engine_generate_is_the_generate_path_and_a_model_without_cache_falls_back(tokenizer) -> None:
+def test_engine_generate_is_the_generate_path_and_a_model_the_loop_cannot_serve_falls_back(tokenizer, monkeypatch) -> None:
     model = tiny_lm()
     ids, mask = padded(PROMPTS)
     batch = {"input_ids": ids, "attention_mask": mask, "prompt": ["a", "b", "c"]}
@@ -241,6 +242,9 @@ def test_engine_generate_is_the_generate_path_and_a_model_without_cache_falls_ba
                                             top_k=0, **kwargs), direct)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
     assert can_decode(model) and not can_decode(t5)
+    # auto, on a model the loop cannot serve: the generate path, draws included
+    monkeypatch.setattr(generation, "can_decode", lambda policy: False)
+    assert sample_completions(model, tokenizer, batch, 2, seed=9, **kwargs).completion_ids == old.completion_ids
 
 
 def test_an_unknown_engine_is_refused_naming_the_key(tokenizer) -> None:

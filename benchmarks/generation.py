@@ -1,0 +1,174 @@
+"""Sampling speed: ``sample_completions`` through transformers' ``generate`` (``engine:
+generate``, the path before the sampling loop) against the loop of ``dpo_lightning.decoding``
+(``engine: auto``), and ``generate`` with a static cache compiled by ``torch.compile``.
+
+    .venv/bin/python benchmarks/generation.py                                  # both settings
+    .venv/bin/python benchmarks/generation.py --settings sentiment --policy outputs/sft/model
+    .venv/bin/python benchmarks/generation.py --engines generate auto static-compile --repeats 2
+
+Settings:
+
+* ``sentiment``: the online recipe's policy (``--policy``: default the shipped tiny Llama,
+  ``data/tiny-llama``, 2 layers, hidden 64, vocab 512; the sentiment experiment samples from its
+  SFT export, ``recipes/sft.yaml``, whose completions end at an EOS after ~18 tokens), prompts of
+  ``data/sentiment/pair_prompts.jsonl``, 16 prompts a batch, k = 8, ``max_new_tokens`` 32.
+* ``small``: ``throughput.py``'s small Llama (vocab 2,000, 4 layers, hidden 256, random
+  weights: its completions rarely stop early), prompts of 32-96 random words, 8 prompts a
+  batch, k = 2, ``max_new_tokens`` 64.
+
+One thread (``torch.set_num_threads(1)``), fp32, exact sampling (temperature 1). Each engine
+samples the same ``--batches`` batches (seeds 0, 1, ...) once per repeat, engines interleaved
+within a repeat; the table gives the median over repeats of the wall time and of the process's
+CPU time (``time.process_time``: what this process used, whatever else the machine ran), the
+prompts and sampled tokens per second of each (tokens: the completions' lengths, which differ
+between engines as the samples do). ``static-compile``'s first repeat (compilation included) is
+reported on its own line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpo_lightning.generation import cut_at_eos, encode_prompt, left_padded, sample_completions, stop_token_ids  # noqa: E402
+
+
+def load_throughput():
+    """benchmarks/throughput.py as a module (its small setting's model and random-word prompts)."""
+    spec = importlib.util.spec_from_file_location("throughput", Path(__file__).with_name("throughput.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Workload:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    batches: list[dict]
+    num_samples: int
+    max_new_tokens: int
+
+
+def batches_of(tokenizer, prompts: list[str], batch_size: int, count: int) -> list[dict]:
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    out = []
+    for b in range(count):
+        chunk = [(i + b * batch_size) % len(prompts) for i in range(batch_size)]
+        padded = left_padded([ids[i] for i in chunk], tokenizer.pad_token_id)
+        out.append({**padded, "prompt": [prompts[i] for i in chunk]})
+    return out
+
+
+def sentiment(policy: str, count: int) -> Workload:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy if (Path(policy) / "tokenizer.json").exists() else ROOT / "data" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    rows = [json.loads(line)["prompt"] for line in (ROOT / "data" / "sentiment" / "pair_prompts.jsonl").read_text().splitlines()]
+    return Workload("sentiment", model, tokenizer, batches_of(tokenizer, rows, 16, count), 8, 32)
+
+
+def small(count: int) -> Workload:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    throughput = load_throughput()
+    folder = Path(tempfile.mkdtemp(prefix="generation-bench-"))
+    setting = throughput.SETTINGS["small"]
+    throughput.make_inputs(folder, setting, 8 * count)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+    rows = [json.loads(line)["prompt"] for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    return Workload("small", model, tokenizer, batches_of(tokenizer, rows, 8, count), 2, 64)
+
+
+def run_engine(work: Workload, engine: str) -> tuple[float, float, int, int]:
+    """``(wall s, CPU s, prompts, sampled tokens)`` of sampling every batch once."""
+    stops = stop_token_ids(work.model, work.tokenizer)
+    prompts = tokens = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    for seed, batch in enumerate(work.batches):
+        if engine == "static-compile":
+            tokens += static_compile(work, batch, seed, stops)
+        else:
+            out = sample_completions(work.model, work.tokenizer, batch, work.num_samples, seed=seed,
+                                     max_new_tokens=work.max_new_tokens, stop_ids=stops, engine=engine)
+            tokens += sum(map(len, out.completion_ids))
+        prompts += len(batch["prompt"])
+    return time.perf_counter() - wall, time.process_time() - cpu, prompts, tokens
+
+
+def static_compile(work: Workload, batch: dict, seed: int, stops: list[int]) -> int:
+    """``generate`` with a static cache and its forward compiled (transformers' auto-compile,
+    enabled on the CPU); returns the sampled tokens (up to each row's first stop id)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch.manual_seed(seed)
+    k = work.num_samples
+    config = CompileConfig(dynamic=False, mode="default")
+    config._compile_all_devices = True
+    out = work.model.generate(
+        input_ids=batch["input_ids"].repeat_interleave(k, 0), attention_mask=batch["attention_mask"].repeat_interleave(k, 0),
+        do_sample=True, max_new_tokens=work.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        pad_token_id=work.tokenizer.pad_token_id, eos_token_id=stops, cache_implementation="static", compile_config=config,
+    )
+    completions, _ = cut_at_eos(out[:, batch["input_ids"].shape[1] :].tolist(), stops)
+    return sum(map(len, completions))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", default=["sentiment", "small"], choices=["sentiment", "small"])
+    parser.add_argument("--policy", default=str(ROOT / "data" / "tiny-llama"), help="sentiment: the policy folder")
+    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "static-compile"])
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.settings:
+        work = sentiment(args.policy, args.batches) if name == "sentiment" else small(args.batches)
+        params = sum(p.numel() for p in work.model.parameters())
+        print(f"\n{name}: {type(work.model).__name__} {params / 1e6:.2f}M parameters, vocab {work.model.config.vocab_size}, "
+              f"{args.batches} batches of {len(work.batches[0]['prompt'])} prompts, k={work.num_samples}, "
+              f"max_new_tokens={work.max_new_tokens}, {args.threads} thread(s), {args.repeats} interleaved repeats")
+        results: dict[str, list[tuple[float, float, int, int]]] = {e: [] for e in args.engines}
+        first: dict[str, tuple[float, float, int, int]] = {}
+        for repeat in range(args.repeats):
+            for engine in args.engines:
+                result = run_engine(work, engine)
+                if engine == "static-compile" and repeat == 0:
+                    first[engine] = result
+                    continue
+                results[engine].append(result)
+        rows = [(e, r) for e, r in results.items() if r] + [(f"{e} (1st, compiling)", [r]) for e, r in first.items()]
+        base_wall = statistics.median(r[0] for r in results["generate"]) if results.get("generate") else None
+        base_cpu = statistics.median(r[1] for r in results["generate"]) if results.get("generate") else None
+        print(f"{'engine':28} {'wall s':>8} {'CPU s':>8} {'prompts/s':>10} {'tokens/s':>9} {'prompts/CPU-s':>14} "
+              f"{'tokens/CPU-s':>13} {'tokens':>7} {'x wall':>7} {'x CPU':>6}")
+        for engine, runs in rows:
+            wall = statistics.median(r[0] for r in runs)
+            cpu = statistics.median(r[1] for r in runs)
+            prompts, tokens = runs[0][2], statistics.median(r[3] for r in runs)
+            vs_wall = f"{base_wall / wall:.2f}" if base_wall else "-"
+            vs_cpu = f"{base_cpu / cpu:.2f}" if base_cpu else "-"
+            print(f"{engine:28} {wall:8.2f} {cpu:8.2f} {prompts / wall:10.1f} {tokens / wall:9.0f} {prompts / cpu:14.1f} "
+                  f"{tokens / cpu:13.0f} {tokens:7.0f} {vs_wall:>7} {vs_cpu:>6}")
+
+
+if __name__ == "__main__":
+    main()
