@@ -18,9 +18,10 @@ resumable), which is what a data module serves; the module's training step stays
 one. The data module reaches the policy through ``trainer.lightning_module.trained_model()``
 (any module that trains a causal LM) and the tokenizer it was given by ``connect``.
 
-Sampling. :func:`~dpo_lightning.generation.sample_completions` (``generate`` with the KV
-cache under ``no_grad`` and eval mode, modes restored after, in a forked RNG: the run's random
-stream is untouched), the settings below, each completion cut at its first EOS and kept as
+Sampling. :func:`~dpo_lightning.generation.sample_completions` (the prefill-once loop of
+:mod:`dpo_lightning.decoding`, or ``generate`` with ``sampling.engine: generate``, with the KV
+cache under ``no_grad`` and eval mode, modes restored after, in a random stream of its own: the
+run's random stream is untouched), the settings below, each completion cut at its first EOS and kept as
 sampled when it has none (``missing_eos_penalty`` lowers its score instead). Prompts are cut
 into generation batches of ``generation_batch_size`` (by length when ``group_by_length``, else
 in row order); batch ``g`` of round ``r`` is sampled with seed

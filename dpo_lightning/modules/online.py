@@ -5,8 +5,9 @@ Each training step, for a batch of ``B`` prompts (the ``PROMPTS`` layout of
 :class:`~dpo_lightning.data.PromptDataModule`):
 
 1. sample ``k = sampling.num_samples`` completions per prompt from the current policy
-   (:meth:`OnlinePreferenceModule.sample`: ``generate`` with the KV cache, in eval mode, under
-   ``no_grad``, seeded from the run's seed and the step);
+   (:meth:`OnlinePreferenceModule.sample`: the sampling loop of :mod:`dpo_lightning.decoding`,
+   or ``generate``, with the KV cache, in eval mode, under ``no_grad``, seeded from the run's
+   seed and the step);
 2. cut each at its first EOS and score it with the judge; 3. form preference pairs from the
    scores; 4. lay them out as a ``PAIRS`` batch, the judge's scores as ``score_chosen`` /
    ``score_rejected``: the generation pipeline of :mod:`dpo_lightning.generation`;
@@ -55,17 +56,18 @@ class OnlinePreferenceModule(PreferenceModule):
     strategies, LoRA, log-prob paths, export, checkpoints, non-finite guard) is
     :class:`PreferenceModule`'s.
 
-    Sampling. ``generate`` with the KV cache, ``do_sample``, the ``temperature`` / ``top_p`` /
-    ``top_k`` below (repetition penalty, typical-p and min-p are switched off, whatever the
-    checkpoint's ``generation_config`` says), under ``no_grad`` with the policy in eval mode
+    Sampling. :func:`~dpo_lightning.generation.sample_completions` (``sampling.engine``: the
+    prefill-once loop of :mod:`dpo_lightning.decoding`, or ``generate``) with the KV cache, the
+    ``temperature`` / ``top_p`` / ``top_k`` below (repetition penalty, typical-p and min-p are
+    off, whatever the checkpoint's ``generation_config`` says), under ``no_grad`` with the policy in eval mode
     (no dropout), its mode restored after. Each completion ends at its first EOS (the
     tokenizer's, or any of the ``generation_config``'s). A completion that reaches
     ``max_new_tokens`` without one is kept as sampled, without an EOS appended: its log-prob is
     that of the tokens the policy produced (appending one would train on a token it never
     sampled and teach it to stop at the cut); ``missing_eos_penalty`` lowers its score instead,
     as TRL does. Generation is seeded from ``sampling.seed`` (default: the Lightning seed,
-    ``seed_everything``), the stage, the global step, the batch index and the rank, inside a
-    forked RNG: the same seed gives the same samples, a resumed run samples what the
+    ``seed_everything``), the stage, the global step, the batch index and the rank, in a random
+    stream of its own: the same seed gives the same samples, a resumed run samples what the
     uninterrupted one did, and the rest of the run's random stream is untouched.
 
     Pairs. ``"best_vs_worst"`` (default): per prompt, the best against the worst sample.
