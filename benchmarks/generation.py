@@ -1,10 +1,11 @@
 """Sampling speed: ``sample_completions`` through transformers' ``generate`` (``engine:
 generate``, the path before the sampling loop) against the loop of ``dpo_lightning.decoding``
-(``engine: auto``), and ``generate`` with a static cache compiled by ``torch.compile``.
+(``engine: auto``), and ``generate`` with a static cache (``static``), compiled by
+``torch.compile`` (``static-compile``).
 
     .venv/bin/python benchmarks/generation.py                                  # both settings
     .venv/bin/python benchmarks/generation.py --settings sentiment --policy outputs/sft/model
-    .venv/bin/python benchmarks/generation.py --engines generate auto static-compile --repeats 2
+    .venv/bin/python benchmarks/generation.py --settings small --engines generate auto static static-compile
 
 Settings:
 
@@ -102,8 +103,8 @@ def run_engine(work: Workload, engine: str) -> tuple[float, float, int, int]:
     prompts = tokens = 0
     wall, cpu = time.perf_counter(), time.process_time()
     for seed, batch in enumerate(work.batches):
-        if engine == "static-compile":
-            tokens += static_compile(work, batch, seed, stops)
+        if engine in ("static", "static-compile"):
+            tokens += static_generate(work, batch, seed, stops, compile=engine == "static-compile")
         else:
             out = sample_completions(work.model, work.tokenizer, batch, work.num_samples, seed=seed,
                                      max_new_tokens=work.max_new_tokens, stop_ids=stops, engine=engine)
@@ -112,15 +113,18 @@ def run_engine(work: Workload, engine: str) -> tuple[float, float, int, int]:
     return time.perf_counter() - wall, time.process_time() - cpu, prompts, tokens
 
 
-def static_compile(work: Workload, batch: dict, seed: int, stops: list[int]) -> int:
-    """``generate`` with a static cache and its forward compiled (transformers' auto-compile,
-    enabled on the CPU); returns the sampled tokens (up to each row's first stop id)."""
+def static_generate(work: Workload, batch: dict, seed: int, stops: list[int], compile: bool) -> int:
+    """``generate`` with a static cache, with its forward compiled (transformers' auto-compile,
+    enabled on the CPU) when ``compile``; returns the sampled tokens (up to each row's first
+    stop id)."""
     from transformers.generation.configuration_utils import CompileConfig
 
     torch.manual_seed(seed)
     k = work.num_samples
-    config = CompileConfig(dynamic=False, mode="default")
-    config._compile_all_devices = True
+    config = None
+    if compile:
+        config = CompileConfig(dynamic=False, mode="default")
+        config._compile_all_devices = True
     out = work.model.generate(
         input_ids=batch["input_ids"].repeat_interleave(k, 0), attention_mask=batch["attention_mask"].repeat_interleave(k, 0),
         do_sample=True, max_new_tokens=work.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
@@ -134,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["sentiment", "small"], choices=["sentiment", "small"])
     parser.add_argument("--policy", default=str(ROOT / "data" / "tiny-llama"), help="sentiment: the policy folder")
-    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "static-compile"])
+    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "static", "static-compile"])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
