@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.collator import PairCollator
+from .data.collator import PairCollator, pad_sequences
 from .data.formats import as_assistant_replies
 from .data.tokenization import PairEncoder, TokenizationSettings
 from .decoding import can_decode, decode
@@ -619,6 +619,43 @@ def build_pair_batch(
     return PairCollator(pad_token_id, columns=SCORE_COLUMNS)(pair_rows(samples, pairs, scores, row_ids))
 
 
+def sample_pair_batch(
+    samples: Samples,
+    pairs: Sequence[tuple[int, int, int]],
+    scores: Tensor,
+    row_ids: Sequence[int],
+    pad_token_id: int,
+) -> dict[str, Tensor]:
+    """The pairs as a batch of their distinct samples, each sample's sequence once however many
+    pairs it is in (``pairs: all`` puts each of ``k`` samples in up to ``k - 1`` pairs):
+
+    * ``input_ids``, ``attention_mask``, ``completion_mask`` ``(S, T)``: prompt + completion of
+      each of the ``S`` distinct samples the pairs use (:func:`~dpo_lightning.data.collator.pad_sequences`),
+      in the order they first appear (chosen sides first);
+    * ``pair_sample`` ``(2P,)`` long: the sample row of each pair's chosen side (first ``P``)
+      and rejected side (last ``P``), the order of :class:`~dpo_lightning.losses.SequenceLogProbs`
+      for a ``PAIRS`` batch;
+    * ``row_id`` ``(P,)``, ``score_chosen`` / ``score_rejected`` ``(P,)`` float32, as
+      :func:`build_pair_batch`.
+
+    Args: as :func:`build_pair_batch`.
+    """
+    k = samples.num_samples
+    order: dict[int, int] = {}  # flat sample index -> row in the batch
+    sides = [i * k + c for i, c, _ in pairs] + [i * k + r for i, _, r in pairs]
+    for flat in sides:
+        order.setdefault(flat, len(order))
+    used = list(order)
+    batch = pad_sequences([samples.prompt_ids[flat // k] for flat in used],
+                          [samples.completion_ids[flat] for flat in used], pad_token_id)
+    batch["pair_sample"] = torch.tensor([order[flat] for flat in sides], dtype=torch.long)
+    flat_scores = scores.detach().double().cpu()
+    batch["row_id"] = torch.tensor([int(row_ids[i]) for i, _, _ in pairs], dtype=torch.long)
+    batch["score_chosen"] = flat_scores[[i * k + c for i, c, _ in pairs]].float()
+    batch["score_rejected"] = flat_scores[[i * k + r for i, _, r in pairs]].float()
+    return batch
+
+
 def pair_row(prompt: Prompt, chosen: str, rejected: str, score_chosen: float, score_rejected: float) -> dict[str, Any]:
     """One preference row in the data modules' format; after a conversational prompt the
     completions are written as one assistant message each."""
@@ -650,6 +687,6 @@ __all__ = [
     "EXACT", "SCORE_COLUMNS", "JudgedPairs", "PairMode", "SamplingSpec", "Samples", "build_pair_batch",
     "ENGINES", "Engine", "check_engine", "check_judge", "check_label_temperature", "check_pair_columns", "check_positions", "cut_at_eos", "encode_prompt", "form_pairs",
     "generating_model", "generation_seed", "judge_and_pair", "judge_samples", "left_padded", "pair_row",
-    "pair_rows", "pairwise_win_rates", "position_limit", "refuse_flat_sampling", "sample_completions",
+    "pair_rows", "pairwise_win_rates", "position_limit", "refuse_flat_sampling", "sample_completions", "sample_pair_batch",
     "sample_with_generate", "stop_token_ids", "text_pair_rows", "write_jsonl",
 ]

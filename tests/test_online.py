@@ -339,17 +339,23 @@ def test_settings_are_checked_before_loading_the_model() -> None:
         module.sample(next(iter(dm.ordered_loader("train"))), 2, seed=0)
 
 
-def test_online_odpo_reads_the_judges_scores() -> None:
+@pytest.mark.parametrize("samples_once", [False, True], ids=["pair-layout", "samples-layout"])
+def test_online_odpo_reads_the_judges_scores(samples_once: bool) -> None:
     loss = RecordingODPO(beta=0.1, alpha=1.0, offset_fn="identity")
-    module = online_module(FunctionJudge("test_online:with_prompt"), loss=loss, num_samples=3, pairs="all")
+    module = online_module(FunctionJudge("test_online:with_prompt"), loss=loss, num_samples=3, pairs="all",
+                           samples_once=samples_once)
     fit = trainer(1)
     fit.fit(module, prompt_data(module))
     seen = loss.seen
     n = seen["row_id"].numel()
-    assert n >= 1 and seen["input_ids"].shape[0] == 2 * n
+    assert n >= 1 and (seen["pair_sample"].numel() if samples_once else seen["input_ids"].shape[0]) == 2 * n
+    # the pair layout: chosen rows [0, n), rejected [n, 2n); the samples layout: each side's sample row
+    side_rows = seen["pair_sample"].tolist() if samples_once else list(range(2 * n))
+    if samples_once:
+        assert seen["input_ids"].shape[0] < 2 * n  # 3 samples in up to 3 pairs: fewer sequences than pair sides
     assert (seen["score_chosen"] > seen["score_rejected"]).all()
     tokenizer = module.tokenizer
-    for side, rows in (("score_chosen", range(n)), ("score_rejected", range(n, 2 * n))):
+    for side, rows in (("score_chosen", side_rows[:n]), ("score_rejected", side_rows[n:])):
         texts = [tokenizer.decode(seen["input_ids"][r][seen["completion_mask"][r].bool()], skip_special_tokens=True)
                  for r in rows]
         prompts = [PROMPTS[i]["prompt"] for i in seen["row_id"].tolist()]

@@ -30,10 +30,10 @@ from ..data.collator import pad_sequences
 from ..generation import (
     EXACT, SCORE_COLUMNS, JudgedPairs, SamplingSpec, Samples, build_pair_batch, check_judge, check_pair_columns,
     check_positions, cut_at_eos, form_pairs, generation_seed, judge_and_pair, judge_samples, pairwise_win_rates,
-    position_limit, refuse_flat_sampling, sample_completions, stop_token_ids,
+    position_limit, refuse_flat_sampling, sample_completions, sample_pair_batch, stop_token_ids,
 )
 from ..judges import Judge, PairwiseJudge
-from ..losses import PreferenceLoss
+from ..losses import PreferenceLoss, SequenceLogProbs
 from ..models import ModelSpec
 from .logprobs import LogProbSelector
 from .base import sum_over_ranks
@@ -43,6 +43,14 @@ from .reference import REFERENCE_KEY, refuse_moved_settings
 MODEL_KEY = "model.init_args"
 #: the old name of :class:`~dpo_lightning.generation.Samples`
 OnlineSamples = Samples
+
+
+def take_rows(logprobs: SequenceLogProbs, index: Tensor) -> SequenceLogProbs:
+    """The rows ``index`` ``(M,)`` of per-sequence log-probs (sums, counts and, when computed,
+    square mass; per-token values are not carried): ``(S,)`` samples -> ``(M,)`` pair sides."""
+    mass = logprobs.square_mass
+    return SequenceLogProbs(logprobs.sums[index], logprobs.counts[index],
+                            square_mass=None if mass is None else mass[index])
 
 
 class OnlinePreferenceModule(PreferenceModule):
@@ -104,6 +112,15 @@ class OnlinePreferenceModule(PreferenceModule):
             as OAIF and TRL; ``pairs``, ``max_new_tokens``, ``temperature``, ``top_p``,
             ``top_k``, ``missing_eos_penalty``, ``seed``).
         share_prompt: as :class:`PreferenceModule`, default ``False`` here.
+        samples_once: run each sample's sequence once in the training pass, however many pairs
+            it is in, and give each pair its samples' log-probs (``sampling.pairs: all`` puts
+            each of ``k`` samples in ``k - 1`` pairs: ``k`` sequences instead of ``k (k - 1)``).
+            The loss is the pair layout's (tested to 1e-10 in float64) and so are its gradients
+            (to float32 rounding: Llama's RMSNorm computes in float32 even in a float64 model).
+            ``"auto"`` (default): per step, whichever of the two layouts runs fewer tokens
+            (the pair layout counted with ``share_prompt``'s single prompt where it is on);
+            ``True`` / ``False``: always / never. Not with a loss that reads per-token
+            log-probs (LD-DPO), whose values depend on the pair.
         kwargs: :class:`PreferenceModule`'s other arguments (``reference``, ``optimizer``,
             ``lora``, ...), passed through; ``reference.precompute`` does not apply (the
             completions change every step).
@@ -130,9 +147,12 @@ class OnlinePreferenceModule(PreferenceModule):
         loss: PreferenceLoss | None = None,
         sampling: SamplingSpec | None = None,
         share_prompt: bool | Literal["auto"] = False,
+        samples_once: bool | Literal["auto"] = "auto",
         **kwargs: Any,
     ) -> None:
         refuse_flat_sampling(kwargs, MODEL_KEY)
+        if samples_once not in (True, False, "auto"):
+            raise ValueError(f"{MODEL_KEY}.samples_once must be true, false or auto, got {samples_once!r}")
         refuse_moved_settings(kwargs)
         sampling = self.check_settings(judge, loss, sampling or SamplingSpec())
         reference = kwargs.get("reference")
@@ -146,6 +166,12 @@ class OnlinePreferenceModule(PreferenceModule):
         self.save_hyperparameters(ignore=["judge", "loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.judge = judge
         self.sampling = sampling
+        if samples_once is True and (self.loss.needs_token_logprobs or self.loss.needs_reference_tokens):
+            raise ValueError(
+                f"{MODEL_KEY}.samples_once: {type(self.loss).__name__} reads per-token log-probs, which are laid out "
+                "per pair; set samples_once to auto or false"
+            )
+        self.samples_once = samples_once
         self.skipped_steps = 0
         self._pairs_since_step = False
         # validation: per-sample means, synced across processes
@@ -235,9 +261,46 @@ class OnlinePreferenceModule(PreferenceModule):
             return self.global_batch_share(zero)
         self._pairs_since_step = True
         pad = self.tokenizer.pad_token_id
-        pair_batch = build_pair_batch(samples, judged.pairs, judged.scores, batch["row_id"].tolist(), pad)
+        layout = sample_pair_batch if self.runs_samples_once(samples, judged.pairs) else build_pair_batch
+        pair_batch = layout(samples, judged.pairs, judged.scores, batch["row_id"].tolist(), pad)
         pair_batch = {name: value.to(self.device) for name, value in pair_batch.items()}
         return super().training_step(pair_batch, batch_idx)
+
+    def runs_samples_once(self, samples: Samples, pairs: list[tuple[int, int, int]]) -> bool:
+        """Whether this step's pairs train in the samples layout (:func:`sample_pair_batch`, each
+        sample's sequence once) rather than as pairs (``samples_once``; ``"auto"``: the layout
+        of fewer tokens, never for a loss that reads per-token log-probs)."""
+        if self.samples_once != "auto":
+            return bool(self.samples_once)
+        if self.loss.needs_token_logprobs or self.loss.needs_reference_tokens:
+            return False
+        k = samples.num_samples
+        prompt = [len(p) for p in samples.prompt_ids]
+        completion = [len(c) for c in samples.completion_ids]
+        shared = self.logprob_selector.share_prompt is True or (
+            self.logprob_selector.share_prompt == "auto" and self.device.type == "cpu")
+        as_pairs = sum((1 if shared else 2) * prompt[i] + completion[i * k + c] + completion[i * k + r]
+                       for i, c, r in pairs)
+        used = {i * k + j for i, c, r in pairs for j in (c, r)}
+        return sum(prompt[flat // k] + completion[flat] for flat in used) < as_pairs
+
+    def pair_logprobs(self, batch: dict[str, Tensor]) -> tuple[SequenceLogProbs, SequenceLogProbs | None]:
+        """A pair batch's log-probs as :class:`PreferenceModule` computes them; for the samples
+        layout (``pair_sample`` in ``batch``), each distinct sample's once (policy and
+        reference), then each pair's chosen and rejected taken from them (``(2P,)``)."""
+        if "pair_sample" not in batch:
+            return super().pair_logprobs(batch)
+        trainer = self.attached_trainer
+        strategy = trainer.strategy if trainer is not None else None
+
+        def compute(model: torch.nn.Module, rows: dict[str, Tensor]) -> SequenceLogProbs:
+            return self.sequence_logprobs(model, rows, strategy,
+                                          with_square_mass=self.loss.needs_square_mass and model is self.policy)
+
+        index = batch["pair_sample"]
+        policy = compute(self.policy, batch)
+        reference = self.reference.logprobs(self.policy, batch, compute)
+        return take_rows(policy, index), None if reference is None else take_rows(reference, index)
 
     def log_judged(self, judged: JudgedPairs) -> None:
         """``train/online/*`` of one batch (see the class docstring): under DDP of the global

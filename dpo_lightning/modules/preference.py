@@ -166,9 +166,14 @@ class PreferenceModule(AlignmentModule):
             return {"rewards/accuracy": "val/reward_accuracy"}
         return {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}
 
-    def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
+    def pair_logprobs(self, batch: dict[str, Tensor]) -> tuple[SequenceLogProbs, SequenceLogProbs | None]:
+        """The policy's and the reference's log-probs of ``batch``'s rows (``(2B,)`` for pairs),
+        what the loss reads; the reference's is ``None`` for a reference-free loss."""
         policy = self.logprobs(self.policy, batch)
-        reference = self.reference.logprobs(self.policy, batch, self.logprobs)
+        return policy, self.reference.logprobs(self.policy, batch, self.logprobs)
+
+    def step(self, batch: dict[str, Tensor], metrics: PreferenceMetrics) -> tuple[Tensor, dict[str, Tensor]]:
+        policy, reference = self.pair_logprobs(batch)
         out = self.loss(policy, reference, batch)
         if self.training:  # under DDP each process's loss is weighed by its share of the global batch
             self.count_batch(mean_rows(out, self.compares_pairs), out.token_part, out.tokens)

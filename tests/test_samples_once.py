@@ -1,0 +1,130 @@
+"""Online training's samples layout (``samples_once``): each sampled sequence runs once however
+many pairs it is in, and each pair takes its samples' log-probs. The loss and the gradients must
+be the pair layout's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_spec
+from dpo_lightning.generation import Samples, SamplingSpec, build_pair_batch, judge_and_pair, sample_pair_batch
+from dpo_lightning.judges import FunctionJudge
+from dpo_lightning.losses import DPOLoss, LengthDesensitized, ODPOLoss, SimPOLoss
+from dpo_lightning.modules.online import OnlinePreferenceModule
+from test_online import PROMPTS, SENTIMENT, prompt_data, trainer
+
+PAD = 0
+
+
+def hand_samples() -> Samples:
+    """2 prompts x 3 samples of known tokens."""
+    prompts = [[5, 6], [7, 8, 9]]
+    completions = [[10], [11, 12], [13, 2], [14, 15, 16], [17], [18, 2]]
+    return Samples(prompts, completions, [False, False, True, False, False, True], ["a"] * 6, ["p", "q"], 3)
+
+
+def test_sample_pair_batch_holds_each_used_sample_once_and_indexes_the_pairs() -> None:
+    samples = hand_samples()
+    pairs = [(0, 0, 1), (0, 0, 2), (0, 1, 2), (1, 2, 0)]
+    scores = torch.arange(6.0)
+    batch = sample_pair_batch(samples, pairs, scores, [40, 41], PAD)
+    # sample rows in first use, chosen sides first: 0, 1, 5 (prompt 1's sample 2), then 2, 3
+    used = [0, 1, 5, 2, 3]
+    assert batch["input_ids"].shape[0] == 5
+    for row, flat in enumerate(used):
+        tokens = samples.prompt_ids[flat // 3] + samples.completion_ids[flat]
+        assert batch["input_ids"][row, : len(tokens)].tolist() == tokens
+        assert batch["attention_mask"][row].sum().item() == len(tokens)
+        assert batch["completion_mask"][row].nonzero().flatten().tolist() == list(
+            range(len(samples.prompt_ids[flat // 3]), len(tokens)))
+    chosen, rejected = [0, 0, 1, 5], [1, 2, 2, 3]
+    assert batch["pair_sample"].tolist() == [used.index(f) for f in chosen + rejected]
+    assert batch["row_id"].tolist() == [40, 40, 40, 41]
+    assert batch["score_chosen"].tolist() == [0.0, 0.0, 1.0, 5.0]
+    assert batch["score_rejected"].tolist() == [1.0, 2.0, 2.0, 3.0]
+
+
+def float64_module(loss, **kwargs) -> OnlinePreferenceModule:
+    module = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), loss=loss,
+                                    sampling=SamplingSpec(num_samples=4, pairs="all", max_new_tokens=6), **kwargs)
+    return module.double()
+
+
+@pytest.mark.parametrize("loss", [DPOLoss(beta=0.5), ODPOLoss(beta=0.5), SimPOLoss()], ids=["dpo", "odpo", "simpo"])
+def test_samples_layout_gives_the_pair_layouts_loss_and_gradients(loss) -> None:
+    torch.manual_seed(0)  # the perturbation below, whatever ran before
+    module = float64_module(loss)
+    with torch.no_grad():  # a policy unlike its reference, so the DPO margins are not all 0
+        for p in module.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    dm = prompt_data(module, PROMPTS, batch_size=4)
+    dm.setup("fit")
+    prompts = next(iter(dm.ordered_loader("train")))
+    samples = module.sample(prompts, 4, seed=3)
+    judged = judge_and_pair(module.judge, samples, module.sampling, 3)
+    assert len(judged.pairs) > len(samples.prompts)  # pairs share samples
+    results = []
+    for layout in (build_pair_batch, sample_pair_batch):
+        batch = layout(samples, judged.pairs, judged.scores, prompts["row_id"].tolist(), module.tokenizer.pad_token_id)
+        module.zero_grad()
+        loss_value, values = module.step(batch, module.train_metrics)
+        loss_value.backward()
+        grads = [p.grad.clone() for p in module.policy.parameters() if p.grad is not None]
+        results.append((loss_value.detach(), values, grads, batch["input_ids"].shape[0]))
+    (pair_loss, pair_values, pair_grads, pair_rows), (sample_loss, sample_values, sample_grads, sample_rows) = results
+    assert sample_rows < pair_rows  # fewer sequences run
+    assert sample_loss.item() == pytest.approx(pair_loss.item(), abs=1e-10)
+    assert sample_values.keys() == pair_values.keys()
+    for name in pair_values:
+        assert torch.allclose(sample_values[name].double(), pair_values[name].double(), atol=1e-10), name
+    assert len(pair_grads) == len(sample_grads) > 0
+    # Llama's RMSNorm computes in float32 even in a float64 model: the per-row gradients, summed in
+    # another grouping (a sample's pairs added before the layers, not after), agree to float32's
+    # precision, not float64's (the forward values above are equal to 1e-10)
+    for a, b in zip(pair_grads, sample_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item()), (a - b).abs().max().item()
+
+
+def test_auto_takes_the_layout_of_fewer_tokens() -> None:
+    module = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT))
+    samples = hand_samples()
+    # every pair of 3 samples: 6 pair sides from 3 samples of a prompt -> fewer tokens once each
+    assert module.runs_samples_once(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2)])
+    # one pair per prompt: the same sequences either way -> the pair layout
+    assert not module.runs_samples_once(samples, [(0, 0, 1), (1, 2, 0)])
+    # with the prompt shared by each pair (share_prompt on), 3 pairs of prompt 1 cost 3 x 3 + 2 x (2 + 3 + 2) ...
+    shared = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), share_prompt=True)
+    # ... against 3 x (3 + 3) + ... once each: a pair per prompt then favours the shared pair layout
+    assert not shared.runs_samples_once(samples, [(1, 0, 1)])
+    assert OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), samples_once=True).runs_samples_once(
+        samples, [(0, 0, 1)])
+    assert not OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), samples_once=False
+                                      ).runs_samples_once(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2)])
+    # a loss that reads per-token log-probs always trains in the pair layout
+    ld = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), loss=LengthDesensitized(DPOLoss(), 0.5))
+    assert not ld.runs_samples_once(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2)])
+
+
+def test_bad_settings_are_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"model.init_args.samples_once must be true, false or auto, got 'yes'"):
+        OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), samples_once="yes")
+    with pytest.raises(ValueError, match=r"model.init_args.samples_once: LengthDesensitized reads per-token"):
+        OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), loss=LengthDesensitized(DPOLoss(), 0.5),
+                               samples_once=True)
+
+
+def test_a_training_step_in_either_layout_ends_at_the_same_weights() -> None:
+    weights = []
+    for samples_once in (False, True):
+        module = OnlinePreferenceModule(
+            model=tiny_spec(), judge=FunctionJudge(SENTIMENT), samples_once=samples_once,
+            sampling=SamplingSpec(num_samples=4, pairs="all", max_new_tokens=6, seed=5),
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        )
+        trainer(1).fit(module, datamodule=prompt_data(module))
+        weights.append([p.detach().clone() for p in module.policy.parameters()])
+    moved = max((a - b).abs().max().item() for a, b in zip(weights[0], module.reference.network.parameters()))
+    assert moved > 1e-4  # the step did something
+    for a, b in zip(*weights):
+        assert torch.allclose(a, b, atol=1e-6)
