@@ -93,3 +93,11 @@ def summary(values: list[float]) -> str:
     """``median [min-max]`` (the median alone for one value)."""
     med = statistics.median(values)
     return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else f"{med:.2f}"
+
+
+def word_score(completion: str) -> float:
+    """A deterministic judge of word-level text (the ``small`` online setting): the mean over
+    its words ``wN`` of ``(N mod 97) / 96``, in [0, 1] (0 for no such word); two samples of 64
+    random words almost never tie."""
+    values = [int(w[1:]) % 97 / 96 for w in completion.split() if w[:1] == "w" and w[1:].isdigit()]
+    return sum(values) / len(values) if values else 0.0
