@@ -10,8 +10,10 @@ Two run families (``--runs``):
   ``trl.experimental.online_dpo.OnlineDPOTrainer``). Every step: 2 completions for each of
   ``batch`` prompts (TRL's fixed count), judged by one Python function, best against worst,
   DPO (beta 0.1) on the pair, AdamW (lr 1e-5, constant), gradient norm clipped at 1 (TRL's
-  default ``max_grad_norm``), ``steps`` steps. ``trl-online-random`` (not in the default list):
-  TRL with random batches instead of length-grouped ones.
+  default ``max_grad_norm``), ``steps`` steps. Not in the default list: ``trl-online-random``,
+  TRL with random batches instead of length-grouped ones; ``ours-online-share``, ours with
+  ``share_prompt: auto`` (on a CPU each pair's prompt runs once; the online module's default is
+  ``false``).
 * an iterative round: ``ours-iter`` (one round of
   :class:`~dpo_lightning.iterative.IterativePairsDataModule` +
   :class:`~dpo_lightning.modules.IterativePreferenceModule`: ``k`` completions for each of
@@ -38,7 +40,7 @@ Settings (``--settings small|sentiment|both``):
 * ``sentiment``: the shape of ``recipes/online_dpo.yaml``: the shipped tiny Llama
   (``data/tiny-llama``: 2 layers, hidden 64, vocab 512), ``data/sentiment/pair_prompts.jsonl``,
   judge ``dpo_lightning.experiments.sentiment:score``, ``max_new_tokens`` 32; online: 16 prompts
-  a step (base.yaml's batch), 16 steps; iterative: 128 prompts, k 4, generation batches of 64
+  a step (base.yaml's batch), 64 steps; iterative: 512 prompts, k 4, generation batches of 64
   prompts (the recipe's), training batches of 16 pairs. The sentiment judge often gives two
   samples the same score (0.5: no sentiment word): dpo-lightning skips such a prompt (no pair),
   TRL trains on it as a pair; the pairs each side trained on are printed.
@@ -58,8 +60,9 @@ peak RSS, and where the CPU time went. Phases, by wrapping functions inside the 
   TRL's decoding of the completions too). The shares are of the steps' CPU time; ``steps/e2e``
   is the steps' share of the run's CPU time (the rest: model loading, data, setup).
 * iterative, of the whole run: ``generate`` and ``score`` as above, ``train`` the training
-  steps (ours) or ``DPOTrainer.train()`` (TRL), ``other`` the rest (loading, tokenizing the
-  pairs: TRL's ``DPOTrainer.__init__`` tokenizes them, dpo-lightning keeps the sampled token ids).
+  steps (timed as the online steps, on both sides: batch start to batch end), ``other`` the rest
+  (loading, setup, the training loop between steps, tokenizing the pairs: TRL's
+  ``DPOTrainer.__init__`` tokenizes them, dpo-lightning keeps the sampled token ids).
 """
 
 from __future__ import annotations
@@ -107,8 +110,8 @@ class Setting:
 SETTINGS = {
     "small": Setting(judge="bench_common:word_score", max_new_tokens=64, batch=8, steps=16, iter_prompts=64, k=4,
                      generation_batch=16, train_batch=8, max_length=256, quick_iter_prompts=16),
-    "sentiment": Setting(judge="dpo_lightning.experiments.sentiment:score", max_new_tokens=32, batch=16, steps=16,
-                         iter_prompts=128, k=4, generation_batch=64, train_batch=16, max_length=128,
+    "sentiment": Setting(judge="dpo_lightning.experiments.sentiment:score", max_new_tokens=32, batch=16, steps=64,
+                         iter_prompts=512, k=4, generation_batch=64, train_batch=16, max_length=128,
                          quick_iter_prompts=32),
 }
 RUNS = {  # name: (family, tool)
@@ -117,9 +120,10 @@ RUNS = {  # name: (family, tool)
     "trl-iter": ("iter", "trl"),
     "ours-iter": ("iter", "ours"),
     "trl-online-random": ("online", "trl"),
+    "ours-online-share": ("online", "ours"),
 }
 DEFAULT_RUNS = ["trl-online", "ours-online", "trl-iter", "ours-iter"]
-BASELINE = {"ours-online": "trl-online", "ours-iter": "trl-iter"}
+BASELINE = {"ours-online": "trl-online", "ours-online-share": "trl-online", "ours-iter": "trl-iter"}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -240,7 +244,8 @@ def lightning_trainer(callback: Any, root: Path, **options: Any):
 
 
 # -- the runs (each in its own process) ------------------------------------------------------------------
-def online_ours(folder: Path, setting: Setting, steps: int) -> dict:
+def online_ours(folder: Path, setting: Setting, steps: int, **options: Any) -> dict:
+    """``options`` go to ``OnlinePreferenceModule``."""
     import lightning as L
     import torch
 
@@ -269,7 +274,7 @@ def online_ours(folder: Path, setting: Setting, steps: int) -> dict:
         model=ModelSpec(name_or_path=str(folder / "model"), tokenizer=str(folder / "tokenizer")),
         judge=FunctionJudge(setting.judge), loss=DPOLoss(beta=BETA),
         sampling=SamplingSpec(num_samples=2, max_new_tokens=setting.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **options,
     )
     data = PromptDataModule(train_data=str(folder / "prompts.jsonl"), batch_size=setting.batch, max_length=setting.max_length)
     data.connect(module.tokenizer, module.data_requirements)
@@ -408,9 +413,8 @@ def iter_trl(folder: Path, setting: Setting, prompts: int) -> dict:
     phases = Phases()
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=rows,
                          processing_class=tokenizer, callbacks=[phases.trainer_callback()])
-    t = time.process_time()
     trainer.train()
-    cpu_of["train"] = time.process_time() - t
+    cpu_of["train"] = phases.cpu["step"]
     cpu_total = time.process_time() - cpu
     cpu_of["other"] = cpu_total - sum(cpu_of.values())
     return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_total, "phases": dict(cpu_of),
@@ -428,6 +432,7 @@ def worker(name: str, setting_name: str, folder: Path, quick: bool) -> None:
         "trl-online": lambda: online_trl(folder, setting, steps),
         "trl-online-random": lambda: online_trl(folder, setting, steps, grouped=False),
         "ours-online": lambda: online_ours(folder, setting, steps),
+        "ours-online-share": lambda: online_ours(folder, setting, steps, share_prompt="auto"),
         "trl-iter": lambda: iter_trl(folder, setting, prompts),
         "ours-iter": lambda: iter_ours(folder, setting, prompts),
     }[name]()
@@ -471,6 +476,22 @@ def print_table(results: dict[tuple[str, str], list[dict]], settings: list[str],
             print(f"{s:<10}{name:<20}{summary([r['prompts_s'] for r in rs]):>20}{ratio:>7}{med(lambda r: r['cpu_prompts_s']):>11.2f}"
                   f"{cpu_ratio:>9}{med(lambda r: r['peak_rss_mb']):>13.0f}{med(lambda r: r['pairs']):>7.0f}"
                   f"{part['generate']:>10.0%}{part['score']:>7.0%}{part['train']:>7.0%}{other:>7}{steps_share:>11}")
+    print("\nCPU milliseconds per step (online) / CPU seconds per run (iterative), medians:")
+    for s in settings:
+        for name in names:
+            rs = results.get((s, name))
+            if not rs:
+                continue
+            part = lambda k: statistics.median(r["phases"].get(k, 0.0) for r in rs)  # noqa: E731
+            if RUNS[name][0] == "online":
+                n = rs[0]["steps"]
+                gen, score, step = part("generate"), part("score"), part("step")
+                outside = statistics.median(r["cpu_seconds"] - r["phases"]["step"] for r in rs)
+                print(f"  {s:<10}{name:<20}generate {1e3 * gen / n:7.0f} ms  score {1e3 * score / n:6.1f} ms  train "
+                      f"{1e3 * (step - gen - score) / n:7.0f} ms  step {1e3 * step / n:7.0f} ms; outside the steps {outside:.2f} s")
+            else:
+                print(f"  {s:<10}{name:<20}" + "  ".join(f"{k} {part(k):.2f} s" for k in ("generate", "score", "train", "other"))
+                      + f"  total {statistics.median(r['cpu_seconds'] for r in rs):.2f} s")
     print("\nprompts/s: prompts trained on over wall seconds from model load to the end of training; per CPU-s: over the "
           "run's own CPU seconds; x TRL, x (CPU): ours over TRL's median. generate / score / train: shares of CPU time, "
           "online of the training steps (train = the rest of the step), iterative of the whole run (other = loading, "
