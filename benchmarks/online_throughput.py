@@ -13,7 +13,9 @@ Two run families (``--runs``):
   default ``max_grad_norm``), ``steps`` steps. Not in the default list: ``trl-online-random``,
   TRL with random batches instead of length-grouped ones; ``ours-online-share``, ours with
   ``share_prompt: auto`` (on a CPU each pair's prompt runs once; the online module's default is
-  ``false``).
+  ``false``); ``ours-online-generate`` and ``ours-iter-generate``, ours with
+  ``sampling.engine: generate`` (transformers' ``generate`` instead of the default sampling loop
+  of ``dpo_lightning.decoding``, where this checkout has one).
 * an iterative round: ``ours-iter`` (one round of
   :class:`~dpo_lightning.iterative.IterativePairsDataModule` +
   :class:`~dpo_lightning.modules.IterativePreferenceModule`: ``k`` completions for each of
@@ -121,9 +123,12 @@ RUNS = {  # name: (family, tool)
     "ours-iter": ("iter", "ours"),
     "trl-online-random": ("online", "trl"),
     "ours-online-share": ("online", "ours"),
+    "ours-online-generate": ("online", "ours"),
+    "ours-iter-generate": ("iter", "ours"),
 }
 DEFAULT_RUNS = ["trl-online", "ours-online", "trl-iter", "ours-iter"]
-BASELINE = {"ours-online": "trl-online", "ours-online-share": "trl-online", "ours-iter": "trl-iter"}
+BASELINE = {"ours-online": "trl-online", "ours-online-share": "trl-online", "ours-online-generate": "trl-online",
+            "ours-iter": "trl-iter", "ours-iter-generate": "trl-iter"}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -244,14 +249,27 @@ def lightning_trainer(callback: Any, root: Path, **options: Any):
 
 
 # -- the runs (each in its own process) ------------------------------------------------------------------
-def online_ours(folder: Path, setting: Setting, steps: int, **options: Any) -> dict:
+def sampling_spec(setting: Setting, num_samples: int, engine: str | None):
+    """The runs' ``SamplingSpec``: exact sampling, the setting's ``max_new_tokens``, and
+    ``engine`` when given (refused on a checkout without ``sampling.engine``)."""
+    from dpo_lightning.generation import SamplingSpec
+
+    options = {}
+    if engine is not None:
+        if "engine" not in SamplingSpec.__dataclass_fields__:
+            raise SystemExit("this dpo-lightning has no sampling.engine: the *-generate runs need the decoding loop")
+        options["engine"] = engine
+    return SamplingSpec(num_samples=num_samples, max_new_tokens=setting.max_new_tokens, temperature=1.0, top_p=1.0,
+                        top_k=0, **options)
+
+
+def online_ours(folder: Path, setting: Setting, steps: int, engine: str | None = None, **options: Any) -> dict:
     """``options`` go to ``OnlinePreferenceModule``."""
     import lightning as L
     import torch
 
     import dpo_lightning.modules.online as online
     from dpo_lightning.data import PromptDataModule
-    from dpo_lightning.generation import SamplingSpec
     from dpo_lightning.judges import FunctionJudge
     from dpo_lightning.losses import DPOLoss
     from dpo_lightning.models import ModelSpec
@@ -273,8 +291,7 @@ def online_ours(folder: Path, setting: Setting, steps: int, **options: Any) -> d
     module = OnlinePreferenceModule(
         model=ModelSpec(name_or_path=str(folder / "model"), tokenizer=str(folder / "tokenizer")),
         judge=FunctionJudge(setting.judge), loss=DPOLoss(beta=BETA),
-        sampling=SamplingSpec(num_samples=2, max_new_tokens=setting.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **options,
+        sampling=sampling_spec(setting, 2, engine), optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **options,
     )
     data = PromptDataModule(train_data=str(folder / "prompts.jsonl"), batch_size=setting.batch, max_length=setting.max_length)
     data.connect(module.tokenizer, module.data_requirements)
@@ -321,12 +338,11 @@ def online_trl(folder: Path, setting: Setting, steps: int, grouped: bool = True)
             "steps": phases.steps, "prompts": phases.steps * setting.batch, "pairs": phases.steps * setting.batch}
 
 
-def iter_ours(folder: Path, setting: Setting, prompts: int) -> dict:
+def iter_ours(folder: Path, setting: Setting, prompts: int, engine: str | None = None) -> dict:
     import lightning as L
     import torch
 
     import dpo_lightning.iterative as iterative
-    from dpo_lightning.generation import SamplingSpec
     from dpo_lightning.judges import FunctionJudge
     from dpo_lightning.losses import DPOLoss
     from dpo_lightning.models import ModelSpec
@@ -343,7 +359,7 @@ def iter_ours(folder: Path, setting: Setting, prompts: int) -> dict:
     )
     data = iterative.IterativePairsDataModule(
         train_data=str(folder / f"prompts-{prompts}.jsonl"), judge=FunctionJudge(setting.judge),
-        sampling=SamplingSpec(num_samples=setting.k, max_new_tokens=setting.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0),
+        sampling=sampling_spec(setting, setting.k, engine),
         generation_batch_size=setting.generation_batch, batch_size=setting.train_batch, max_length=setting.max_length,
     )
     data.connect(module.tokenizer, module.data_requirements)
@@ -435,6 +451,8 @@ def worker(name: str, setting_name: str, folder: Path, quick: bool) -> None:
         "ours-online-share": lambda: online_ours(folder, setting, steps, share_prompt="auto"),
         "trl-iter": lambda: iter_trl(folder, setting, prompts),
         "ours-iter": lambda: iter_ours(folder, setting, prompts),
+        "ours-online-generate": lambda: online_ours(folder, setting, steps, engine="generate"),
+        "ours-iter-generate": lambda: iter_ours(folder, setting, prompts, engine="generate"),
     }[name]()
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
