@@ -472,7 +472,7 @@ def shares(result: dict, family: str) -> dict[str, float]:
 
 def print_table(results: dict[tuple[str, str], list[dict]], settings: list[str], names: list[str], repeats: int) -> None:
     print(f"\nmedian [min-max] over {repeats} interleaved repeat(s); one thread per run")
-    header = (f"{'setting':<10}{'run':<20}{'prompts/s':>20}{'x TRL':>7}{'per CPU-s':>11}{'x (CPU)':>9}"
+    header = (f"{'setting':<10}{'run':<22}{'prompts/s':>20}{'x TRL':>7}{'per CPU-s':>11}{'x (CPU)':>9}"
               f"{'peak RSS MB':>13}{'pairs':>7}{'generate':>10}{'score':>7}{'train':>7}{'other':>7}{'steps/e2e':>11}")
     print(header)
     print("-" * len(header))
@@ -491,7 +491,7 @@ def print_table(results: dict[tuple[str, str], list[dict]], settings: list[str],
             part = {k: med(lambda r, k=k: shares(r, family)[k]) for k in shares(rs[0], family)}
             other = f"{part['other']:.0%}" if "other" in part else "-"
             steps_share = f"{med(lambda r: r['phases']['step'] / r['cpu_seconds']):.0%}" if family == "online" else "-"
-            print(f"{s:<10}{name:<20}{summary([r['prompts_s'] for r in rs]):>20}{ratio:>7}{med(lambda r: r['cpu_prompts_s']):>11.2f}"
+            print(f"{s:<10}{name:<22}{summary([r['prompts_s'] for r in rs]):>20}{ratio:>7}{med(lambda r: r['cpu_prompts_s']):>11.2f}"
                   f"{cpu_ratio:>9}{med(lambda r: r['peak_rss_mb']):>13.0f}{med(lambda r: r['pairs']):>7.0f}"
                   f"{part['generate']:>10.0%}{part['score']:>7.0%}{part['train']:>7.0%}{other:>7}{steps_share:>11}")
     print("\nCPU milliseconds per step (online) / CPU seconds per run (iterative), medians:")
@@ -505,10 +505,10 @@ def print_table(results: dict[tuple[str, str], list[dict]], settings: list[str],
                 n = rs[0]["steps"]
                 gen, score, step = part("generate"), part("score"), part("step")
                 outside = statistics.median(r["cpu_seconds"] - r["phases"]["step"] for r in rs)
-                print(f"  {s:<10}{name:<20}generate {1e3 * gen / n:7.0f} ms  score {1e3 * score / n:6.1f} ms  train "
+                print(f"  {s:<10}{name:<22}generate {1e3 * gen / n:7.0f} ms  score {1e3 * score / n:6.1f} ms  train "
                       f"{1e3 * (step - gen - score) / n:7.0f} ms  step {1e3 * step / n:7.0f} ms; outside the steps {outside:.2f} s")
             else:
-                print(f"  {s:<10}{name:<20}" + "  ".join(f"{k} {part(k):.2f} s" for k in ("generate", "score", "train", "other"))
+                print(f"  {s:<10}{name:<22}" + "  ".join(f"{k} {part(k):.2f} s" for k in ("generate", "score", "train", "other"))
                       + f"  total {statistics.median(r['cpu_seconds'] for r in rs):.2f} s")
     print("\nprompts/s: prompts trained on over wall seconds from model load to the end of training; per CPU-s: over the "
           "run's own CPU seconds; x TRL, x (CPU): ours over TRL's median. generate / score / train: shares of CPU time, "
@@ -574,7 +574,7 @@ def main() -> None:
                 r.update(prompts_s=r["prompts"] / r["seconds"], cpu_prompts_s=r["prompts"] / r["cpu_seconds"],
                          repeat=repeat, setting=s, run=name)
                 results.setdefault((s, name), []).append(r)
-                print(f"  [{repeat + 1}/{repeats}] {s:<10}{name:<20}{r['prompts_s']:8.2f} prompts/s{r['seconds']:8.1f} s"
+                print(f"  [{repeat + 1}/{repeats}] {s:<10}{name:<22}{r['prompts_s']:8.2f} prompts/s{r['seconds']:8.1f} s"
                       f"{r['cpu_seconds']:8.1f} CPU s{r['peak_rss_mb']:8.0f} MB  {r['steps']} steps, {r['pairs']} pairs",
                       flush=True)
     print_table(results, settings, names, repeats)
