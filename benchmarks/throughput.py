@@ -69,24 +69,19 @@ import copy
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCH = {
-    "model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
-    "tie_word_embeddings": False,
-}
+from bench_common import ARCH, peak_rss_mb, random_words, run_worker, save_model, save_word_tokenizer, summary
+from bench_common import model_config as vocab_config
+
 BATCH = 8
 LR = 1e-5
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 @dataclass(frozen=True)
@@ -135,41 +130,20 @@ BF16_RUNS = {"trl-default", "trl-bf16", "ours-bf16"}
 
 # -- shared inputs ------------------------------------------------------------------------------
 def make_inputs(folder: Path, setting: Setting, pairs: int) -> None:
-    """A word-level tokenizer of ``setting.vocab`` tokens and ``pairs`` random pairs, in ``folder``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    vocab.update({f"w{i}": i + len(SPECIALS) for i in range(setting.vocab - len(SPECIALS))})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    folder.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(folder / "tokenizer")
+    """A word-level tokenizer of ``setting.vocab`` tokens, ``pairs`` random pairs and the initial
+    weights (shared by every run and the reference copies), in ``folder``."""
+    save_word_tokenizer(folder / "tokenizer", setting.vocab)
     rng = random.Random(0)
-
-    def words(span: tuple[int, int]) -> str:
-        return " ".join(f"w{rng.randrange(setting.vocab - len(SPECIALS))}" for _ in range(rng.randint(*span)))
-
     with (folder / "pairs.jsonl").open("w") as f:
         for _ in range(pairs):
-            prompt = words(setting.prompt_words)
-            f.write(json.dumps({"prompt": prompt, "chosen": " " + words(setting.response_words),
-                                "rejected": " " + words(setting.response_words)}) + "\n")
-    # the initial weights, shared by every run (and the reference copies)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(setting))
-    model.save_pretrained(folder / "model")
+            prompt = random_words(rng, setting.vocab, setting.prompt_words)
+            f.write(json.dumps({"prompt": prompt, "chosen": " " + random_words(rng, setting.vocab, setting.response_words),
+                                "rejected": " " + random_words(rng, setting.vocab, setting.response_words)}) + "\n")
+    save_model(folder / "model", setting.vocab)
 
 
 def model_config(setting: Setting):
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(**{**ARCH, "vocab_size": setting.vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+    return vocab_config(setting.vocab)
 
 
 def pair_lengths(folder: Path, setting: Setting) -> list[tuple[int, int, int]]:
@@ -321,28 +295,14 @@ def worker(name: str, setting_name: str, folder: Path, trl_default_steps: int) -
         seconds, cpu = run_ours(folder, SETTINGS[setting_name], run)
     else:
         seconds, cpu = run_trl(folder, SETTINGS[setting_name], run, trl_default_steps if run.variant == "default" else 0)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak_mb}))
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb()}))
 
 
 # -- driver -------------------------------------------------------------------------------------------
 def measure(name: str, setting_name: str, folder: Path, python: str, trl_default_steps: int) -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="datasets-", dir=folder)}
     cmd = [python, __file__, "--worker", name, "--settings", setting_name, "--folder", str(folder),
            "--trl-default-steps", str(trl_default_steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        print(f"  {name} ({setting_name}) failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def summary(values: list[float]) -> str:
-    med = statistics.median(values)
-    return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else f"{med:.2f}"
+    return run_worker(cmd, folder)
 
 
 def main() -> None:
