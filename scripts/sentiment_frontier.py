@@ -268,6 +268,16 @@ def subset(source: Path, target: Path, n: int) -> Path:
     return target
 
 
+def validation_batch(val_pairs: str, settings: dict) -> dict:
+    """The Bradley-Terry runs validate on all their (at most ``BT_VAL_PAIRS``) pairs in one batch:
+    KTO's validation goes in row order, and a last batch holding one pair's two replies has no
+    other prompt for its KL rows."""
+    if not settings.get("bradley_terry_pairs"):
+        return {}
+    pairs = sum(1 for line in Path(val_pairs).read_text().splitlines() if line.strip())
+    return {"eval_batch_size": max(2 * pairs, 1)}
+
+
 def train(job: dict) -> Path:
     """One preference run: offline on the seed's pairs, online or iterative from the prompts."""
     out, name, kind, seed = Path(job["out"]), job["name"], job["kind"], job["seed"]
@@ -297,7 +307,7 @@ def train(job: dict) -> Path:
                         "val_check_interval": every if batches >= every else 1.0},
             "model": {"init_args": model},
             "data": {"init_args": {"train_data": train_pairs, "val_data": val_pairs,
-                                   "batch_size": settings["batch_size"]}},
+                                   "batch_size": settings["batch_size"], **validation_batch(val_pairs, settings)}},
         })
         history = [{k: (float(v) if not isinstance(v, bool) else v) for k, v in h.items()}
                    for h in cli.model.validation_history]
