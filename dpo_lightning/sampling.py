@@ -3,7 +3,8 @@
 Two commands:
 
 * ``dpo-lightning-sample-pairs``: sample ``k`` completions per prompt, score them, and write
-  the best and the worst as a pair with ``score_chosen`` / ``score_rejected`` (for ODPO).
+  the best and the worst as a pair (or, with ``--pairs all``, every two samples whose scores
+  differ) with ``score_chosen`` / ``score_rejected`` (for ODPO).
 * ``dpo-lightning-evaluate``: sample from a policy on held-out prompts and report the mean
   score and a Monte-Carlo estimate of the sequence-level ``KL(pi || pi_ref)``.
 
@@ -27,7 +28,8 @@ any of the ``generation_config``'s).
 the sample's term of the KL estimate), ``logp_policy`` and ``logp_reference``.
 
 Sampling, judging and pairing are :mod:`dpo_lightning.generation`'s, as in online and iterative
-training; a prompt is paired as ``sampling.pairs: best_vs_worst`` pairs it.
+training; a prompt is paired as ``sampling.pairs`` pairs it (``--pairs best_vs_worst``, the
+default, or ``all``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from tqdm.auto import tqdm
 from .data.collator import pad_sequences
 from .data.formats import is_conversation
 from .generation import (
-    EXACT, Samples, SamplingSpec, check_label_temperature, encode_prompt, generating_model, generation_seed, judge_and_pair, judge_samples, left_padded,
+    EXACT, PairMode, Samples, SamplingSpec, check_label_temperature, encode_prompt, generating_model, generation_seed, judge_and_pair, judge_samples, left_padded,
     sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
 )
 from .export import read_reference_record
@@ -264,10 +266,12 @@ def sample_pairs(
     chat_template_kwargs: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
     label_temperature: float | None = None,
+    pairs: PairMode = "best_vs_worst",
 ) -> Path:
-    """Sample completions per prompt, score them, and write (best, worst) pairs as JSON lines.
+    """Sample completions per prompt, score them, and write preference pairs as JSON lines.
 
-    Prompts whose samples all score the same give no pair and are counted in the printed line.
+    Prompts whose samples all score the same give no pair; tied candidate pairs are counted in
+    the printed line.
     Rows: ``prompt``, ``chosen``, ``rejected``, ``score_chosen``, ``score_rejected``; after a
     conversational prompt, ``chosen`` and ``rejected`` are one assistant message each.
 
@@ -282,15 +286,22 @@ def sample_pairs(
             the best chosen over the worst with probability ``sigmoid((s_best - s_worst) / tau)``
             and rejected otherwise (:class:`~dpo_lightning.generation.SamplingSpec`); the
             written scores stay the judge's.
+        pairs: ``"best_vs_worst"``: one pair per prompt, its best sample against its worst.
+            ``"all"``: every two samples of a prompt whose scores differ, up to ``k (k - 1) / 2``
+            pairs per prompt (each labelled on its own with ``label_temperature``), as
+            ``sampling.pairs: all`` pairs them in online training
+            (:func:`~dpo_lightning.generation.form_pairs`).
     """
     torch.manual_seed(seed)
     scoring = choose_judge(scorer, judge, pairwise=True)
     model, tokenizer = _load(policy, trust_remote_code)
     scoring.to(model.device)
     rows, ties, saved = [], 0, []
-    spec = SamplingSpec(num_samples=samples_per_prompt, pairs="best_vs_worst", max_new_tokens=max_new_tokens,
-                        label_temperature=label_temperature)
     check_label_temperature(label_temperature, "--label_temperature")
+    if pairs not in ("best_vs_worst", "all"):
+        raise ValueError(f"--pairs must be best_vs_worst or all, got {pairs!r}")
+    spec = SamplingSpec(num_samples=samples_per_prompt, pairs=pairs, max_new_tokens=max_new_tokens,
+                        label_temperature=label_temperature)
     for index, prompt in enumerate(tqdm(read_prompts(prompts), desc="sampling pairs", unit="prompt")):
         s = sample(model, tokenizer, prompt, samples_per_prompt, max_new_tokens, chat_template_kwargs)
         judged = judge_and_pair(scoring, s.as_samples(prompt), spec, generation_seed(seed, index))
@@ -301,7 +312,8 @@ def sample_pairs(
     target = write_jsonl(output, rows)
     if save_samples:
         print(f"wrote {len(saved)} samples to {write_jsonl(save_samples, saved)}")
-    print(f"wrote {len(rows)} pairs to {target} ({ties} prompts skipped: all samples scored the same)")
+    skipped = "prompts skipped: all samples scored the same" if pairs == "best_vs_worst" else "tied pairs of samples skipped"
+    print(f"wrote {len(rows)} pairs to {target} ({ties} {skipped})")
     return target
 
 

@@ -95,7 +95,10 @@ def results_table(summary: list[dict[str, Any]], best_of: list[dict[str, Any]],
         if r.get("optimum_beta") is not None:
             optimum = f"βτ {r['optimum_beta']:g}: {r['optimum_reward']:.3f}, {r['optimum_kl']:.2f}"
         off = off_sentiment.get(r["label"])
-        lines.append(f"| {pretty(r['label'])} | {number(r['reward'], 3, r.get('reward_se'))} | "
+        fewer = int(r["seeds"]) if r.get("seeds") and int(r["seeds"]) < seeds else None  # a series run on fewer seeds
+        name = pretty(r["label"]) + (" (1 seed; ± the evaluation's)" if fewer == 1 else
+                                     f" ({fewer} seeds)" if fewer else "")
+        lines.append(f"| {name} | {number(r['reward'], 3, r.get('reward_se'))} | "
                      f"{number(r['kl'], 2, r.get('kl_se'))} | {number(r.get('regret'), 3)} | "
                      f"{number(r.get('kl_efficiency'), 2)} | {optimum} | {number(off, 2)} |")
     return "\n".join(lines)
@@ -119,11 +122,12 @@ def regret_table(summary: list[dict[str, Any]], best_of: list[dict[str, Any]], r
 
 
 def pretty(label: str) -> str:
-    """A run label as the tables write it: ``beta=0.5 alpha=1.0`` as ``β 0.5, α 1.0``; the
+    """A run label as the tables write it: ``beta=0.5 alpha=1.0`` as ``β 0.5, α 1.0`` (``gamma=``
+    as ``γ``); the
     online recipe's own settings (``online DPO beta=1.0``) as ``online DPO as shipped, β 1.0``."""
     if label.startswith("online DPO beta="):
         label = label.replace("online DPO ", "online DPO as shipped, ", 1)
-    return label.replace(" alpha=", ", α ").replace("beta=", "β ")
+    return label.replace(" alpha=", ", α ").replace(" gamma=", ", γ ").replace("beta=", "β ")
 
 
 def timing_line(timing: dict[str, Any]) -> str:

@@ -12,14 +12,20 @@ IPO, online DPO and iterative DPO, over several seeds, against the KL-optimal po
 2. Pairs (offline methods), per seed: 4 samples per prompt from the SFT model on the 600
    training prompts of data/sentiment/pair_prompts.jsonl, scored by the ground truth
    (dpo_lightning.experiments.sentiment:score); best vs worst with their scores (for ODPO).
-   The same samples again with Bradley-Terry labels (``--label_temperature 0.25``: the best
-   is chosen with probability sigmoid((s_best - s_worst) / 0.25)), on which DPO at beta has
-   pi* at beta * 0.25 as its exact optimum. Every 10th pair is held out: the offline runs
-   validate on it every 10 steps (docs/logps.png). Every sample is kept
-   (outputs/frontier/seed<s>/pair_samples.jsonl).
+   Every 10th pair is held out: the offline runs validate on it every 10 steps
+   (docs/logps.png). Every sample is kept (outputs/frontier/seed<s>/pair_samples.jsonl).
+   DPO's theorem at full size: fresh SFT samples, 4 for each prompt of the 600 four times over
+   (9600 samples), every two of a prompt's 4 whose scores differ as a pair (``--pairs all``),
+   each labelled by a Bradley-Terry draw (``--label_temperature 0.25``: the higher-scored one
+   chosen with probability sigmoid((s_a - s_b) / 0.25)): about 10,000 pairs, on which DPO at
+   beta has pi* at beta * 0.25 as its exact optimum; 200 validation pairs from samples of
+   their own.
 3. Offline: DPO, ODPO and IPO (recipes/dpo.yaml; base.yaml + odpo.yaml / ipo.yaml), 3 epochs
-   on the seed's pairs at lr 3e-4; DPO at lr 1e-3 (the recipe's own); DPO on the
-   Bradley-Terry pairs (its optimum columns in docs/frontier.csv: pi* at beta * tau).
+   on the seed's pairs at lr 3e-4; DPO at lr 1e-3 (the recipe's own). On the Bradley-Terry
+   pairs, one epoch at batch 64 and lr 3e-4: DPO at beta 1 (its optimum columns in
+   docs/frontier.csv: pi* at beta * tau = 0.25), and IPO, ODPO and KTO at beta 1 on the same
+   pairs, seed 0 only (their optimum columns: the same pi*, from which each one's distance is
+   read).
 4. Online DPO: base.yaml + recipes/online_dpo.yaml (OnlinePreferenceModule) from the SFT model:
    the recipe as shipped (2 samples per prompt, best vs worst, lr 1e-3, 2 epochs of 600
    prompts), 4 samples and every pair of them (1 epoch), and 8 samples, every pair, lr 3e-4
@@ -89,6 +95,12 @@ ITERATIVE_RECIPE = ROOT / "recipes" / "iterative_dpo.yaml"
 
 PAIR_SAMPLES = 4  # samples per prompt for the offline pairs
 BT_LABEL_TEMPERATURE = 0.25  # the Bradley-Terry pairs: P(best chosen) = sigmoid((s_best - s_worst) / 0.25)
+# DPO's theorem at full size: Bradley-Terry pairs of fresh SFT samples, every two of BT_PAIR_SAMPLES
+# samples per prompt (BT_PAIRS), on each pair prompt BT_PROMPT_REPEATS times (9600 x 4 samples, about
+# 41,000 pairs; --quick: QUICK_BT_PROMPT_REPEATS), trained on for one epoch at batch 128 (BT_OFFLINE);
+# validation on at most BT_VAL_PAIRS pairs of BT_VAL_PROMPTS prompts sampled with seed BT_VAL_SEED + seed
+BT_PAIR_SAMPLES, BT_PAIRS, BT_PROMPT_REPEATS, QUICK_BT_PROMPT_REPEATS = 4, "all", 16, 2
+BT_VAL_PROMPTS, BT_VAL_PAIRS, BT_VAL_SEED = 60, 200, 10_000
 PROMPTS, QUICK_PROMPTS = 600, 200  # the budget is PROMPTS x PAIR_SAMPLES judged samples per run
 HELD_OUT_EVERY = 10  # every 10th pair is the offline runs' validation set
 VAL_EVERY_STEPS = 10
@@ -103,6 +115,19 @@ ALL_PAIRS = {"pairs": "all"}
 # the online recipe that closes most of the gap to pi*: 8 samples, every pair, lr 3e-4 for 3 epochs
 SLOW_ONLINE = {"num_samples": 8, **ALL_PAIRS, "lr": 3e-4, "max_epochs": 3}
 BT = {"label_temperature": BT_LABEL_TEMPERATURE}
+# offline training on the Bradley-Terry pairs: each pair seen once (a second epoch fits the label
+# noise: docs/frontier.md), batch 128 at lr 3e-4, validation every 50 steps
+BT_OFFLINE = {"bradley_terry_pairs": True, "max_epochs": 1, "batch_size": 128, "lr": 3e-4, "val_every": 50}
+#: the losses on the Bradley-Terry pairs beside DPO: (series, recipe, loss arguments); every one is
+#: measured against DPO beta 1's optimum, pi* at 1 * tau (BT_TARGET_BETA). They run on the first
+#: BT_LOSS_SEEDS seeds only (IPO and ODPO about 120 CPU seconds a run, KTO about 260: every seed
+#: would add about 17 minutes to `make experiment`, 0 takes off about 4); None: every seed.
+#: SimPO is left out: reference-free, it ends at 0.88 at 24 nats on these pairs (docs/frontier.md)
+BT_LOSSES = [("IPO, Bradley-Terry labels", "ipo", {"beta": 1.0}),
+             ("ODPO, Bradley-Terry labels", "odpo", {"beta": 1.0, "alpha": 1.0}),
+             ("KTO, Bradley-Terry labels", "kto", {"beta": 1.0})]
+BT_TARGET_BETA = 1.0
+BT_LOSS_SEEDS: int | None = 1
 # (series, kind, recipe, loss arguments, settings)
 SWEEP = [
     *[("DPO", "offline", "dpo", {"beta": b}, {}) for b in (0.1, 0.5, 1.0)],
@@ -110,7 +135,8 @@ SWEEP = [
     ("IPO", "offline", "ipo", {"beta": 1.0}, {}),
     ("DPO, lr 1e-3", "offline", "dpo", {"beta": 1.0}, {"lr": 1e-3}),
     # DPO's theorem at full size: on Bradley-Terry labels at tau its optimum is pi* at beta * tau
-    *[("DPO, Bradley-Terry labels", "offline", "dpo", {"beta": b}, {"bradley_terry_pairs": True}) for b in (0.5, 1.0)],
+    ("DPO, Bradley-Terry labels", "offline", "dpo", {"beta": BT_TARGET_BETA}, BT_OFFLINE),
+    *[(series, "offline", name, loss_args, {**BT_OFFLINE, "seeds": BT_LOSS_SEEDS}) for series, name, loss_args in BT_LOSSES],
     ("online DPO", "online", "online_dpo", {"beta": 1.0}, {}),
     ("online DPO, 4 samples, all pairs", "online", "online_dpo", {"beta": 1.0}, {"num_samples": 4, **ALL_PAIRS}),
     *[("online DPO, 8 samples, all pairs, lr 3e-4, 3 epochs", "online", "online_dpo", {"beta": b}, SLOW_ONLINE)
@@ -119,12 +145,16 @@ SWEEP = [
      {**SLOW_ONLINE, **BT}),
     ("iterative DPO, all pairs", "iterative", "iterative_dpo", {"beta": 1.0}, {"lr": 3e-4, **ALL_PAIRS}),
 ]
-#: series trained on Bradley-Terry labels: their optimum is pi* at beta * tau (columns optimum_*)
+#: series trained on Bradley-Terry labels: DPO's optimum is pi* at beta * tau (columns optimum_*)
 LABEL_TEMPERATURE = {"DPO, Bradley-Terry labels": BT_LABEL_TEMPERATURE,
                      "online DPO, Bradley-Terry labels, 8 samples, lr 3e-4, 3 epochs": BT_LABEL_TEMPERATURE}
+#: the other losses on the same pairs: their optimum_* columns are DPO beta 1's target, pi* at 1 * tau
+#: (the distance of each from it), whatever their own beta means
+TARGET_BETA = {series: BT_TARGET_BETA for series, _, _ in BT_LOSSES}
 QUICK_SWEEP = [
     ("DPO", "offline", "dpo", {"beta": 0.5}, {}),
-    ("DPO, Bradley-Terry labels", "offline", "dpo", {"beta": 1.0}, {"bradley_terry_pairs": True}),
+    ("DPO, Bradley-Terry labels", "offline", "dpo", {"beta": 1.0}, BT_OFFLINE),
+    ("KTO, Bradley-Terry labels", "offline", "kto", {"beta": 1.0}, {**BT_OFFLINE, "seeds": BT_LOSS_SEEDS}),
     ("online DPO", "online", "online_dpo", {"beta": 1.0}, {}),
     ("online DPO, 8 samples, all pairs, lr 3e-4, 3 epochs", "online", "online_dpo", {"beta": 1.0},
      {**SLOW_ONLINE, "max_epochs": 1}),
@@ -143,7 +173,9 @@ OPTIMUM_BETAS = [10 ** (1 - i / 20) for i in range(61)]  # 10 down to 0.01
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 STYLE = {  # series: (colour, marker)
     "SFT": ("black", "s"), "DPO": ("tab:blue", "o"), "ODPO": ("tab:orange", "o"), "IPO": ("tab:green", "o"),
-    "DPO, lr 1e-3": ("tab:cyan", "D"), "DPO, Bradley-Terry labels": ("navy", "X"), "online DPO": ("tab:red", "^"),
+    "DPO, lr 1e-3": ("tab:cyan", "D"), "DPO, Bradley-Terry labels": ("navy", "X"),
+    "IPO, Bradley-Terry labels": ("darkgreen", "X"), "ODPO, Bradley-Terry labels": ("darkorange", "X"),
+    "KTO, Bradley-Terry labels": ("olive", "X"), "online DPO": ("tab:red", "^"),
     "online DPO, 4 samples, all pairs": ("tab:pink", "v"),
     "online DPO, 8 samples, all pairs, lr 3e-4, 3 epochs": ("darkred", "*"),
     "online DPO, Bradley-Terry labels, 8 samples, lr 3e-4, 3 epochs": ("tab:brown", "P"),
@@ -236,6 +268,16 @@ def subset(source: Path, target: Path, n: int) -> Path:
     return target
 
 
+def validation_batch(val_pairs: str, settings: dict) -> dict:
+    """The Bradley-Terry runs validate on all their (at most ``BT_VAL_PAIRS``) pairs in one batch:
+    KTO's validation goes in row order, and a last batch holding one pair's two replies has no
+    other prompt for its KL rows."""
+    if not settings.get("bradley_terry_pairs"):
+        return {}
+    pairs = sum(1 for line in Path(val_pairs).read_text().splitlines() if line.strip())
+    return {"eval_batch_size": max(2 * pairs, 1)}
+
+
 def train(job: dict) -> Path:
     """One preference run: offline on the seed's pairs, online or iterative from the prompts."""
     out, name, kind, seed = Path(job["out"]), job["name"], job["kind"], job["seed"]
@@ -257,14 +299,15 @@ def train(job: dict) -> Path:
         labels = "bt_" if settings.get("bradley_terry_pairs") else ""  # the seed's pairs with Bradley-Terry labels
         train_pairs, val_pairs = job[f"{labels}pairs_train"], job[f"{labels}pairs_val"]
         batches = math.ceil(sum(1 for l in Path(train_pairs).read_text().splitlines() if l.strip()) / settings["batch_size"])
+        every = settings.get("val_every", VAL_EVERY_STEPS)
         cli = fit(out, name, job["recipe"], {
             "seed_everything": seed,
             "trainer": {**trainer, "max_epochs": settings["max_epochs"], "num_sanity_val_steps": -1,
                         "callbacks": snapshots(batches * settings["max_epochs"]),
-                        "val_check_interval": VAL_EVERY_STEPS if batches >= VAL_EVERY_STEPS else 1.0},
+                        "val_check_interval": every if batches >= every else 1.0},
             "model": {"init_args": model},
             "data": {"init_args": {"train_data": train_pairs, "val_data": val_pairs,
-                                   "batch_size": settings["batch_size"]}},
+                                   "batch_size": settings["batch_size"], **validation_batch(val_pairs, settings)}},
         })
         history = [{k: (float(v) if not isinstance(v, bool) else v) for k, v in h.items()}
                    for h in cli.model.validation_history]
@@ -361,23 +404,36 @@ def trajectory(job: dict, final: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sample_pairs_job(job: dict) -> None:
-    """The seed's pairs from the SFT model, every sample kept; every 10th pair held out. The same
-    samples again (the same seed) with Bradley-Terry labels at ``BT_LABEL_TEMPERATURE``: the
-    pairs on which DPO at beta has pi* at ``beta * BT_LABEL_TEMPERATURE`` as its optimum."""
+    """The seed's pairs from the SFT model, every sample kept; every 10th pair held out. Then the
+    Bradley-Terry pairs of DPO's theorem, from fresh SFT samples: ``BT_PAIR_SAMPLES`` samples
+    for each pair prompt, the prompt file ``job["bt_repeats"]`` times over, every two samples
+    whose scores differ as a pair (``pairs="all"``), each labelled on its own at
+    ``BT_LABEL_TEMPERATURE`` (the pairs on which DPO at beta has pi* at ``beta * tau`` as its
+    optimum); their validation pairs (at most ``BT_VAL_PAIRS``) come from samples of their own,
+    on the first ``BT_VAL_PROMPTS`` prompts with another seed, so that no validation sample is
+    trained on."""
     import inspect
 
     from dpo_lightning.sampling import sample_pairs
 
-    for prefix, temperature in (("", None), ("bt_", BT_LABEL_TEMPERATURE)):
-        kwargs = {"samples_per_prompt": PAIR_SAMPLES, "seed": job["seed"]}
-        if temperature is not None:
-            kwargs["label_temperature"] = temperature
-        elif "save_samples" in inspect.signature(sample_pairs).parameters:
-            kwargs["save_samples"] = job["pair_samples"]
-        sample_pairs(job["sft"], job["prompt_file"], job[f"{prefix}pairs"], **kwargs)
-        lines = [line for line in Path(job[f"{prefix}pairs"]).read_text().splitlines() if line.strip()]
-        Path(job[f"{prefix}pairs_train"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if i % HELD_OUT_EVERY))
-        Path(job[f"{prefix}pairs_val"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if not i % HELD_OUT_EVERY))
+    kwargs = {"samples_per_prompt": PAIR_SAMPLES, "seed": job["seed"]}
+    if "save_samples" in inspect.signature(sample_pairs).parameters:
+        kwargs["save_samples"] = job["pair_samples"]
+    sample_pairs(job["sft"], job["prompt_file"], job["pairs"], **kwargs)
+    lines = [line for line in Path(job["pairs"]).read_text().splitlines() if line.strip()]
+    Path(job["pairs_train"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if i % HELD_OUT_EVERY))
+    Path(job["pairs_val"]).write_text("".join(l + "\n" for i, l in enumerate(lines) if not i % HELD_OUT_EVERY))
+
+    prompts = [line for line in Path(job["prompt_file"]).read_text().splitlines() if line.strip()]
+    folder = Path(job["bt_pairs_train"]).parent
+    repeated, val_prompts = folder / "bt_prompts.jsonl", folder / "bt_val_prompts.jsonl"
+    repeated.write_text("".join(l + "\n" for l in prompts * job["bt_repeats"]))
+    val_prompts.write_text("".join(l + "\n" for l in prompts[:BT_VAL_PROMPTS]))
+    bt = {"samples_per_prompt": BT_PAIR_SAMPLES, "pairs": BT_PAIRS, "label_temperature": BT_LABEL_TEMPERATURE}
+    sample_pairs(job["sft"], str(repeated), job["bt_pairs_train"], seed=job["seed"], **bt)
+    sample_pairs(job["sft"], str(val_prompts), job["bt_pairs_val"], seed=BT_VAL_SEED + job["seed"], **bt)
+    val = [line for line in Path(job["bt_pairs_val"]).read_text().splitlines() if line.strip()][:BT_VAL_PAIRS]
+    Path(job["bt_pairs_val"]).write_text("".join(l + "\n" for l in val))
 
 
 def reference_scores_job(job: dict) -> None:
@@ -431,9 +487,11 @@ def add_regret(summary: list[dict[str, Any]], scores: list[list[float]]) -> None
     table = torch.tensor(scores, dtype=torch.float64)
     for r in summary:
         tau = LABEL_TEMPERATURE.get(r["series"])
-        if tau is not None and r["beta"] != "":  # DPO's optimum on these labels: pi* at beta * tau
-            optimum = frontiers.optimum(table, float(r["beta"]) * tau)
-            r.update(optimum_beta=float(r["beta"]) * tau, optimum_reward=optimum["reward"], optimum_kl=optimum["kl"])
+        target = TARGET_BETA.get(r["series"], float(r["beta"]) if tau is not None and r["beta"] != "" else None)
+        if target is not None:  # DPO's optimum on these labels: pi* at beta * tau
+            beta_tau = target * (tau if tau is not None else BT_LABEL_TEMPERATURE)
+            optimum = frontiers.optimum(table, beta_tau)
+            r.update(optimum_beta=beta_tau, optimum_reward=optimum["reward"], optimum_kl=optimum["kl"])
         kl = max(float(r["kl"]), 0.0)
         r["regret"] = frontiers.regret(table, kl, r["reward"]) if kl > 0 else ""
         r["kl_efficiency"] = frontiers.kl_efficiency(table, kl, r["reward"]) if kl > 0 else ""
@@ -838,6 +896,7 @@ def main(argv: list[str] | None = None) -> None:
     timing: dict[str, Any] = {"sft": {"wall_s": time.perf_counter() - sft_start, "cpu_s": cpu_seconds()}}
 
     base = {"out": str(out), "sft": sft, "threads": args.threads, "budget": n_prompts * PAIR_SAMPLES,
+            "bt_repeats": QUICK_BT_PROMPT_REPEATS if args.quick else BT_PROMPT_REPEATS,
             "prompts": n_prompts, "prompt_file": str(prompt_file), "eval": evaluation, "eval_prompts": str(eval_prompts),
             "trajectory_samples": QUICK_TRAJECTORY_SAMPLES if args.quick else TRAJECTORY_SAMPLES,
             "loss_args": {}, "settings": {}}
@@ -853,6 +912,8 @@ def main(argv: list[str] | None = None) -> None:
         run_jobs.append({**base, "kind": "sft", "series": "SFT", "label": "SFT", "name": f"SFT_seed{seed}", "seed": seed})
         for series, kind, recipe_name, loss_args, settings in sweep:
             label = label_of(series, loss_args)
+            if settings.get("seeds") is not None and seed >= settings["seeds"]:  # a series run on fewer seeds
+                continue
             name = re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") + f"_seed{seed}"
             run_jobs.append({**base, **pairs, "kind": kind, "series": series, "label": label, "name": name,
                              "seed": seed, "recipe": recipe_name, "loss_args": dict(loss_args), "settings": settings})

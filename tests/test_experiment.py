@@ -148,6 +148,34 @@ def test_sample_pairs_writes_best_and_worst_with_scores(tmp_path) -> None:
     assert not math.isnan(rows[0]["score_chosen"])
 
 
+def test_sample_pairs_all_writes_every_untied_pair_of_each_prompts_samples(tmp_path) -> None:
+    model_dir = save_tiny(tmp_path, "m", 3)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Review the lamp number {i}."} for i in range(6)])
+    import sys
+    from collections import Counter
+
+    sys.modules[__name__].length_score = length_score
+    out = sample_pairs(model_dir, prompts, str(tmp_path / "pairs.jsonl"), scorer=f"{__name__}:length_score",
+                       samples_per_prompt=5, max_new_tokens=6, pairs="all", save_samples=str(tmp_path / "s.jsonl"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    samples = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(samples) == 30
+    expected: Counter = Counter()  # every two samples of a prompt whose scores differ, the higher one chosen
+    for start in range(0, 30, 5):
+        group = samples[start : start + 5]
+        for a in range(5):
+            for b in range(a + 1, 5):
+                hi, lo = sorted((group[a], group[b]), key=lambda s: -s["score"])
+                if hi["score"] != lo["score"]:
+                    expected[(hi["prompt"], hi["completion"], lo["completion"])] += 1
+    assert 6 < sum(expected.values()) <= 60  # more than one pair per prompt, at most 10 each
+    assert Counter((r["prompt"], r["chosen"], r["rejected"]) for r in rows) == expected
+    for r in rows:
+        assert r["score_chosen"] == len(r["chosen"]) > r["score_rejected"] == len(r["rejected"])
+    with pytest.raises(ValueError, match="--pairs must be best_vs_worst or all"):
+        sample_pairs(model_dir, prompts, str(tmp_path / "x.jsonl"), scorer=f"{__name__}:length_score", pairs="every")
+
+
 def test_sample_pairs_with_a_label_temperature_draws_bradley_terry_orders(tmp_path) -> None:
     model_dir = save_tiny(tmp_path, "m", 3)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Review the lamp number {i}."} for i in range(40)])

@@ -50,6 +50,17 @@ def test_results_table_has_a_row_per_run_with_its_values() -> None:
     assert len(body) == 5
 
 
+def test_a_run_on_fewer_seeds_says_so_and_gamma_is_written_as_such() -> None:
+    one_seed = {"series": "SimPO, Bradley-Terry labels", "label": "SimPO, Bradley-Terry labels beta=2.0 gamma=1.0",
+                "beta": 2.0, "seeds": 1, "reward": 0.9, "reward_se": 0.004, "kl": 2.0, "kl_se": 0.03, "regret": 0.05,
+                "kl_efficiency": 0.5, "optimum_beta": 0.25, "optimum_reward": 0.832, "optimum_kl": 0.61}
+    body = frontier_tables.results_table(SUMMARY + [one_seed, {**one_seed, "seeds": 3}], BEST_OF, KL_SPLIT).splitlines()[2:]
+    assert body[-2] == ("| SimPO, Bradley-Terry labels β 2.0, γ 1.0 (1 seed; ± the evaluation's) | 0.900 ± 0.004 | "
+                        "2.00 ± 0.03 | 0.050 | 0.50 | βτ 0.25: 0.832, 0.61 |  |")
+    assert body[-1].startswith("| SimPO, Bradley-Terry labels β 2.0, γ 1.0 (3 seeds) | 0.900 ± 0.004 |")
+    assert body[2] == "| DPO β 1.0 | 0.790 ± 0.002 | 1.13 ± 0.04 | 0.143 | 0.40 |  | 0.42 |"  # as many seeds as the header
+
+
 def test_regret_table_keeps_the_readme_runs_in_order_and_skips_missing_ones() -> None:
     table = frontier_tables.regret_table(SUMMARY, BEST_OF, runs=["online DPO beta=1.0", "not run", "DPO beta=1.0"])
     assert table.splitlines()[2:] == [
