@@ -12,8 +12,8 @@ Two run families (``--runs``):
   DPO (beta 0.1) on the pair, AdamW (lr 1e-5, constant), gradient norm clipped at 1 (TRL's
   default ``max_grad_norm``), ``steps`` steps. Not in the default list: ``trl-online-random``,
   TRL with random batches instead of length-grouped ones; ``ours-online-share``, ours with
-  ``share_prompt: auto`` (on a CPU each pair's prompt runs once; the online module's default is
-  ``false``); ``ours-online-generate`` and ``ours-iter-generate``, ours with
+  ``share_prompt: auto`` (on a CPU each pair's prompt runs once: the online module's default;
+  ``ours-online`` sets ``false``, the prompt twice as in TRL and the default before); ``ours-online-generate`` and ``ours-iter-generate``, ours with
   ``sampling.engine: generate`` (transformers' ``generate`` instead of the default sampling loop
   of ``dpo_lightning.decoding``, where this checkout has one).
 * an iterative round: ``ours-iter`` (one round of
@@ -447,11 +447,11 @@ def worker(name: str, setting_name: str, folder: Path, quick: bool) -> None:
     result = {
         "trl-online": lambda: online_trl(folder, setting, steps),
         "trl-online-random": lambda: online_trl(folder, setting, steps, grouped=False),
-        "ours-online": lambda: online_ours(folder, setting, steps),
+        "ours-online": lambda: online_ours(folder, setting, steps, share_prompt=False),
         "ours-online-share": lambda: online_ours(folder, setting, steps, share_prompt="auto"),
         "trl-iter": lambda: iter_trl(folder, setting, prompts),
         "ours-iter": lambda: iter_ours(folder, setting, prompts),
-        "ours-online-generate": lambda: online_ours(folder, setting, steps, engine="generate"),
+        "ours-online-generate": lambda: online_ours(folder, setting, steps, engine="generate", share_prompt=False),
         "ours-iter-generate": lambda: iter_ours(folder, setting, prompts, engine="generate"),
     }[name]()
     result["peak_rss_mb"] = peak_rss_mb()
