@@ -14,15 +14,15 @@ IPO, online DPO and iterative DPO, over several seeds, against the KL-optimal po
    (dpo_lightning.experiments.sentiment:score); best vs worst with their scores (for ODPO).
    Every 10th pair is held out: the offline runs validate on it every 10 steps
    (docs/logps.png). Every sample is kept (outputs/frontier/seed<s>/pair_samples.jsonl).
-   DPO's theorem at full size: fresh SFT samples, 4 for each prompt of the 600 four times over
-   (9600 samples), every two of a prompt's 4 whose scores differ as a pair (``--pairs all``),
-   each labelled by a Bradley-Terry draw (``--label_temperature 0.25``: the higher-scored one
-   chosen with probability sigmoid((s_a - s_b) / 0.25)): about 10,000 pairs, on which DPO at
-   beta has pi* at beta * 0.25 as its exact optimum; 200 validation pairs from samples of
-   their own.
+   DPO's theorem at full size: fresh SFT samples, 4 for each prompt of the 600 sixteen times
+   over (38,400 samples), every two of a prompt's 4 whose scores differ as a pair
+   (``--pairs all``), each labelled by a Bradley-Terry draw (``--label_temperature 0.25``: the
+   higher-scored one chosen with probability sigmoid((s_a - s_b) / 0.25)): about 41,600 pairs,
+   on which DPO at beta has pi* at beta * 0.25 as its exact optimum; 200 validation pairs from
+   samples of their own.
 3. Offline: DPO, ODPO and IPO (recipes/dpo.yaml; base.yaml + odpo.yaml / ipo.yaml), 3 epochs
    on the seed's pairs at lr 3e-4; DPO at lr 1e-3 (the recipe's own). On the Bradley-Terry
-   pairs, one epoch at batch 64 and lr 3e-4: DPO at beta 1 (its optimum columns in
+   pairs, one epoch at batch 128 and lr 3e-4: DPO at beta 1 (its optimum columns in
    docs/frontier.csv: pi* at beta * tau = 0.25), and IPO, ODPO and KTO at beta 1 on the same
    pairs, seed 0 only (their optimum columns: the same pi*, from which each one's distance is
    read).

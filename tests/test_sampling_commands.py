@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_CONFIG, TOKENIZER_DIR, write_jsonl
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.judges import FunctionJudge
 from dpo_lightning.models import ModelSpec, load_causal_lm, load_tokenizer
-from dpo_lightning.sampling import encode_prompt, main_evaluate, main_sample_pairs, sample, sample_pairs
+from dpo_lightning.sampling import encode_prompt, main_evaluate, main_sample_pairs, sample, sample_pairs, sample_prompts
 
 POLICY = str(ROOT / "data" / "tiny-llama")  # ships its tokenizer with a chat template
 CHAT = [{"role": "system", "content": "You write reviews."}, {"role": "user", "content": "Review the lamp."}]
@@ -134,3 +134,29 @@ def test_scorer_and_judge_choices(tmp_path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": {"text": "no"}}])
     with pytest.raises(ValueError, match="row 0 has no 'prompt' that is a string or a conversation"):
         sample_pairs(POLICY, bad, str(tmp_path / "o.jsonl"))
+
+
+def test_sample_prompts_batches_prompts_of_any_length_into_each_prompts_own_samples() -> None:
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=POLICY))
+    model = load_causal_lm(ModelSpec(name_or_path=POLICY), tokenizer).eval()
+    prompts = ["Review the lamp.", CHAT, "Review the blue kettle, please, in a few words.", "Hi.", "Review it."]
+    # one prompt a batch is `sample`, prompt by prompt, from the same stream
+    torch.manual_seed(4)
+    alone = [sample(model, tokenizer, p, 3, 6) for p in prompts]
+    torch.manual_seed(4)
+    one_by_one = list(sample_prompts(model, tokenizer, prompts, 3, 6, batch_size=1))
+    assert [p for p, _ in one_by_one] == prompts
+    assert [s.completion_ids for _, s in one_by_one] == [s.completion_ids for s in alone]
+    # batches of 2 (prompts of other lengths left-padded together): each prompt its own 3 samples
+    torch.manual_seed(4)
+    batched = list(sample_prompts(model, tokenizer, prompts, 3, 6, batch_size=2))
+    assert [p for p, _ in batched] == prompts
+    stop = tokenizer.eos_token_id
+    for (prompt, s), single in zip(batched, alone):
+        assert s.prompt_ids == single.prompt_ids == encode_prompt(tokenizer, prompt)
+        assert len(s.completion_ids) == len(s.texts) == 3
+        for ids, text in zip(s.completion_ids, s.texts):
+            assert 1 <= len(ids) <= 6 and stop not in ids[:-1]  # cut at the first EOS
+            assert text == tokenizer.decode([t for t in ids if t != stop], skip_special_tokens=True)
+    with pytest.raises(ValueError, match=r"--batch_size must be a positive integer"):
+        next(sample_prompts(model, tokenizer, prompts, 3, 6, batch_size=0))
