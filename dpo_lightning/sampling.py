@@ -57,6 +57,8 @@ from .judges import JUDGE_KEY, FunctionJudge, Judge, PairwiseJudge, Prompt, Scor
 from .models import ModelSpec, load_causal_lm, load_tokenizer
 from .modules.logprobs import LogProbSelector
 
+#: sequences sampled together by ``evaluate_policy`` unless ``--batch_size`` says otherwise
+EVALUATION_BATCH_SEQUENCES = 256
 #: the scorer used when neither --scorer nor --judge is given
 DEFAULT_SCORER = "dpo_lightning.experiments.sentiment:score"
 
@@ -215,6 +217,7 @@ def evaluate_policy(
     save_samples: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """Mean score of the policy's samples and the Monte-Carlo sequence-level KL to the reference.
 
@@ -234,6 +237,8 @@ def evaluate_policy(
         save_samples: also write every sample here as JSON lines: ``prompt``, ``completion``,
             ``score``, ``log_ratio``, ``logp_policy``, ``logp_reference``.
         chat_template_kwargs: extra variables for the chat template (conversational prompts).
+        batch_size: prompts sampled together; ``None``: as many as make about 256 sequences
+            (at least one prompt). The samples' distribution does not depend on it.
     Returns:
         ``{"reward", "reward_stderr", "kl", "kl_stderr", "samples"}``.
     """
@@ -246,8 +251,12 @@ def evaluate_policy(
     rewards: list[float] = []
     log_ratios: list[float] = []
     saved: list[dict[str, Any]] = []
-    for prompt in tqdm(read_prompts(prompts), desc="evaluating", unit="prompt"):
-        s = sample(pi, tokenizer, prompt, samples_per_prompt, max_new_tokens, chat_template_kwargs)
+    prompt_list = read_prompts(prompts)
+    if batch_size is None:
+        batch_size = max(1, EVALUATION_BATCH_SEQUENCES // samples_per_prompt)
+    batches = sample_prompts(pi, tokenizer, prompt_list, samples_per_prompt, max_new_tokens, chat_template_kwargs,
+                             batch_size)
+    for prompt, s in tqdm(batches, total=len(prompt_list), desc="evaluating", unit="prompt"):
         lp = completion_logprobs(pi, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
         lr = completion_logprobs(ref, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
         scores = score_samples(scoring, prompt, s.texts)

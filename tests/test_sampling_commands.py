@@ -111,8 +111,8 @@ def test_evaluate_with_conversations_saves_log_ratios(tmp_path, monkeypatch, ref
 
     tokenizer = load_tokenizer(ModelSpec(name_or_path=POLICY))
     policy = load_causal_lm(ModelSpec(name_or_path=POLICY), tokenizer).eval()
-    torch.manual_seed(0)  # the command's seed: the first prompt's samples again
-    first = sample(policy, tokenizer, PROMPTS[0]["prompt"], 3, 6)
+    torch.manual_seed(0)  # the command's seed and batch (256 // 3 prompts): the first prompt's samples again
+    ((_, first), *_) = sample_prompts(policy, tokenizer, [p["prompt"] for p in PROMPTS], 3, 6, batch_size=256 // 3)
     logps = completion_logprobs(policy, tokenizer.pad_token_id, first.prompt_ids, first.completion_ids).tolist()
     assert [s["completion"] for s in samples[:3]] == first.texts
     assert [s["logp_policy"] for s in samples[:3]] == pytest.approx(logps, abs=1e-6)
