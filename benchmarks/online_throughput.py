@@ -15,7 +15,10 @@ Two run families (``--runs``):
   ``share_prompt: auto`` (on a CPU each pair's prompt runs once: the online module's default;
   ``ours-online`` sets ``false``, the prompt twice as in TRL and the default before); ``ours-online-generate`` and ``ours-iter-generate``, ours with
   ``sampling.engine: generate`` (transformers' ``generate`` instead of the default sampling loop
-  of ``dpo_lightning.decoding``, where this checkout has one).
+  of ``dpo_lightning.decoding``, where this checkout has one); ``ours-online-k8-pairs`` and
+  ``ours-online-k8-samples``, ours with 8 samples a prompt and every pair of them, trained as
+  pairs (``samples_once: false``) or with each sample's sequence once (``true``), the second's
+  ratio against the first (no TRL counterpart: its online trainer samples 2).
 * an iterative round: ``ours-iter`` (one round of
   :class:`~dpo_lightning.iterative.IterativePairsDataModule` +
   :class:`~dpo_lightning.modules.IterativePreferenceModule`: ``k`` completions for each of
@@ -125,10 +128,13 @@ RUNS = {  # name: (family, tool)
     "ours-online-share": ("online", "ours"),
     "ours-online-generate": ("online", "ours"),
     "ours-iter-generate": ("iter", "ours"),
+    "ours-online-k8-pairs": ("online", "ours"),
+    "ours-online-k8-samples": ("online", "ours"),
 }
 DEFAULT_RUNS = ["trl-online", "ours-online", "trl-iter", "ours-iter"]
 BASELINE = {"ours-online": "trl-online", "ours-online-share": "trl-online", "ours-online-generate": "trl-online",
-            "ours-iter": "trl-iter", "ours-iter-generate": "trl-iter"}
+            "ours-iter": "trl-iter", "ours-iter-generate": "trl-iter",
+            "ours-online-k8-samples": "ours-online-k8-pairs"}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -249,7 +255,7 @@ def lightning_trainer(callback: Any, root: Path, **options: Any):
 
 
 # -- the runs (each in its own process) ------------------------------------------------------------------
-def sampling_spec(setting: Setting, num_samples: int, engine: str | None):
+def sampling_spec(setting: Setting, num_samples: int, engine: str | None, pairs: str = "best_vs_worst"):
     """The runs' ``SamplingSpec``: exact sampling, the setting's ``max_new_tokens``, and
     ``engine`` when given (refused on a checkout without ``sampling.engine``)."""
     from dpo_lightning.generation import SamplingSpec
@@ -259,12 +265,15 @@ def sampling_spec(setting: Setting, num_samples: int, engine: str | None):
         if "engine" not in SamplingSpec.__dataclass_fields__:
             raise SystemExit("this dpo-lightning has no sampling.engine: the *-generate runs need the decoding loop")
         options["engine"] = engine
+    if pairs != "best_vs_worst":
+        options["pairs"] = pairs
     return SamplingSpec(num_samples=num_samples, max_new_tokens=setting.max_new_tokens, temperature=1.0, top_p=1.0,
                         top_k=0, **options)
 
 
-def online_ours(folder: Path, setting: Setting, steps: int, engine: str | None = None, **options: Any) -> dict:
-    """``options`` go to ``OnlinePreferenceModule``."""
+def online_ours(folder: Path, setting: Setting, steps: int, engine: str | None = None, num_samples: int = 2,
+                pairs: str = "best_vs_worst", **options: Any) -> dict:
+    """``options`` go to ``OnlinePreferenceModule``; ``num_samples`` and ``pairs`` to its sampling."""
     import lightning as L
     import torch
 
@@ -291,7 +300,7 @@ def online_ours(folder: Path, setting: Setting, steps: int, engine: str | None =
     module = OnlinePreferenceModule(
         model=ModelSpec(name_or_path=str(folder / "model"), tokenizer=str(folder / "tokenizer")),
         judge=FunctionJudge(setting.judge), loss=DPOLoss(beta=BETA),
-        sampling=sampling_spec(setting, 2, engine), optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **options,
+        sampling=sampling_spec(setting, num_samples, engine, pairs), optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **options,
     )
     data = PromptDataModule(train_data=str(folder / "prompts.jsonl"), batch_size=setting.batch, max_length=setting.max_length)
     data.connect(module.tokenizer, module.data_requirements)
@@ -453,6 +462,9 @@ def worker(name: str, setting_name: str, folder: Path, quick: bool) -> None:
         "ours-iter": lambda: iter_ours(folder, setting, prompts),
         "ours-online-generate": lambda: online_ours(folder, setting, steps, engine="generate", share_prompt=False),
         "ours-iter-generate": lambda: iter_ours(folder, setting, prompts, engine="generate"),
+        # 8 samples a prompt, every pair (up to 56 pair sides from 8 sequences): as pairs / each sample once
+        "ours-online-k8-pairs": lambda: online_ours(folder, setting, steps, num_samples=8, pairs="all", samples_once=False),
+        "ours-online-k8-samples": lambda: online_ours(folder, setting, steps, num_samples=8, pairs="all", samples_once=True),
     }[name]()
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
