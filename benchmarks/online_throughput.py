@@ -272,8 +272,9 @@ def sampling_spec(setting: Setting, num_samples: int, engine: str | None, pairs:
 
 
 def online_ours(folder: Path, setting: Setting, steps: int, engine: str | None = None, num_samples: int = 2,
-                pairs: str = "best_vs_worst", **options: Any) -> dict:
-    """``options`` go to ``OnlinePreferenceModule``; ``num_samples`` and ``pairs`` to its sampling."""
+                pair_mode: str = "best_vs_worst", **options: Any) -> dict:
+    """``options`` go to ``OnlinePreferenceModule``; ``num_samples`` and ``pair_mode``
+    (``sampling.pairs``) to its sampling."""
     import lightning as L
     import torch
 
@@ -300,7 +301,7 @@ def online_ours(folder: Path, setting: Setting, steps: int, engine: str | None =
     module = OnlinePreferenceModule(
         model=ModelSpec(name_or_path=str(folder / "model"), tokenizer=str(folder / "tokenizer")),
         judge=FunctionJudge(setting.judge), loss=DPOLoss(beta=BETA),
-        sampling=sampling_spec(setting, num_samples, engine, pairs), optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **options,
+        sampling=sampling_spec(setting, num_samples, engine, pair_mode), optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **options,
     )
     data = PromptDataModule(train_data=str(folder / "prompts.jsonl"), batch_size=setting.batch, max_length=setting.max_length)
     data.connect(module.tokenizer, module.data_requirements)
@@ -463,8 +464,8 @@ def worker(name: str, setting_name: str, folder: Path, quick: bool) -> None:
         "ours-online-generate": lambda: online_ours(folder, setting, steps, engine="generate", share_prompt=False),
         "ours-iter-generate": lambda: iter_ours(folder, setting, prompts, engine="generate"),
         # 8 samples a prompt, every pair (up to 56 pair sides from 8 sequences): as pairs / each sample once
-        "ours-online-k8-pairs": lambda: online_ours(folder, setting, steps, num_samples=8, pairs="all", samples_once=False),
-        "ours-online-k8-samples": lambda: online_ours(folder, setting, steps, num_samples=8, pairs="all", samples_once=True),
+        "ours-online-k8-pairs": lambda: online_ours(folder, setting, steps, num_samples=8, pair_mode="all", samples_once=False),
+        "ours-online-k8-samples": lambda: online_ours(folder, setting, steps, num_samples=8, pair_mode="all", samples_once=True),
     }[name]()
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
@@ -484,7 +485,7 @@ def shares(result: dict, family: str) -> dict[str, float]:
 
 def print_table(results: dict[tuple[str, str], list[dict]], settings: list[str], names: list[str], repeats: int) -> None:
     print(f"\nmedian [min-max] over {repeats} interleaved repeat(s); one thread per run")
-    header = (f"{'setting':<10}{'run':<22}{'prompts/s':>20}{'x TRL':>7}{'per CPU-s':>11}{'x (CPU)':>9}"
+    header = (f"{'setting':<10}{'run':<24}{'prompts/s':>20}{'x TRL':>7}{'per CPU-s':>11}{'x (CPU)':>9}"
               f"{'peak RSS MB':>13}{'pairs':>7}{'generate':>10}{'score':>7}{'train':>7}{'other':>7}{'steps/e2e':>11}")
     print(header)
     print("-" * len(header))
@@ -503,7 +504,7 @@ def print_table(results: dict[tuple[str, str], list[dict]], settings: list[str],
             part = {k: med(lambda r, k=k: shares(r, family)[k]) for k in shares(rs[0], family)}
             other = f"{part['other']:.0%}" if "other" in part else "-"
             steps_share = f"{med(lambda r: r['phases']['step'] / r['cpu_seconds']):.0%}" if family == "online" else "-"
-            print(f"{s:<10}{name:<22}{summary([r['prompts_s'] for r in rs]):>20}{ratio:>7}{med(lambda r: r['cpu_prompts_s']):>11.2f}"
+            print(f"{s:<10}{name:<24}{summary([r['prompts_s'] for r in rs]):>20}{ratio:>7}{med(lambda r: r['cpu_prompts_s']):>11.2f}"
                   f"{cpu_ratio:>9}{med(lambda r: r['peak_rss_mb']):>13.0f}{med(lambda r: r['pairs']):>7.0f}"
                   f"{part['generate']:>10.0%}{part['score']:>7.0%}{part['train']:>7.0%}{other:>7}{steps_share:>11}")
     print("\nCPU milliseconds per step (online) / CPU seconds per run (iterative), medians:")
@@ -517,10 +518,10 @@ def print_table(results: dict[tuple[str, str], list[dict]], settings: list[str],
                 n = rs[0]["steps"]
                 gen, score, step = part("generate"), part("score"), part("step")
                 outside = statistics.median(r["cpu_seconds"] - r["phases"]["step"] for r in rs)
-                print(f"  {s:<10}{name:<22}generate {1e3 * gen / n:7.0f} ms  score {1e3 * score / n:6.1f} ms  train "
+                print(f"  {s:<10}{name:<24}generate {1e3 * gen / n:7.0f} ms  score {1e3 * score / n:6.1f} ms  train "
                       f"{1e3 * (step - gen - score) / n:7.0f} ms  step {1e3 * step / n:7.0f} ms; outside the steps {outside:.2f} s")
             else:
-                print(f"  {s:<10}{name:<22}" + "  ".join(f"{k} {part(k):.2f} s" for k in ("generate", "score", "train", "other"))
+                print(f"  {s:<10}{name:<24}" + "  ".join(f"{k} {part(k):.2f} s" for k in ("generate", "score", "train", "other"))
                       + f"  total {statistics.median(r['cpu_seconds'] for r in rs):.2f} s")
     print("\nprompts/s: prompts trained on over wall seconds from model load to the end of training; per CPU-s: over the "
           "run's own CPU seconds; x TRL, x (CPU): ours over TRL's median. generate / score / train: shares of CPU time, "
@@ -586,7 +587,7 @@ def main() -> None:
                 r.update(prompts_s=r["prompts"] / r["seconds"], cpu_prompts_s=r["prompts"] / r["cpu_seconds"],
                          repeat=repeat, setting=s, run=name)
                 results.setdefault((s, name), []).append(r)
-                print(f"  [{repeat + 1}/{repeats}] {s:<10}{name:<22}{r['prompts_s']:8.2f} prompts/s{r['seconds']:8.1f} s"
+                print(f"  [{repeat + 1}/{repeats}] {s:<10}{name:<24}{r['prompts_s']:8.2f} prompts/s{r['seconds']:8.1f} s"
                       f"{r['cpu_seconds']:8.1f} CPU s{r['peak_rss_mb']:8.0f} MB  {r['steps']} steps, {r['pairs']} pairs",
                       flush=True)
     print_table(results, settings, names, repeats)
