@@ -52,7 +52,7 @@ lock:
 		--strip-extras --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml requirements/pins.in
 	@echo "lock refreshed: review 'git diff $(LOCK)', run 'make test', commit both"
 
-# The controlled-sentiment frontier (docs/frontier.md): 5 seeds, 75 runs; 39 minutes measured while a CI run shared the 2 cores (3224 CPU s; about 27 on 2 free cores).
+# The controlled-sentiment frontier (docs/frontier.md): 5 seeds, 68 runs; 26.9 minutes measured on 2 free cores (2974 CPU s).
 experiment: $(STAMP)
 	$(PY) scripts/sentiment_frontier.py
 

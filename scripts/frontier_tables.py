@@ -29,6 +29,7 @@ from typing import Any
 README_RUNS = [
     "DPO beta=1.0",
     "DPO beta=0.5",
+    "DPO, Bradley-Terry labels beta=1.0",
     "online DPO beta=1.0",
     "iterative DPO, all pairs beta=1.0",
     "online DPO, 8 samples, all pairs, lr 3e-4, 3 epochs beta=1.0",
