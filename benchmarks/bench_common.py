@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 ARCH = {
     "model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
@@ -101,3 +102,19 @@ def word_score(completion: str) -> float:
     random words almost never tie."""
     values = [int(w[1:]) % 97 / 96 for w in completion.split() if w[:1] == "w" and w[1:].isdigit()]
     return sum(values) / len(values) if values else 0.0
+
+
+def chosen_runs(parser: Any, runs_arg: str, known: list[str], is_trl: Callable[[str], bool]) -> tuple[list[str], Any]:
+    """The runs ``--runs`` names (comma-separated; an unknown one is a parser error naming the
+    known ones) and the ``trl`` module, or ``None`` when it is not installed: then the TRL runs
+    (``is_trl``) are left out, with a line saying so."""
+    names = [n for n in runs_arg.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--runs: unknown {unknown}; choose from {list(known)}")
+    try:
+        import trl
+    except ImportError:
+        print("trl not installed: TRL runs skipped (pip install trl to compare)")
+        return [n for n in names if not is_trl(n)], None
+    return names, trl

@@ -86,7 +86,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bench_common import ARCH, peak_rss_mb, random_words, run_worker, save_model, save_word_tokenizer, summary
+from bench_common import ARCH, chosen_runs, peak_rss_mb, random_words, run_worker, save_model, save_word_tokenizer, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-5
@@ -543,16 +543,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.settings, Path(args.folder), args.quick)
         return
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        parser.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
-    try:
-        import trl
-    except ImportError:
-        trl = None
-        names = [n for n in names if RUNS[n][1] != "trl"]
-        print("trl not installed: TRL runs skipped (pip install trl to compare)")
+    names, trl = chosen_runs(parser, args.runs, list(RUNS), lambda n: RUNS[n][1] == "trl")
     import torch
     import transformers
 

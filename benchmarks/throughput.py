@@ -77,7 +77,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_common import ARCH, peak_rss_mb, random_words, run_worker, save_model, save_word_tokenizer, summary
+from bench_common import ARCH, chosen_runs, peak_rss_mb, random_words, run_worker, save_model, save_word_tokenizer, summary
 from bench_common import model_config as vocab_config
 
 BATCH = 8
@@ -320,16 +320,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.settings, Path(args.folder), args.trl_default_steps)
         return
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        parser.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
-    try:
-        import trl
-    except ImportError:
-        trl = None
-        names = [n for n in names if RUNS[n].tool != "trl"]
-        print("trl is not installed: measuring dpo-lightning only (pip install trl to compare)")
+    names, trl = chosen_runs(parser, args.runs, list(RUNS), lambda n: RUNS[n].tool == "trl")
     import torch
     import transformers
 
