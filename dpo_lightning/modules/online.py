@@ -18,6 +18,7 @@ Each training step, for a batch of ``B`` prompts (the ``PROMPTS`` layout of
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from ..contract import BatchLayout, DataRequirements
+from ..contract import BatchLayout, DataRequirements, PairRows
 from ..data.collator import pad_sequences
 from ..generation import (
     EXACT, SCORE_COLUMNS, JudgedPairs, SamplingSpec, Samples, build_pair_batch, check_judge, check_pair_columns,
@@ -168,7 +169,7 @@ class OnlinePreferenceModule(PreferenceModule):
         self.save_hyperparameters(ignore=["judge", "loss", "optimizer", "scheduler", "export_dir", "overwrite_export"])
         self.judge = judge
         self.sampling = sampling
-        if samples_once is True and (self.loss.needs_token_logprobs or self.loss.needs_reference_tokens):
+        if samples_once is True and self.loss_reads_token_logprobs:
             raise ValueError(
                 f"{MODEL_KEY}.samples_once: {type(self.loss).__name__} reads per-token log-probs, which are laid out "
                 "per pair; set samples_once to auto or false"
@@ -274,13 +275,13 @@ class OnlinePreferenceModule(PreferenceModule):
         of fewer tokens, never for a loss that reads per-token log-probs)."""
         if self.samples_once != "auto":
             return bool(self.samples_once)
-        if self.loss.needs_token_logprobs or self.loss.needs_reference_tokens:
+        if self.loss_reads_token_logprobs:
             return False
         k = samples.num_samples
         prompt = [len(p) for p in samples.prompt_ids]
         completion = [len(c) for c in samples.completion_ids]
-        shared = self.logprob_selector.share_prompt is True or (
-            self.logprob_selector.share_prompt == "auto" and self.device.type == "cpu")
+        rows = self.logprob_selector.pair_rows(self.policy)  # the layout pair batches take
+        shared = rows is PairRows.SHARED or (rows is PairRows.SHARED_ON_CPU and self.device.type == "cpu")
         as_pairs = sum((1 if shared else 2) * prompt[i] + completion[i * k + c] + completion[i * k + r]
                        for i, c, r in pairs)
         used = {i * k + j for i, c, r in pairs for j in (c, r)}
@@ -292,17 +293,16 @@ class OnlinePreferenceModule(PreferenceModule):
         reference), then each pair's chosen and rejected taken from them (``(2P,)``)."""
         if "pair_sample" not in batch:
             return super().pair_logprobs(batch)
-        trainer = self.attached_trainer
-        strategy = trainer.strategy if trainer is not None else None
-
-        def compute(model: torch.nn.Module, rows: dict[str, Tensor]) -> SequenceLogProbs:
-            return self.sequence_logprobs(model, rows, strategy,
-                                          with_square_mass=self.loss.needs_square_mass and model is self.policy)
-
+        compute = partial(self.logprobs, selector=self.sequence_logprobs)  # rows are single sequences
         index = batch["pair_sample"]
         policy = compute(self.policy, batch)
         reference = self.reference.logprobs(self.policy, batch, compute)
         return take_rows(policy, index), None if reference is None else take_rows(reference, index)
+
+    @property
+    def loss_reads_token_logprobs(self) -> bool:
+        """The loss reads per-token log-probs (LD-DPO), laid out per pair: never the samples layout."""
+        return self.loss.needs_token_logprobs or self.loss.needs_reference_tokens
 
     def log_judged(self, judged: JudgedPairs) -> None:
         """``train/online/*`` of one batch (see the class docstring): under DDP of the global

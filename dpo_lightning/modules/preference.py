@@ -142,12 +142,14 @@ class PreferenceModule(AlignmentModule):
         return replace(requirements, pair_rows=self.logprob_selector.pair_rows(self.policy))
 
     # -- log-probs --------------------------------------------------------------------------
-    def logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogProbs:
+    def logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor],
+                 selector: LogProbSelector | None = None) -> SequenceLogProbs:
         """``(2B,)`` log-prob sums and counts of ``model`` on ``batch`` (per-token values too when
-        the loss asks), by the configured path; the reference strategy uses the same."""
+        the loss asks), by the configured path (``selector``: another one, e.g. a subclass's
+        single-sequence path); the reference strategy uses the same."""
         trainer = self.attached_trainer
         strategy = trainer.strategy if trainer is not None else None
-        return self.logprob_selector(
+        return (selector or self.logprob_selector)(
             model, batch, strategy, with_tokens=self.loss.needs_token_logprobs,
             with_square_mass=self.loss.needs_square_mass and model is self.policy,
         )
