@@ -1,11 +1,13 @@
 """Sampling speed: ``sample_completions`` through transformers' ``generate`` (``engine:
 generate``, the path before the sampling loop) against the loop of ``dpo_lightning.decoding``
-(``engine: auto``), and ``generate`` with a static cache (``static``), compiled by
-``torch.compile`` (``static-compile``).
+(``engine: auto``), the loop with transformers' concatenating ``DynamicCache`` instead of its
+preallocated one (``auto-concat``, what ``auto`` did before ``dpo_lightning/kv_cache.py``), and
+``generate`` with a static cache (``static``), compiled by ``torch.compile`` (``static-compile``).
 
     .venv/bin/python benchmarks/generation.py                                  # both settings
     .venv/bin/python benchmarks/generation.py --settings sentiment --policy outputs/sft/model
     .venv/bin/python benchmarks/generation.py --settings small --engines generate auto static static-compile
+    .venv/bin/python benchmarks/generation.py --engines auto-concat auto
 
 Settings:
 
@@ -29,6 +31,7 @@ reported on its own line.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -43,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dpo_lightning import decoding, generation  # noqa: E402
 from dpo_lightning.generation import cut_at_eos, encode_prompt, left_padded, sample_completions, stop_token_ids  # noqa: E402
 
 
@@ -106,8 +110,15 @@ def run_engine(work: Workload, engine: str) -> tuple[float, float, int, int]:
         if engine in ("static", "static-compile"):
             tokens += static_generate(work, batch, seed, stops, compile=engine == "static-compile")
         else:
-            out = sample_completions(work.model, work.tokenizer, batch, work.num_samples, seed=seed,
-                                     max_new_tokens=work.max_new_tokens, stop_ids=stops, engine=engine)
+            concat = engine == "auto-concat"
+            if concat:
+                generation.decode = functools.partial(decoding.decode, preallocated=False)
+            try:
+                out = sample_completions(work.model, work.tokenizer, batch, work.num_samples, seed=seed,
+                                         max_new_tokens=work.max_new_tokens, stop_ids=stops,
+                                         engine="auto" if concat else engine)
+            finally:
+                generation.decode = decoding.decode
             tokens += sum(map(len, out.completion_ids))
         prompts += len(batch["prompt"])
     return time.perf_counter() - wall, time.process_time() - cpu, prompts, tokens
@@ -138,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["sentiment", "small"], choices=["sentiment", "small"])
     parser.add_argument("--policy", default=str(ROOT / "data" / "tiny-llama"), help="sentiment: the policy folder")
-    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "static", "static-compile"])
+    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "auto-concat", "static", "static-compile"])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)

@@ -2,7 +2,9 @@
 with each prompt's prefill run once and finished rows dropped from the batch.
 
 1. prefill the ``B`` prompts once (``use_cache``, position ids from the attention mask as
-   ``generate`` makes them for left padding, logits of the last position only);
+   ``generate`` makes them for left padding, logits of the last position only) into a cache
+   whose full-attention layers are preallocated for the prompt and ``max_new_tokens``
+   (:mod:`dpo_lightning.kv_cache`: each step written in place, not concatenated);
 2. expand the KV cache, the mask and the last logits to ``B * k`` rows
    (``Cache.batch_repeat_interleave``);
 3. decode: every step, each still-active row draws its next token from the distribution
@@ -38,6 +40,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from dpo_lightning.kv_cache import preallocate
 
 #: the names a model's forward may give its KV cache argument (transformers 5: ``cache``)
 CACHE_ARGS = ("cache", "past_key_values")
@@ -148,6 +152,7 @@ def decode(
     top_p: float = 1.0,
     top_k: int = 0,
     drop_finished: bool = True,
+    preallocated: bool = True,
 ) -> Decoded:
     """Sample ``num_samples`` completions of each prompt (see the module docstring).
 
@@ -176,6 +181,8 @@ def decode(
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # as generate: left padding shifts the positions
     cache = new_cache(model)
+    if preallocated:
+        preallocate(cache, input_ids.shape[1] + max_new_tokens)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache}, **extra)
     returned = getattr(out, name, None)
     cache = returned if returned is not None else cache
