@@ -15,7 +15,8 @@ PACKAGE = "dpo_lightning"
 #: each group (the first name under dpo_lightning/) and its floor, lowest first
 FLOORS: dict[str, int] = {
     **dict.fromkeys(("", "contract", "models", "lora", "metrics", "optim", "export", "model_card", "checkpoints",
-                     "fingerprints", "experiments", "console", "digests", "run_logs", "decoding"), 0),
+                     "fingerprints", "experiments", "console", "digests", "run_logs", "decoding",
+                     "kv_cache"), 0),
     **dict.fromkeys(("losses", "data"), 1),
     "judges": 2,
     "generation": 3,
