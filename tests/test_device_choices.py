@@ -124,6 +124,50 @@ def test_cpu_selector_calls_run_without_a_kernel_restriction(tokenizer, monkeypa
     assert entered == []
 
 
+# -- LM head chunk ---------------------------------------------------------------------------
+class HeadOnly(torch.nn.Module):
+    """Just what ``positions_per_chunk`` reads: an output embedding of ``vocab`` rows."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(1, vocab, bias=False)
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.head
+
+
+@pytest.mark.parametrize(("vocab", "cpu_positions"), [(2000, 1024), (32000, 262), (151936, 64), (2**23, 64)])
+def test_auto_chunk_holds_about_32_mb_of_logits_on_cpu_and_1024_positions_elsewhere(vocab: int, cpu_positions: int) -> None:
+    model = HeadOnly(vocab)
+    selector = LogProbSelector("chunked")
+    assert selector.chunk_size == "auto"
+    assert selector.positions_per_chunk(model, torch.device("cpu")) == cpu_positions
+    assert selector.positions_per_chunk(model, torch.device("cuda")) == 1024
+    assert LogProbSelector("chunked", 7).positions_per_chunk(model, torch.device("cpu")) == 7
+
+
+def test_selector_hands_the_resolved_chunk_to_the_head_and_it_leaves_the_values_alone(tokenizer, monkeypatch) -> None:
+    model = load_causal_lm(tiny_spec(seed=3), tokenizer)
+    batch = PairCollator(pad_token_id=tokenizer.pad_token_id)(rows())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    expected = max(64, min(1024, 2**23 // vocab))
+    seen: list[int] = []
+    real = logprobs.target_logprobs
+    monkeypatch.setattr(logprobs, "target_logprobs", lambda h, w, y, chunk: seen.append(chunk) or real(h, w, y, chunk))
+    with torch.no_grad():
+        auto = LogProbSelector("chunked")(model, batch)
+        small = LogProbSelector("chunked", 3)(model, batch)
+    assert seen == [expected, 3]
+    torch.testing.assert_close(auto.sums, small.sums, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -5, "big", True, 2.5])
+def test_a_bad_chunk_size_names_its_key(tokenizer, bad: object) -> None:
+    model = load_causal_lm(tiny_spec(), tokenizer)
+    with pytest.raises(ValueError, match=r"model\.init_args\.logprob_chunk_size must be auto or an integer >= 1"):
+        LogProbSelector("chunked", bad).check(model)  # type: ignore[arg-type]
+
+
 # -- liger head ------------------------------------------------------------------------------
 def test_liger_head_only_for_gradient_free_cuda_passes_with_liger_installed(monkeypatch) -> None:
     monkeypatch.setattr(liger_head, "liger_installed", lambda: True)

@@ -27,6 +27,15 @@ from .liger_head import liger_target_logprobs, use_liger_head
 
 LogProbMode = Literal["auto", "chunked", "full"]
 
+#: ``logprob_chunk_size: auto`` on a CPU: positions per chunk such that a ``(chunk, V)`` float32
+#: block holds about this many values (32 MB). At vocab 32k (262 positions) it measured 1.11x end to
+#: end against 1024 positions (a 131 MB block: every element-wise pass over it went to memory);
+#: 128 and 512 positions were slower than 256 (``benchmarks/ab.py``, see benchmarks/README.md)
+CPU_CHUNK_VALUES = 2**23
+#: bounds of the automatic chunk: at vocab 2k, 1024 and 4096 positions measured the same, 64 was
+#: slower than 256 at 32k; off the CPU (not measured) ``auto`` is the upper bound, as before
+CHUNK_POSITIONS = (64, 1024)
+
 #: architectures whose decoder takes the shared layout's 4D mask and position ids as given, so
 #: ``share_prompt: auto`` may use it (each is tested equal to the plain layout; GPT-2, for one, is not)
 SHARED_PROMPT_MODEL_TYPES = frozenset(
@@ -370,7 +379,8 @@ class LogProbSelector:
             model's logits), or ``"auto"`` (default): chunked where the model allows it (plain
             linear head, no logit scaling, see :func:`supports_chunked_logprobs`) and the
             strategy is not FSDP, whose root unit must run the full forward.
-        chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes).
+        chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes), or
+            ``"auto"`` (default): :meth:`positions_per_chunk`.
         share_prompt: for ``PAIRS`` batches, run each pair's prompt once
             (:func:`shared_prompt_model_logprobs`); needs the chunked path and ``sdpa`` /
             ``eager`` attention. ``"auto"``: on for pair batches on the CPU where the shared
@@ -381,7 +391,7 @@ class LogProbSelector:
     """
 
     mode: LogProbMode = "auto"
-    chunk_size: int = 1024
+    chunk_size: int | Literal["auto"] = "auto"
     share_prompt: bool | Literal["auto"] = False
     pairs: bool = False
 
@@ -389,8 +399,10 @@ class LogProbSelector:
         """Raise ``ValueError`` naming the recipe key when these settings cannot run on ``model``."""
         if self.mode not in ("auto", "chunked", "full"):
             raise ValueError(f"{key}.logprobs must be auto, chunked or full, got {self.mode!r}")
-        if self.chunk_size < 1:
-            raise ValueError(f"{key}.logprob_chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size != "auto" and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"{key}.logprob_chunk_size must be auto or an integer >= 1, got {self.chunk_size!r}")
         if self.share_prompt not in (True, False, "auto"):
             raise ValueError(f"{key}.share_prompt must be true, false or auto, got {self.share_prompt!r}")
         self.pairs = pairwise
@@ -412,6 +424,19 @@ class LogProbSelector:
             )
             if problem:
                 raise ValueError(f"{key}.share_prompt needs {problem}")
+
+    def positions_per_chunk(self, model: torch.nn.Module, device: torch.device) -> int:
+        """The LM head's positions per chunk: ``chunk_size`` when given; for ``"auto"``, on a CPU
+        about :data:`CPU_CHUNK_VALUES` logits a chunk (``2**23 // vocab``, within
+        :data:`CHUNK_POSITIONS`: 1024 at vocab 2k, 262 at 32k, 64 at 152k), the block that stays
+        in the processor's caches; on other devices 1024."""
+        if self.chunk_size != "auto":
+            return self.chunk_size
+        low, high = CHUNK_POSITIONS
+        if device.type != "cpu":
+            return high
+        vocab = model.get_output_embeddings().weight.shape[0]
+        return max(low, min(high, CPU_CHUNK_VALUES // vocab))
 
     def chunked(self, model: torch.nn.Module, strategy: Any = None) -> bool:
         """Whether :meth:`__call__` takes the chunked path for ``model`` under ``strategy``."""
@@ -438,9 +463,10 @@ class LogProbSelector:
         with attention_kernels(batch["input_ids"].device):
             if not self.chunked(model, strategy):
                 return model_logprobs(model, batch, with_tokens, with_square_mass)
+            chunk_size = self.positions_per_chunk(model, batch["input_ids"].device)
             if self.shares_prompt(model, batch):
-                return shared_prompt_model_logprobs(model, batch, self.chunk_size, with_tokens, with_square_mass)
-            return chunked_model_logprobs(model, batch, self.chunk_size, with_tokens, with_square_mass)
+                return shared_prompt_model_logprobs(model, batch, chunk_size, with_tokens, with_square_mass)
+            return chunked_model_logprobs(model, batch, chunk_size, with_tokens, with_square_mass)
 
     def pair_rows(self, model: torch.nn.Module) -> PairRows:
         """How pair batches will run, told to the data module before the device is known (its

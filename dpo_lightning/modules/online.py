@@ -183,7 +183,7 @@ class OnlinePreferenceModule(PreferenceModule):
         )
         # the KL estimate runs on single sequences: never the shared-prompt packing of pairs
         self.sequence_logprobs = LogProbSelector(
-            kwargs.get("logprobs", "auto"), kwargs.get("logprob_chunk_size", 1024), share_prompt=False
+            kwargs.get("logprobs", "auto"), kwargs.get("logprob_chunk_size", "auto"), share_prompt=False
         )
 
     @staticmethod

@@ -56,7 +56,9 @@ class PreferenceModule(AlignmentModule):
             ``(2B, T, V)`` logits are ever held. ``"full"`` takes the model's logits. ``"auto"``
             (default) picks chunked where the model allows it (plain linear head, no logit
             scaling) and the strategy is not FSDP, whose root unit must run the full forward.
-        logprob_chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes).
+        logprob_chunk_size: positions per LM-head chunk (memory ~ chunk x vocab x 4 bytes);
+            ``"auto"`` (default): on a CPU about 32 MB of logits a chunk (1024 positions at vocab
+            2k, 262 at 32k), elsewhere 1024 (:meth:`.LogProbSelector.positions_per_chunk`).
         lora: train LoRA adapters (peft) instead of all weights. The reference is then the
             policy with adapters disabled (unless ``lora.separate_reference`` or a
             ``reference.model`` is given); export writes the adapter (and, with
@@ -84,7 +86,7 @@ class PreferenceModule(AlignmentModule):
         gradient_checkpointing: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         logprobs: Literal["auto", "chunked", "full"] = "auto",
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int | Literal["auto"] = "auto",
         lora: LoraSpec | None = None,
         share_prompt: bool | Literal["auto"] = "auto",
         disable_dropout: bool = True,

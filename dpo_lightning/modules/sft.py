@@ -65,7 +65,7 @@ class SFTModule(AlignmentModule):
         overwrite_export: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         logprobs: LogProbMode = "auto",
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int | Literal["auto"] = "auto",
         disable_dropout: bool = False,
     ) -> None:
         super().__init__()
