@@ -1,13 +1,16 @@
 """Sampling speed: ``sample_completions`` through transformers' ``generate`` (``engine:
 generate``, the path before the sampling loop) against the loop of ``dpo_lightning.decoding``
-(``engine: auto``), the loop with transformers' concatenating ``DynamicCache`` instead of its
-preallocated one (``auto-concat``, what ``auto`` did before ``dpo_lightning/kv_cache.py``), and
-``generate`` with a static cache (``static``), compiled by ``torch.compile`` (``static-compile``).
+(``engine: auto``), the loop with each prompt's cache repeated for its ``k`` samples instead of
+shared by them (``auto-repeated``, what ``auto`` did before ``dpo_lightning/shared_prefix.py``),
+the repeated cache with transformers' concatenating ``DynamicCache`` instead of the preallocated
+one (``auto-concat``, what ``auto`` did before ``dpo_lightning/kv_cache.py``), and ``generate``
+with a static cache (``static``), compiled by ``torch.compile`` (``static-compile``).
 
     .venv/bin/python benchmarks/generation.py                                  # both settings
     .venv/bin/python benchmarks/generation.py --settings sentiment --policy outputs/sft/model
     .venv/bin/python benchmarks/generation.py --settings small --engines generate auto static static-compile
-    .venv/bin/python benchmarks/generation.py --engines auto-concat auto
+    .venv/bin/python benchmarks/generation.py --engines auto-concat auto-repeated auto
+    .venv/bin/python benchmarks/generation.py --settings small --samples 8 --engines auto-repeated auto
 
 Settings:
 
@@ -18,6 +21,8 @@ Settings:
 * ``small``: ``throughput.py``'s small Llama (vocab 2,000, 4 layers, hidden 256, random
   weights: its completions rarely stop early), prompts of 32-96 random words, 8 prompts a
   batch, k = 2, ``max_new_tokens`` 64.
+
+``--samples`` sets ``k`` for every setting.
 
 One thread (``torch.set_num_threads(1)``), fp32, exact sampling (temperature 1). Each engine
 samples the same ``--batches`` batches (seeds 0, 1, ...) once per repeat, engines interleaved
@@ -101,6 +106,13 @@ def small(count: int) -> Workload:
     return Workload("small", model, tokenizer, batches_of(tokenizer, rows, 8, count), 2, 64)
 
 
+#: the loop as it was before a change: engine -> the ``decoding.decode`` arguments that undo it
+LOOP_VARIANTS = {
+    "auto-repeated": {"shared_prefix": False},
+    "auto-concat": {"shared_prefix": False, "preallocated": False},
+}
+
+
 def run_engine(work: Workload, engine: str) -> tuple[float, float, int, int]:
     """``(wall s, CPU s, prompts, sampled tokens)`` of sampling every batch once."""
     stops = stop_token_ids(work.model, work.tokenizer)
@@ -110,13 +122,13 @@ def run_engine(work: Workload, engine: str) -> tuple[float, float, int, int]:
         if engine in ("static", "static-compile"):
             tokens += static_generate(work, batch, seed, stops, compile=engine == "static-compile")
         else:
-            concat = engine == "auto-concat"
-            if concat:
-                generation.decode = functools.partial(decoding.decode, preallocated=False)
+            variant = LOOP_VARIANTS.get(engine)
+            if variant is not None:
+                generation.decode = functools.partial(decoding.decode, **variant)
             try:
                 out = sample_completions(work.model, work.tokenizer, batch, work.num_samples, seed=seed,
                                          max_new_tokens=work.max_new_tokens, stop_ids=stops,
-                                         engine="auto" if concat else engine)
+                                         engine="auto" if variant is not None else engine)
             finally:
                 generation.decode = decoding.decode
             tokens += sum(map(len, out.completion_ids))
@@ -149,7 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["sentiment", "small"], choices=["sentiment", "small"])
     parser.add_argument("--policy", default=str(ROOT / "data" / "tiny-llama"), help="sentiment: the policy folder")
-    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "auto-concat", "static", "static-compile"])
+    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "auto-repeated", "auto-concat", "static", "static-compile"])
+    parser.add_argument("--samples", type=int, default=None, help="k, samples per prompt (default: the setting's)")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -157,6 +170,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for name in args.settings:
         work = sentiment(args.policy, args.batches) if name == "sentiment" else small(args.batches)
+        if args.samples is not None:
+            work.num_samples = args.samples
         params = sum(p.numel() for p in work.model.parameters())
         print(f"\n{name}: {type(work.model).__name__} {params / 1e6:.2f}M parameters, vocab {work.model.config.vocab_size}, "
               f"{args.batches} batches of {len(work.batches[0]['prompt'])} prompts, k={work.num_samples}, "

@@ -3,10 +3,13 @@ with each prompt's prefill run once and finished rows dropped from the batch.
 
 1. prefill the ``B`` prompts once (``use_cache``, position ids from the attention mask as
    ``generate`` makes them for left padding, logits of the last position only) into a cache
-   whose full-attention layers are preallocated for the prompt and ``max_new_tokens``
-   (:mod:`dpo_lightning.kv_cache`: each step written in place, not concatenated);
-2. expand the KV cache, the mask and the last logits to ``B * k`` rows
-   (``Cache.batch_repeat_interleave``);
+   (for the repeated layout of step 2, its full-attention layers preallocated for the prompt
+   and ``max_new_tokens``: :mod:`dpo_lightning.kv_cache`, each step written in place, not
+   concatenated);
+2. expand the last logits to ``B * k`` rows and the KV cache to the ``k`` samples: each
+   prompt's keys and values are kept once and its ``k`` samples attend to them together
+   (:mod:`dpo_lightning.shared_prefix`; ``shared_prefix``), or, for a model that attention
+   cannot serve, the cache and the mask are repeated ``k`` times (``Cache.batch_repeat_interleave``);
 3. decode: every step, each still-active row draws its next token from the distribution
    ``generate`` samples from (float32 logits -> ``TemperatureLogitsWarper`` ->
    ``TopKLogitsWarper`` -> ``TopPLogitsWarper``, in ``generate``'s order -> softmax), and a row
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +46,7 @@ from transformers.generation.logits_process import (
 )
 
 from dpo_lightning.kv_cache import preallocate
+from dpo_lightning.shared_prefix import decoding_attention, share_prefix, supports_shared_prefix
 
 #: the names a model's forward may give its KV cache argument (transformers 5: ``cache``)
 CACHE_ARGS = ("cache", "past_key_values")
@@ -153,6 +158,7 @@ def decode(
     top_k: int = 0,
     drop_finished: bool = True,
     preallocated: bool = True,
+    shared_prefix: bool | None = None,
 ) -> Decoded:
     """Sample ``num_samples`` completions of each prompt (see the module docstring).
 
@@ -167,6 +173,13 @@ def decode(
         drop_finished: ``False`` keeps finished rows in the batch (feeding them their last
             token) instead of selecting them out of the cache: the same tokens, more work (a
             check of the row dropping).
+        preallocated: the repeated cache's full-attention layers write each step in place
+            (:mod:`dpo_lightning.kv_cache`) instead of concatenating.
+        shared_prefix: keep each prompt's keys and values once and let its ``k`` samples attend
+            to them together (:mod:`dpo_lightning.shared_prefix`) instead of repeating the cache
+            ``k`` times; ``None`` (auto): when ``k > 1`` and
+            :func:`~dpo_lightning.shared_prefix.supports_shared_prefix`. The same tokens up to
+            float rounding of the attention.
     Raises:
         TypeError: the model's forward returned no transformers ``Cache``.
     """
@@ -180,8 +193,13 @@ def decode(
 
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # as generate: left padding shifts the positions
+    if shared_prefix is None:
+        shared_prefix = k > 1 and supports_shared_prefix(model)
+    elif shared_prefix and not supports_shared_prefix(model):
+        raise ValueError(f"{type(base_model(model)).__name__} cannot decode with a shared prefix (sliding-window, "
+                         "soft-capped or non-standard attention); pass shared_prefix=None or False")
     cache = new_cache(model)
-    if preallocated:
+    if preallocated and not shared_prefix:
         preallocate(cache, input_ids.shape[1] + max_new_tokens)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache}, **extra)
     returned = getattr(out, name, None)
@@ -193,7 +211,9 @@ def decode(
         )
     probs = next_token_probs(out.logits[:, -1], warp).repeat_interleave(k, 0)  # (B*k, V): the prompt's, k times
     del out
-    if k > 1:
+    if shared_prefix:
+        share_prefix(cache, mask, k, max_new_tokens)
+    elif k > 1:
         cache.batch_repeat_interleave(k)
     mask = mask.repeat_interleave(k, 0)
     next_position = mask.sum(-1, keepdim=True)  # (B*k, 1): one past each prompt's last token
@@ -203,34 +223,38 @@ def decode(
     tokens: list[list[int]] = [[] for _ in range(rows)]
     has_eos = [False] * rows
     steps = row_steps = 0
-    for step in range(max_new_tokens):
-        uniforms = torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
-        picked = inverse_cdf(probs, uniforms[active])  # (n,)
-        stopped = torch.isin(picked, stops)
-        steps += 1
-        for row, token, stop, alive in zip(active.tolist(), picked.tolist(), stopped.tolist(), live.tolist()):
-            if alive:
-                tokens[row].append(token)
-                has_eos[row] = stop
-        finished = stopped | ~live
-        if step + 1 == max_new_tokens or bool(finished.all()):
-            break
-        if drop_finished:
-            if bool(finished.any()):
-                keep = (~finished).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                active, picked, mask, next_position = active[keep], picked[keep], mask[keep], next_position[keep]
-                live = live[keep]
-        else:
-            live = live & ~stopped
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        row_steps += mask.shape[0]
-        out = model(input_ids=picked.unsqueeze(-1), attention_mask=mask, position_ids=next_position,
-                    use_cache=True, **{name: cache})
-        returned = getattr(out, name, None)
-        cache = returned if returned is not None else cache
-        probs = next_token_probs(out.logits[:, -1], warp)
-        next_position = next_position + 1
+    with decoding_attention(model, cache) if shared_prefix else nullcontext():
+        for step in range(max_new_tokens):
+            uniforms = torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
+            picked = inverse_cdf(probs, uniforms[active])  # (n,)
+            stopped = torch.isin(picked, stops)
+            steps += 1
+            for row, token, stop, alive in zip(active.tolist(), picked.tolist(), stopped.tolist(), live.tolist()):
+                if alive:
+                    tokens[row].append(token)
+                    has_eos[row] = stop
+            finished = stopped | ~live
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            if drop_finished:
+                if bool(finished.any()):
+                    keep = (~finished).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    active, picked, mask, next_position = active[keep], picked[keep], mask[keep], next_position[keep]
+                    live = live[keep]
+            else:
+                live = live & ~stopped
+            row_steps += picked.shape[0]
+            if shared_prefix:  # no mask: the cache holds the prompts' padding
+                out = model(input_ids=picked.unsqueeze(-1), position_ids=next_position, use_cache=True, **{name: cache})
+            else:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+                out = model(input_ids=picked.unsqueeze(-1), attention_mask=mask, position_ids=next_position,
+                            use_cache=True, **{name: cache})
+            returned = getattr(out, name, None)
+            cache = returned if returned is not None else cache
+            probs = next_token_probs(out.logits[:, -1], warp)
+            next_position = next_position + 1
     return Decoded(tokens, has_eos, steps, row_steps)
 
 

@@ -16,7 +16,7 @@ PACKAGE = "dpo_lightning"
 FLOORS: dict[str, int] = {
     **dict.fromkeys(("", "contract", "models", "lora", "metrics", "optim", "export", "model_card", "checkpoints",
                      "fingerprints", "experiments", "console", "digests", "run_logs", "decoding",
-                     "kv_cache"), 0),
+                     "kv_cache", "shared_prefix"), 0),
     **dict.fromkeys(("losses", "data"), 1),
     "judges": 2,
     "generation": 3,

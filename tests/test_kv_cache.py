@@ -77,7 +77,8 @@ def sample_both_ways(model: torch.nn.Module, k: int = 3, n: int = 10, stops=rang
         hook = model.register_forward_hook(lambda module, args, o: seen.append(o.logits[:, -1].clone()))
         try:
             decoded = decode(model, ids, mask, k, max_new_tokens=n, stop_ids=list(stops),
-                             generator=torch.Generator().manual_seed(4), preallocated=preallocated)
+                             generator=torch.Generator().manual_seed(4), preallocated=preallocated,
+                             shared_prefix=False)
         finally:
             hook.remove()
         out[preallocated] = (decoded, seen)
