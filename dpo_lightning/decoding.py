@@ -9,7 +9,8 @@ with each prompt's prefill run once and finished rows dropped from the batch.
 2. expand the last logits to ``B * k`` rows and the KV cache to the ``k`` samples: each
    prompt's keys and values are kept once and its ``k`` samples attend to them together
    (:mod:`dpo_lightning.shared_prefix`; ``shared_prefix``), or, for a model that attention
-   cannot serve, the cache and the mask are repeated ``k`` times (``Cache.batch_repeat_interleave``);
+   cannot serve or a batch whose prompts' cache is too small for sharing to pay, the cache and
+   the mask are repeated ``k`` times (``Cache.batch_repeat_interleave``);
 3. decode: every step, each still-active row draws its next token from the distribution
    ``generate`` samples from (float32 logits -> ``TemperatureLogitsWarper`` ->
    ``TopKLogitsWarper`` -> ``TopPLogitsWarper``, in ``generate``'s order -> softmax), and a row
@@ -45,8 +46,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from dpo_lightning import shared_prefix as sharing
 from dpo_lightning.kv_cache import preallocate
-from dpo_lightning.shared_prefix import decoding_attention, share_prefix, supports_shared_prefix
 
 #: the names a model's forward may give its KV cache argument (transformers 5: ``cache``)
 CACHE_ARGS = ("cache", "past_key_values")
@@ -177,9 +178,12 @@ def decode(
             (:mod:`dpo_lightning.kv_cache`) instead of concatenating.
         shared_prefix: keep each prompt's keys and values once and let its ``k`` samples attend
             to them together (:mod:`dpo_lightning.shared_prefix`) instead of repeating the cache
-            ``k`` times; ``None`` (auto): when ``k > 1`` and
-            :func:`~dpo_lightning.shared_prefix.supports_shared_prefix`. The same tokens up to
-            float rounding of the attention.
+            ``k`` times; ``None`` (auto): when ``k > 1``,
+            :func:`~dpo_lightning.shared_prefix.supports_shared_prefix` and repeating would copy
+            at least ``SHARE_FROM_BYTES`` (1 MiB) a layer
+            (:func:`~dpo_lightning.shared_prefix.repeated_prompt_bytes`; below that the copies
+            cost less than the shared attention's extra operations). The same tokens up to float
+            rounding of the attention.
     Raises:
         TypeError: the model's forward returned no transformers ``Cache``.
     """
@@ -194,8 +198,9 @@ def decode(
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # as generate: left padding shifts the positions
     if shared_prefix is None:
-        shared_prefix = k > 1 and supports_shared_prefix(model)
-    elif shared_prefix and not supports_shared_prefix(model):
+        shared_prefix = (k > 1 and sharing.supports_shared_prefix(model)
+                         and sharing.repeated_prompt_bytes(model, batch, input_ids.shape[1], k) >= sharing.SHARE_FROM_BYTES)
+    elif shared_prefix and not sharing.supports_shared_prefix(model):
         raise ValueError(f"{type(base_model(model)).__name__} cannot decode with a shared prefix (sliding-window, "
                          "soft-capped or non-standard attention); pass shared_prefix=None or False")
     cache = new_cache(model)
@@ -212,7 +217,7 @@ def decode(
     probs = next_token_probs(out.logits[:, -1], warp).repeat_interleave(k, 0)  # (B*k, V): the prompt's, k times
     del out
     if shared_prefix:
-        share_prefix(cache, mask, k, max_new_tokens)
+        sharing.share_prefix(cache, mask, k, max_new_tokens)
     elif k > 1:
         cache.batch_repeat_interleave(k)
     mask = mask.repeat_interleave(k, 0)
@@ -223,7 +228,7 @@ def decode(
     tokens: list[list[int]] = [[] for _ in range(rows)]
     has_eos = [False] * rows
     steps = row_steps = 0
-    with decoding_attention(model, cache) if shared_prefix else nullcontext():
+    with sharing.decoding_attention(model, cache) if shared_prefix else nullcontext():
         for step in range(max_new_tokens):
             uniforms = torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
             picked = inverse_cdf(probs, uniforms[active])  # (n,)

@@ -38,6 +38,13 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 #: the name the attention is registered under in transformers' ``AttentionInterface``
 ATTENTION_NAME = "dpo_lightning_shared_prefix"
 
+#: ``decode``'s default shares the prompts' cache when repeating it for the samples would copy at
+#: least this many bytes a layer. Measured on a 2-core CPU (benchmarks/README.md, "The
+#: shared-prefix cache"): 0.98x at 0.2 MB (the sentiment policy, k = 2), 1.04x at 1.6 MB, 1.16x
+#: at 4.8 MB, 1.20-1.26x at 1.3-11 MB with k = 8; below it the attention's extra operations per
+#: layer cost more than the copies they save.
+SHARE_FROM_BYTES = 2**20
+
 #: the cache the running decode step attends through (set by :func:`decoding_attention`)
 ACTIVE_CACHE: ContextVar[DynamicCache | None] = ContextVar("dpo_lightning_shared_prefix_cache", default=None)
 
@@ -163,6 +170,19 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in layers)
 
 
+def repeated_prompt_bytes(model: torch.nn.Module, prompts: int, length: int, samples: int) -> int:
+    """Bytes a layer's cache copies to repeat ``prompts`` prompts of ``length`` positions (padding
+    included) for ``samples`` samples each: the ``samples - 1`` extra copies of their keys and
+    values, at the model's dtype (``config.num_key_value_heads`` heads of ``config.head_dim``)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = model.config
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", heads) // heads
+    itemsize = next(model.parameters()).element_size()
+    return (samples - 1) * prompts * length * kv_heads * head_dim * 2 * itemsize
+
+
 def share_prefix(cache: DynamicCache, prompt_mask: Tensor, samples: int, capacity: int) -> DynamicCache:
     """``cache`` (prefilled with ``B`` prompts) with each layer replaced by a :class:`SharedPrefixLayer`
     of ``B * samples`` rows (row ``i * samples + j``: sample ``j`` of prompt ``i``) whose completion
@@ -246,6 +266,7 @@ def decoding_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[
 
 
 __all__ = [
-    "ACTIVE_CACHE", "ATTENTION_NAME", "SharedPrefixLayer", "decoding_attention", "share_prefix",
+    "ACTIVE_CACHE", "ATTENTION_NAME", "SHARE_FROM_BYTES", "SharedPrefixLayer", "decoding_attention",
+    "repeated_prompt_bytes", "share_prefix",
     "shared_prefix_attention", "supports_shared_prefix",
 ]

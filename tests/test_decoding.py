@@ -88,17 +88,19 @@ def test_sample_completions_seeds_its_own_stream_or_draws_a_seed_from_the_caller
 
 
 # -- the cache: expanded, selected, positioned ----------------------------------------------------------
-def test_every_steps_logits_are_a_full_forward_over_prompt_and_sampled_tokens() -> None:
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_every_steps_logits_are_a_full_forward_over_prompt_and_sampled_tokens(shared_prefix: bool) -> None:
     """Hooks record the logits of each forward of the loop (prefill: one row per prompt; then
     the rows still running, in row order) and compare them with one unpadded forward per sample:
     wrong positions under left padding, a cache expanded in the wrong order or rows selected
-    wrongly after a drop all change them."""
+    wrongly after a drop all change them. Both layouts of the cache: repeated for the samples,
+    and shared by them (dpo_lightning/shared_prefix.py)."""
     model = tiny_lm(scale=0.2)
     seen: list[torch.Tensor] = []
     hook = model.register_forward_hook(lambda module, args, out: seen.append(out.logits[:, -1].clone()))
     try:
         k, stops = 3, range(2, 120)
-        result = run(model, k=k, n=8, stops=stops, seed=3)
+        result = run(model, k=k, n=8, stops=stops, seed=3, shared_prefix=shared_prefix)
     finally:
         hook.remove()
     tokens = result.tokens

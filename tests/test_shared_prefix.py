@@ -17,8 +17,8 @@ from transformers import (
 
 from dpo_lightning.decoding import decode
 from dpo_lightning.shared_prefix import (
-    ACTIVE_CACHE, ATTENTION_NAME, SharedPrefixLayer, decoding_attention, share_prefix, shared_prefix_attention,
-    supports_shared_prefix,
+    ACTIVE_CACHE, ATTENTION_NAME, SHARE_FROM_BYTES, SharedPrefixLayer, decoding_attention, repeated_prompt_bytes,
+    share_prefix, shared_prefix_attention, supports_shared_prefix,
 )
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
@@ -157,15 +157,23 @@ def test_one_prompt_of_many_samples_samples_as_with_the_repeated_cache() -> None
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_auto_shares_for_several_samples_only() -> None:
-    model = tiny_llama()
-    _, _, caches = sample(model, None, k=2, n=3)
+def test_auto_shares_where_repeating_would_copy_a_mebibyte_a_layer(monkeypatch) -> None:
+    model = tiny_llama()  # 2 kv heads of 8 dims, float32: 128 bytes of keys and values a position
+    assert repeated_prompt_bytes(model, prompts=4, length=6, samples=3) == 2 * 4 * 6 * 2 * 8 * 2 * 4 == 6144
+    assert repeated_prompt_bytes(model.to(torch.bfloat16), prompts=4, length=6, samples=3) == 3072
+    model = model.float()
+    assert SHARE_FROM_BYTES == 2**20
+    _, _, caches = sample(model, None, k=3, n=3)  # 6 KB: the repeated cache
+    assert not isinstance(caches[-1].layers[0], SharedPrefixLayer)
+    monkeypatch.setattr("dpo_lightning.shared_prefix.SHARE_FROM_BYTES", 6144)
+    _, _, caches = sample(model, None, k=3, n=3)
     assert isinstance(caches[-1].layers[0], SharedPrefixLayer)
-    _, _, caches = sample(model, None, k=1, n=3)
+    monkeypatch.setattr("dpo_lightning.shared_prefix.SHARE_FROM_BYTES", 0)
+    _, _, caches = sample(model, None, k=1, n=3)  # one sample: nothing to share
     assert not isinstance(caches[-1].layers[0], SharedPrefixLayer)
 
 
-def test_models_it_cannot_serve_are_refused_by_name_or_left_to_the_repeated_cache() -> None:
+def test_models_it_cannot_serve_are_refused_by_name_or_left_to_the_repeated_cache(monkeypatch) -> None:
     torch.manual_seed(0)
     common = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
@@ -175,6 +183,7 @@ def test_models_it_cannot_serve_are_refused_by_name_or_left_to_the_repeated_cach
     assert supports_shared_prefix(MistralForCausalLM(MistralConfig(sliding_window=None, **common)))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot decode with a shared prefix"):
         sample(windowed, True)
+    monkeypatch.setattr("dpo_lightning.shared_prefix.SHARE_FROM_BYTES", 0)  # sharing would pay at any size
     decoded, _, caches = sample(windowed, None, n=8)  # auto: the repeated cache, as before
     assert not isinstance(caches[-1].layers[0], SharedPrefixLayer) and len(decoded.tokens) == 3 * len(PROMPTS)
 
