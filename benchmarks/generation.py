@@ -1,7 +1,8 @@
 """Sampling speed: ``sample_completions`` through transformers' ``generate`` (``engine:
 generate``, the path before the sampling loop) against the loop of ``dpo_lightning.decoding``
 (``engine: auto``), the loop with each prompt's cache repeated for its ``k`` samples instead of
-shared by them (``auto-repeated``, what ``auto`` did before ``dpo_lightning/shared_prefix.py``),
+shared by them (``auto-repeated``, what ``auto`` did before ``dpo_lightning/shared_prefix.py``;
+``auto-shared`` forces the sharing where ``auto`` would not pick it),
 the repeated cache with transformers' concatenating ``DynamicCache`` instead of the preallocated
 one (``auto-concat``, what ``auto`` did before ``dpo_lightning/kv_cache.py``), and ``generate``
 with a static cache (``static``), compiled by ``torch.compile`` (``static-compile``).
@@ -106,8 +107,9 @@ def small(count: int) -> Workload:
     return Workload("small", model, tokenizer, batches_of(tokenizer, rows, 8, count), 2, 64)
 
 
-#: the loop as it was before a change: engine -> the ``decoding.decode`` arguments that undo it
+#: the loop with one of its choices forced: engine -> the ``decoding.decode`` arguments
 LOOP_VARIANTS = {
+    "auto-shared": {"shared_prefix": True},
     "auto-repeated": {"shared_prefix": False},
     "auto-concat": {"shared_prefix": False, "preallocated": False},
 }
@@ -161,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["sentiment", "small"], choices=["sentiment", "small"])
     parser.add_argument("--policy", default=str(ROOT / "data" / "tiny-llama"), help="sentiment: the policy folder")
-    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "auto-repeated", "auto-concat", "static", "static-compile"])
+    parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "auto-shared", "auto-repeated", "auto-concat", "static", "static-compile"])
     parser.add_argument("--samples", type=int, default=None, help="k, samples per prompt (default: the setting's)")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)

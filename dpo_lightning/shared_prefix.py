@@ -45,6 +45,15 @@ ATTENTION_NAME = "dpo_lightning_shared_prefix"
 #: layer cost more than the copies they save.
 SHARE_FROM_BYTES = 2**20
 
+#: the model types whose attention was checked to give the repeated cache's tokens and logits
+#: through :func:`shared_prefix_attention` (tests/test_shared_prefix.py runs each): an attention
+#: that puts more than the causal padding mask into its mask (ALiBi, as in Falcon and BLOOM) or
+#: its keyword arguments would be wrong here, so other types keep the repeated cache
+VERIFIED_MODEL_TYPES = frozenset({
+    "cohere", "gemma", "gpt2", "gpt_neox", "granite", "llama", "mistral", "mixtral", "olmo2", "opt", "phi", "phi3",
+    "qwen2", "qwen2_moe", "qwen3", "starcoder2",
+})
+
 #: the cache the running decode step attends through (set by :func:`decoding_attention`)
 ACTIVE_CACHE: ContextVar[DynamicCache | None] = ContextVar("dpo_lightning_shared_prefix_cache", default=None)
 
@@ -145,12 +154,13 @@ class SharedPrefixLayer(DynamicLayer):
 
 def supports_shared_prefix(model: torch.nn.Module) -> bool:
     """Whether ``model`` (a transformers decoder-only LM, or a peft model around one) can decode
-    through :func:`shared_prefix_attention`: it switches attention through transformers'
-    ``AttentionInterface`` and every layer is plain full attention (no sliding window, no
-    logit soft-capping, no attention sinks, no linear-attention layers)."""
+    through :func:`shared_prefix_attention`: its type is one of :data:`VERIFIED_MODEL_TYPES`, it
+    switches attention through transformers' ``AttentionInterface``, and every layer is plain
+    full attention (no sliding window, no logit soft-capping, no attention sinks, no
+    linear-attention layers)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
+    if config is None or getattr(config, "model_type", None) not in VERIFIED_MODEL_TYPES:
         return False
     can_switch = getattr(model, "_can_set_attn_implementation", None)
     if can_switch is None or not can_switch():
@@ -267,6 +277,6 @@ def decoding_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[
 
 __all__ = [
     "ACTIVE_CACHE", "ATTENTION_NAME", "SHARE_FROM_BYTES", "SharedPrefixLayer", "decoding_attention",
-    "repeated_prompt_bytes", "share_prefix",
+    "VERIFIED_MODEL_TYPES", "repeated_prompt_bytes", "share_prefix",
     "shared_prefix_attention", "supports_shared_prefix",
 ]

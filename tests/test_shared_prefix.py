@@ -10,15 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from transformers import (
-    Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-    Qwen2ForCausalLM,
+    AutoModelForCausalLM, FalconConfig, FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaConfig,
+    LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
 from dpo_lightning.decoding import decode
 from dpo_lightning.shared_prefix import (
-    ACTIVE_CACHE, ATTENTION_NAME, SHARE_FROM_BYTES, SharedPrefixLayer, decoding_attention, repeated_prompt_bytes,
-    share_prefix, shared_prefix_attention, supports_shared_prefix,
+    ACTIVE_CACHE, ATTENTION_NAME, SHARE_FROM_BYTES, VERIFIED_MODEL_TYPES, SharedPrefixLayer, decoding_attention,
+    repeated_prompt_bytes, share_prefix, shared_prefix_attention, supports_shared_prefix,
 )
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
@@ -147,6 +148,46 @@ def test_the_loop_samples_the_same_tokens_from_the_same_logits_as_with_the_repea
     assert model.config._attn_implementation == "sdpa"  # switched back after the loop
 
 
+#: a tiny config of each verified model type: (config class, its arguments beyond COMMON, or a whole set)
+COMMON = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.2)
+TINY = {
+    "cohere": ("CohereConfig", {}), "gemma": ("GemmaConfig", {"head_dim": 8}), "granite": ("GraniteConfig", {}),
+    "llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", {"sliding_window": None}),
+    "mixtral": ("MixtralConfig", {"sliding_window": None}), "olmo2": ("Olmo2Config", {}), "phi": ("PhiConfig", {}),
+    "phi3": ("Phi3Config", {}), "qwen2": ("Qwen2Config", {}), "qwen2_moe": ("Qwen2MoeConfig", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}), "starcoder2": ("Starcoder2Config", {"sliding_window": None}),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": 256,
+                            "scale_attn_by_inverse_layer_idx": True, "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "intermediate_size": 64, "vocab_size": 256, "bos_token_id": 1, "eos_token_id": 2}),
+    "opt": ("OPTConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 64,
+                          "word_embed_proj_dim": 32, "vocab_size": 256, "max_position_embeddings": 128,
+                          "bos_token_id": 1, "eos_token_id": 2}),
+}
+WHOLE = {"gpt2", "gpt_neox", "opt"}  # configs spelled in their own names
+
+
+def test_every_verified_model_type_has_a_tiny_config_here() -> None:
+    assert set(TINY) == VERIFIED_MODEL_TYPES
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_each_verified_model_type_samples_the_same_tokens_from_the_same_logits(model_type: str) -> None:
+    name, arguments = TINY[model_type]
+    config = getattr(transformers, name)(**(arguments if model_type in WHOLE else {**COMMON, **arguments}))
+    assert config.model_type == model_type
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert supports_shared_prefix(model)
+    shared, shared_logits, _ = sample(model, True, n=6)
+    repeated, repeated_logits, _ = sample(model, False, n=6)
+    assert shared.tokens == repeated.tokens
+    for a, b in zip(shared_logits, repeated_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_one_prompt_of_many_samples_samples_as_with_the_repeated_cache() -> None:
     """One prompt, 64 samples (the shape of ``dpo-lightning-evaluate``'s Monte-Carlo KL)."""
     model = tiny_llama()
@@ -179,7 +220,9 @@ def test_models_it_cannot_serve_are_refused_by_name_or_left_to_the_repeated_cach
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
     windowed = MistralForCausalLM(MistralConfig(sliding_window=4, **common)).eval()
     gemma2 = Gemma2ForCausalLM(Gemma2Config(head_dim=8, **common)).eval()  # soft-capped logits, sliding layers
-    assert not supports_shared_prefix(windowed) and not supports_shared_prefix(gemma2)
+    alibi = FalconForCausalLM(FalconConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           alibi=True, pad_token_id=0)).eval()  # ALiBi biases travel in the mask
+    assert not any(supports_shared_prefix(m) for m in (windowed, gemma2, alibi))
     assert supports_shared_prefix(MistralForCausalLM(MistralConfig(sliding_window=None, **common)))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot decode with a shared prefix"):
         sample(windowed, True)
