@@ -182,8 +182,8 @@ def decode(
             :func:`~dpo_lightning.shared_prefix.supports_shared_prefix` and repeating would copy
             at least ``SHARE_FROM_BYTES`` (1 MiB) a layer
             (:func:`~dpo_lightning.shared_prefix.repeated_prompt_bytes`; below that the copies
-            cost less than the shared attention's extra operations). The same tokens up to float
-            rounding of the attention.
+            save about what the shared attention's extra operations cost). The same tokens up
+            to float rounding of the attention.
     Raises:
         TypeError: the model's forward returned no transformers ``Cache``.
     """
