@@ -23,7 +23,7 @@ Settings:
   weights: its completions rarely stop early), prompts of 32-96 random words, 8 prompts a
   batch, k = 2, ``max_new_tokens`` 64.
 
-``--samples`` sets ``k`` for every setting.
+``--samples`` sets ``k`` and ``--prompts`` the prompts a batch for every setting.
 
 One thread (``torch.set_num_threads(1)``), fp32, exact sampling (temperature 1). Each engine
 samples the same ``--batches`` batches (seeds 0, 1, ...) once per repeat, engines interleaved
@@ -85,26 +85,26 @@ def batches_of(tokenizer, prompts: list[str], batch_size: int, count: int) -> li
     return out
 
 
-def sentiment(policy: str, count: int) -> Workload:
+def sentiment(policy: str, count: int, size: int = 16) -> Workload:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy if (Path(policy) / "tokenizer.json").exists() else ROOT / "data" / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(policy).eval()
     rows = [json.loads(line)["prompt"] for line in (ROOT / "data" / "sentiment" / "pair_prompts.jsonl").read_text().splitlines()]
-    return Workload("sentiment", model, tokenizer, batches_of(tokenizer, rows, 16, count), 8, 32)
+    return Workload("sentiment", model, tokenizer, batches_of(tokenizer, rows, size, count), 8, 32)
 
 
-def small(count: int) -> Workload:
+def small(count: int, size: int = 8) -> Workload:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     throughput = load_throughput()
     folder = Path(tempfile.mkdtemp(prefix="generation-bench-"))
     setting = throughput.SETTINGS["small"]
-    throughput.make_inputs(folder, setting, 8 * count)
+    throughput.make_inputs(folder, setting, size * count)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
     rows = [json.loads(line)["prompt"] for line in (folder / "pairs.jsonl").read_text().splitlines()]
-    return Workload("small", model, tokenizer, batches_of(tokenizer, rows, 8, count), 2, 64)
+    return Workload("small", model, tokenizer, batches_of(tokenizer, rows, size, count), 2, 64)
 
 
 #: the loop with one of its choices forced: engine -> the ``decoding.decode`` arguments
@@ -165,13 +165,15 @@ def main() -> None:
     parser.add_argument("--policy", default=str(ROOT / "data" / "tiny-llama"), help="sentiment: the policy folder")
     parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "auto-shared", "auto-repeated", "auto-concat", "static", "static-compile"])
     parser.add_argument("--samples", type=int, default=None, help="k, samples per prompt (default: the setting's)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts a batch (default: the setting's)")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.settings:
-        work = sentiment(args.policy, args.batches) if name == "sentiment" else small(args.batches)
+        size = {} if args.prompts is None else {"size": args.prompts}
+        work = sentiment(args.policy, args.batches, **size) if name == "sentiment" else small(args.batches, **size)
         if args.samples is not None:
             work.num_samples = args.samples
         params = sum(p.numel() for p in work.model.parameters())
