@@ -41,7 +41,7 @@ ATTENTION_NAME = "dpo_lightning_shared_prefix"
 #: ``decode``'s default shares the prompts' cache when repeating it for the samples would copy at
 #: least this many bytes a layer. Measured on a 2-core CPU (benchmarks/README.md, "The
 #: shared-prefix cache"): 0.98-1.02x at 0.2 MB (the sentiment policy, k = 2), 1.04x at 1.6 MB,
-#: 1.16x at 4.8 MB, 1.20-1.26x at 1.3-11 MB with k = 8; below it the copies save about what the
+#: 1.06x at 2.3 MB, 1.16x at 4.8 MB, 1.20-1.26x at 1.3-11 MB with k = 8; below it the copies save about what the
 #: shared attention's extra operations per layer cost.
 SHARE_FROM_BYTES = 2**20
 
