@@ -201,8 +201,9 @@ def decode(
         shared_prefix = (k > 1 and sharing.supports_shared_prefix(model)
                          and sharing.repeated_prompt_bytes(model, batch, input_ids.shape[1], k) >= sharing.SHARE_FROM_BYTES)
     elif shared_prefix and not sharing.supports_shared_prefix(model):
-        raise ValueError(f"{type(base_model(model)).__name__} cannot decode with a shared prefix (sliding-window, "
-                         "soft-capped or non-standard attention); pass shared_prefix=None or False")
+        raise ValueError(f"{type(base_model(model)).__name__} cannot decode with a shared prefix (not one of "
+                         "shared_prefix.VERIFIED_MODEL_TYPES, or sliding-window, soft-capped or sink attention); "
+                         "pass shared_prefix=None or False")
     cache = new_cache(model)
     if preallocated and not shared_prefix:
         preallocate(cache, input_ids.shape[1] + max_new_tokens)

@@ -13,10 +13,13 @@ Here each full-attention layer keeps
   the rows still sampling (``N <= B * k``), written in place each step,
 
 and attention of a decode step's query (one position a row, ``(N, H, 1, D)``) is the exact
-softmax over both parts, combined through their log-sum-exp as in cascade attention (Hydragen,
-FlashInfer): the prompt part is one batched product per prompt whose ``k * H / H_kv`` query
-rows share the prompt's keys, the completion part one product per row. Same values as
-attention over the repeated cache up to float rounding (tests/test_shared_prefix.py).
+softmax over both parts, the idea of cascade attention (Hydragen, FlashInfer): the prompt's
+scores are one batched product per prompt whose ``k * H / H_kv`` query rows share the prompt's
+keys, the completion's one product per row; the two score blocks are concatenated under one
+softmax (fewer operations than merging two softmaxes through their log-sum-exp, which matters
+where a step is per-operation overhead), and the weights go back through the same two
+products. Same values as attention over the repeated cache up to float rounding
+(tests/test_shared_prefix.py).
 
 The attention is registered with transformers' ``AttentionInterface`` as
 :data:`ATTENTION_NAME`, with no mask function (the layer holds the padding; a decode query sees
@@ -66,8 +69,10 @@ class SharedPrefixLayer(DynamicLayer):
         prefix_bias: ``(P, 1, 1, T)`` float: 0 on prompt tokens, the dtype's minimum on padding.
         row_prompt: ``(N,)`` long: the prompt (index into the prefix) of each row.
         row_sample: ``(N,)`` long: the sample number ``0 .. k-1`` of each row.
-        key_buffer / value_buffer: ``(N, H_kv, capacity, D)``; ``keys`` / ``values`` are the
-            filled ``(N, H_kv, s, D)`` views (``s`` completion positions so far).
+        key_buffer / value_buffer: ``(N, H_kv, capacity, D)`` / ``(N, H_kv, capacity, D_v)``;
+            ``keys`` / ``values`` are the filled views (``s`` completion positions so far).
+        prompt_major: whether row ``i * k + j`` is sample ``j`` of prompt ``i`` for every row
+            (no row dropped or moved), which lets attention regroup rows by a view.
     """
 
     def __init__(self, prefix_keys: Tensor, prefix_values: Tensor, prompt_mask: Tensor, samples: int,
@@ -81,6 +86,7 @@ class SharedPrefixLayer(DynamicLayer):
         self.prefix_bias = bias.masked_fill_(~prompt_mask.bool(), torch.finfo(bias.dtype).min)[:, None, None, :]
         self.row_prompt = torch.arange(prompts, device=device).repeat_interleave(samples)
         self.row_sample = torch.arange(samples, device=device).repeat(prompts)
+        self.prompt_major = True
         rows = prompts * samples
         self.key_buffer = prefix_keys.new_empty((rows, heads, capacity, prefix_keys.shape[-1]))
         self.value_buffer = prefix_values.new_empty((rows, heads, capacity, prefix_values.shape[-1]))
@@ -103,7 +109,14 @@ class SharedPrefixLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Write ``(N, H_kv, q, D)`` new completion keys and values; returns the ``(N, H_kv, s + q, D)``
-        completion keys and values so far (the prompt part is read by :func:`shared_prefix_attention`)."""
+        completion keys and values so far (the prompt part is read by :func:`shared_prefix_attention`).
+
+        Raises:
+            RuntimeError: outside :func:`decoding_attention`, where the model's own attention
+                would attend to the completion part only.
+        """
+        if ACTIVE_CACHE.get() is None:
+            raise RuntimeError("a shared-prefix cache is attended only inside dpo_lightning.shared_prefix.decoding_attention")
         start = self.completion_length()
         end = start + key_states.shape[-2]
         if end > self.capacity:
@@ -124,9 +137,16 @@ class SharedPrefixLayer(DynamicLayer):
         self._view(length)
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        """Keep rows ``indices`` (a ``(n,)`` index tensor) in that order; a prompt none of whose
-        rows is kept leaves the prefix."""
+        """Keep rows ``indices`` (a ``(n,)`` index tensor, each row at most once) in that order; a
+        prompt none of whose rows is kept leaves the prefix.
+
+        Raises:
+            ValueError: a row given twice (a sample has one completion; beam search's copies
+                are not served here).
+        """
         indices = indices.to(self.device)
+        if torch.unique(indices).numel() != indices.numel():
+            raise ValueError("a shared-prefix cache keeps each row at most once; got a row index twice")
         length = self.completion_length()
         self.key_buffer = self.key_buffer.index_select(0, indices)
         self.value_buffer = self.value_buffer.index_select(0, indices)
@@ -138,6 +158,11 @@ class SharedPrefixLayer(DynamicLayer):
             self.prefix_values = self.prefix_values.index_select(0, kept)
             self.prefix_bias = self.prefix_bias.index_select(0, kept)
             self.row_prompt = torch.searchsorted(kept, self.row_prompt)
+        prompts = self.prefix_keys.shape[0]
+        self.prompt_major = self.row_prompt.numel() == prompts * self.samples and bool(
+            torch.equal(self.row_prompt, torch.arange(prompts, device=self.device).repeat_interleave(self.samples))
+            and torch.equal(self.row_sample, torch.arange(self.samples, device=self.device).repeat(prompts))
+        )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a shared-prefix cache is already expanded to its samples")
@@ -219,6 +244,8 @@ def shared_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor,
     cache = ACTIVE_CACHE.get()
     if cache is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside dpo_lightning.shared_prefix.decoding_attention")
+    if dropout:
+        raise ValueError(f"{ATTENTION_NAME} attention has no dropout; decode with the model in eval mode")
     for name in ("sliding_window", "softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{ATTENTION_NAME} attention does not support `{name}`; decode with shared_prefix=False "
@@ -228,7 +255,7 @@ def shared_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor,
     kv_heads, completion = key.shape[1], key.shape[2]
     prompts, samples = layer.prefix_keys.shape[0], layer.samples
     width = heads // kv_heads * queries  # query rows a row puts against each kv head
-    prompt_major = rows == prompts * samples  # no row dropped: rows already sit prompt by prompt
+    prompt_major = layer.prompt_major  # no row dropped or moved: rows already sit prompt by prompt
 
     def to_prompts(t: Tensor) -> Tensor:  # (N, H_kv, width, X) -> (P, H_kv, k * width, X)
         if prompt_major:
@@ -263,15 +290,25 @@ AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
 @contextmanager
 def decoding_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[None]:
     """Within the block, ``model`` attends through :func:`shared_prefix_attention` and ``cache``
-    (a :func:`share_prefix` cache); its attention implementation is restored on the way out."""
+    (a :func:`share_prefix` cache); its attention implementation is restored on the way out.
+
+    Raises:
+        RuntimeError: ``model`` (or a model sharing its config) is already decoding this way:
+            the switch is the model's, and two overlapping decodes would restore it under each
+            other.
+    """
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = model.config._attn_implementation
+    if before == ATTENTION_NAME:
+        raise RuntimeError(f"{type(model).__name__} is already decoding with a shared prefix; one decode at a time per model")
     token = ACTIVE_CACHE.set(cache)
-    model.set_attn_implementation(ATTENTION_NAME)
     try:
-        yield
+        model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(before)
     finally:
-        model.set_attn_implementation(before)
         ACTIVE_CACHE.reset(token)
 
 

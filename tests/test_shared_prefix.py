@@ -43,8 +43,14 @@ def reference_attention(query: torch.Tensor, keys: list[torch.Tensor], values: l
     return torch.stack(out)
 
 
+#: rows kept after three steps (of 3 prompts x 3 samples): none dropped; prompt 1 and one sample of
+#: prompt 0 dropped, the rest reordered; all kept but moved (a permutation, as reorder_cache gives)
+KEEPS = {"all": [0, 1, 2, 3, 4, 5, 6, 7, 8], "dropped": [7, 0, 1, 6, 8], "moved": [3, 4, 5, 0, 1, 2, 8, 7, 6]}
+
+
+@pytest.mark.parametrize("keep", sorted(KEEPS))
 @pytest.mark.parametrize("queries", [1, 2])
-def test_attention_is_the_softmax_over_each_rows_prompt_and_completion(queries: int) -> None:
+def test_attention_is_the_softmax_over_each_rows_prompt_and_completion(queries: int, keep: str) -> None:
     torch.manual_seed(0)
     prompts, samples, kv_heads, groups, prompt_len, dim = 3, 3, 2, 2, 5, 8
     lengths = [5, 2, 4]  # left padding of 0, 3 and 1 positions
@@ -53,42 +59,48 @@ def test_attention_is_the_softmax_over_each_rows_prompt_and_completion(queries: 
     layer = SharedPrefixLayer(prefix_k, prefix_v, mask, samples, capacity=2)
     assert layer.prefix_keys.shape[0] == prompts  # the prompts once, not k times
     rows = prompts * samples
-    own_k, own_v = [torch.empty(rows, kv_heads, 0, dim)] * 2
-    for _ in range(3):  # three writes of 1 position: the buffers of 2 positions grow
-        k, v = torch.randn(2, rows, kv_heads, 1, dim).unbind(0)
-        got_k, got_v = layer.update(k, v)
-        own_k, own_v = torch.cat([own_k, k], 2), torch.cat([own_v, v], 2)
-        torch.testing.assert_close(got_k, own_k, rtol=0, atol=0)
-    assert layer.get_seq_length() == prompt_len + 3
-
-    # drop rows 2, 3, 4, 5 (prompt 1 entirely, one sample of prompt 0) and reorder what is left
-    keep = torch.tensor([7, 0, 1, 6, 8])
-    layer.batch_select_indices(keep)
-    own_k, own_v = own_k[keep], own_v[keep]
-    assert layer.prefix_keys.shape[0] == 2  # prompt 1 left the prefix
-    prompt_of = [r // samples for r in keep.tolist()]
-
-    k, v = torch.randn(2, len(keep), kv_heads, queries, dim).unbind(0)
-    own_k, own_v = layer.update(k, v)
-    query = torch.randn(len(keep), kv_heads * groups, queries, dim)
-    scale = 0.3
-    cache = SimpleNamespace(layers=[layer])
-    token = ACTIVE_CACHE.set(cache)  # type: ignore[arg-type]
+    token = ACTIVE_CACHE.set(SimpleNamespace(layers=[layer]))  # type: ignore[arg-type]
     try:
+        own_k, own_v = [torch.empty(rows, kv_heads, 0, dim)] * 2
+        for _ in range(3):  # three writes of 1 position: the buffers of 2 positions grow
+            k, v = torch.randn(2, rows, kv_heads, 1, dim).unbind(0)
+            got_k, got_v = layer.update(k, v)
+            own_k, own_v = torch.cat([own_k, k], 2), torch.cat([own_v, v], 2)
+            torch.testing.assert_close(got_k, own_k, rtol=0, atol=0)
+        assert layer.get_seq_length() == prompt_len + 3
+
+        kept = torch.tensor(KEEPS[keep])
+        layer.batch_select_indices(kept)
+        own_k, own_v = own_k[kept], own_v[kept]
+        assert layer.prefix_keys.shape[0] == (2 if keep == "dropped" else 3)  # a prompt with no row left goes
+        assert layer.prompt_major == (keep == "all")
+        prompt_of = [r // samples for r in kept.tolist()]
+
+        k, v = torch.randn(2, len(kept), kv_heads, queries, dim).unbind(0)
+        own_k, own_v = layer.update(k, v)
+        query = torch.randn(len(kept), kv_heads * groups, queries, dim)
+        scale = 0.3
         out, weights = shared_prefix_attention(SimpleNamespace(layer_idx=0), query, own_k, own_v, None, scaling=scale)
+        with pytest.raises(ValueError, match="dropout"):
+            shared_prefix_attention(SimpleNamespace(layer_idx=0), query, own_k, own_v, None, dropout=0.1)
+        with pytest.raises(ValueError, match="at most once"):
+            layer.batch_select_indices(torch.tensor([0, 0]))
     finally:
         ACTIVE_CACHE.reset(token)
-    assert weights is None and out.shape == (len(keep), queries, kv_heads * groups, dim)
+    assert weights is None and out.shape == (len(kept), queries, kv_heads * groups, dim)
     keys = [torch.cat([prefix_k[p][:, mask[p].bool()], own_k[r]], 1) for r, p in enumerate(prompt_of)]
     values = [torch.cat([prefix_v[p][:, mask[p].bool()], own_v[r]], 1) for r, p in enumerate(prompt_of)]
     expected = reference_attention(query, keys, values, scale)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
 
 
-def test_outside_the_loop_the_attention_refuses_to_run() -> None:
+def test_outside_the_loop_the_attention_and_the_cache_refuse_to_run() -> None:
     x = torch.zeros(1, 1, 1, 4)
     with pytest.raises(RuntimeError, match="decoding_attention"):
         shared_prefix_attention(SimpleNamespace(layer_idx=0), x, x, x, None)
+    layer = SharedPrefixLayer(x, x, torch.ones(1, 1), 2, capacity=4)
+    with pytest.raises(RuntimeError, match="decoding_attention"):  # sdpa would attend to the completion only
+        layer.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4))
 
 
 # -- the sampling loop -------------------------------------------------------------------------------------
@@ -231,13 +243,17 @@ def test_models_it_cannot_serve_are_refused_by_name_or_left_to_the_repeated_cach
     assert not isinstance(caches[-1].layers[0], SharedPrefixLayer) and len(decoded.tokens) == 3 * len(PROMPTS)
 
 
-def test_the_attention_is_switched_back_when_decoding_fails() -> None:
+def test_the_attention_is_switched_back_when_decoding_fails_and_overlapping_decodes_are_refused() -> None:
     model = tiny_llama()
     ids = torch.tensor([[5, 6, 7]])
     cache = share_prefix(model(ids, use_cache=True).past_key_values, torch.ones(1, 3), 2, 4)
     with pytest.raises(KeyError):
         with decoding_attention(model, cache):
             assert model.config._attn_implementation == ATTENTION_NAME and ACTIVE_CACHE.get() is cache
+            with pytest.raises(RuntimeError, match="already decoding with a shared prefix"):
+                with decoding_attention(model, cache):
+                    pass
+            assert model.config._attn_implementation == ATTENTION_NAME  # the refused one changed nothing
             raise KeyError("boom")
     assert model.config._attn_implementation == "sdpa" and ACTIVE_CACHE.get() is None
 
