@@ -42,6 +42,22 @@ TINY_CONFIG = {
 }
 
 
+#: a 2-layer decoder of 4 query and 2 key/value heads of 8 dims, vocab 256 (pad 0, bos 1, eos 2)
+TINY_DECODER = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                    initializer_range=0.2)
+
+
+def tiny_decoder(config_class: type | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A causal LM of ``TINY_DECODER``'s shape (a Llama unless ``config_class`` says), weights from
+    ``seed``, in eval mode; ``overrides`` change the config."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = (config_class or LlamaConfig)(**{**TINY_DECODER, **overrides})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_spec(seed: int = 0) -> ModelSpec:
     return ModelSpec(config=dict(TINY_CONFIG), tokenizer=TOKENIZER_DIR, seed=seed)
 

@@ -7,7 +7,8 @@ are left to transformers and still sample the same tokens."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from conftest import tiny_decoder
+from transformers import MistralConfig, MistralForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from dpo_lightning.decoding import decode, new_cache
@@ -58,14 +59,6 @@ def test_updates_growth_repeats_selections_and_crops_hold_what_dynamic_layer_hol
     assert layer.get_seq_length() == 0 and layer.key_buffer is None
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
 def sample_both_ways(model: torch.nn.Module, k: int = 3, n: int = 10, stops=range(2, 40)):
     """Decode with and without preallocation, recording each forward's last logits."""
     width = max(map(len, PROMPTS))
@@ -86,7 +79,7 @@ def sample_both_ways(model: torch.nn.Module, k: int = 3, n: int = 10, stops=rang
 
 
 def test_the_loop_samples_the_same_tokens_from_the_same_logits_as_with_dynamic_cache() -> None:
-    out = sample_both_ways(tiny_llama())
+    out = sample_both_ways(tiny_decoder())
     (fast, fast_logits), (slow, slow_logits) = out[True], out[False]
     assert fast.tokens == slow.tokens and fast.has_eos == slow.has_eos
     lengths = [len(t) for t in fast.tokens]
@@ -104,7 +97,7 @@ def test_sliding_window_layers_are_left_to_transformers_and_sample_the_same_toke
     model = MistralForCausalLM(config).eval()
     cache = preallocate(new_cache(model), 16)
     assert all(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
-    full = preallocate(DynamicCache(config=tiny_llama().config), 16)
+    full = preallocate(DynamicCache(config=tiny_decoder().config), 16)
     assert all(type(layer) is PreallocatedLayer for layer in full.layers)
     out = sample_both_ways(model, n=8)  # prompts + 8 tokens run past the window of 4
     assert out[True][0].tokens == out[False][0].tokens

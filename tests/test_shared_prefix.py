@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from conftest import TINY_DECODER, tiny_decoder
 from transformers import (
-    AutoModelForCausalLM, FalconConfig, FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaConfig,
-    LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    AutoModelForCausalLM, FalconConfig, FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, MistralConfig,
+    MistralForCausalLM, Qwen2Config,
 )
 
 from dpo_lightning.decoding import decode
@@ -104,21 +105,13 @@ def test_outside_the_loop_the_attention_and_the_cache_refuse_to_run() -> None:
 
 
 # -- the sampling loop -------------------------------------------------------------------------------------
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+def tiny_llama() -> torch.nn.Module:
+    return tiny_decoder()
 
 
-def tiny_qwen2() -> Qwen2ForCausalLM:
-    """Grouped heads and biased q/k/v projections."""
-    torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
-                         initializer_range=0.2, pad_token_id=0)
-    return Qwen2ForCausalLM(config).eval()
+def tiny_qwen2() -> torch.nn.Module:
+    """Grouped heads (4 query heads on 1 key/value head) and biased q/k/v projections."""
+    return tiny_decoder(Qwen2Config, seed=1, num_key_value_heads=1)
 
 
 def sample(model: torch.nn.Module, shared: bool | None, k: int = 3, n: int = 10, stops=range(2, 40), prompts=PROMPTS):
@@ -160,10 +153,8 @@ def test_the_loop_samples_the_same_tokens_from_the_same_logits_as_with_the_repea
     assert model.config._attn_implementation == "sdpa"  # switched back after the loop
 
 
-#: a tiny config of each verified model type: (config class, its arguments beyond COMMON, or a whole set)
-COMMON = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-              initializer_range=0.2)
+#: a tiny config of each verified model type: (config class, its arguments beyond conftest's
+#: TINY_DECODER, or a whole set for those in WHOLE)
 TINY = {
     "cohere": ("CohereConfig", {}), "gemma": ("GemmaConfig", {"head_dim": 8}), "granite": ("GraniteConfig", {}),
     "llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", {"sliding_window": None}),
@@ -188,7 +179,7 @@ def test_every_verified_model_type_has_a_tiny_config_here() -> None:
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_each_verified_model_type_samples_the_same_tokens_from_the_same_logits(model_type: str) -> None:
     name, arguments = TINY[model_type]
-    config = getattr(transformers, name)(**(arguments if model_type in WHOLE else {**COMMON, **arguments}))
+    config = getattr(transformers, name)(**(arguments if model_type in WHOLE else {**TINY_DECODER, **arguments}))
     assert config.model_type == model_type
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -228,8 +219,7 @@ def test_auto_shares_where_repeating_would_copy_a_mebibyte_a_layer(monkeypatch) 
 
 def test_models_it_cannot_serve_are_refused_by_name_or_left_to_the_repeated_cache(monkeypatch) -> None:
     torch.manual_seed(0)
-    common = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    common = TINY_DECODER
     windowed = MistralForCausalLM(MistralConfig(sliding_window=4, **common)).eval()
     gemma2 = Gemma2ForCausalLM(Gemma2Config(head_dim=8, **common)).eval()  # soft-capped logits, sliding layers
     alibi = FalconForCausalLM(FalconConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
