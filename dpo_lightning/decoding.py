@@ -180,7 +180,8 @@ def decode(
             to them together (:mod:`dpo_lightning.shared_prefix`) instead of repeating the cache
             ``k`` times; ``None`` (auto): when ``k > 1``,
             :func:`~dpo_lightning.shared_prefix.supports_shared_prefix` and repeating would copy
-            at least ``SHARE_FROM_BYTES`` (1 MiB) a layer
+            at least :func:`~dpo_lightning.shared_prefix.share_from_bytes` a layer (1 MiB on a
+            CPU, 256 MiB elsewhere)
             (:func:`~dpo_lightning.shared_prefix.repeated_prompt_bytes`; below that the copies
             save about what the shared attention's extra operations cost). The same tokens up
             to float rounding of the attention.
@@ -199,7 +200,7 @@ def decode(
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # as generate: left padding shifts the positions
     if shared_prefix is None:
         shared_prefix = (k > 1 and sharing.supports_shared_prefix(model)
-                         and sharing.repeated_prompt_bytes(model, batch, input_ids.shape[1], k) >= sharing.SHARE_FROM_BYTES)
+                         and sharing.repeated_prompt_bytes(model, batch, input_ids.shape[1], k) >= sharing.share_from_bytes(device))
     elif shared_prefix and not sharing.supports_shared_prefix(model):
         raise ValueError(f"{type(base_model(model)).__name__} cannot decode with a shared prefix (not one of "
                          "shared_prefix.VERIFIED_MODEL_TYPES, or sliding-window, soft-capped or sink attention); "

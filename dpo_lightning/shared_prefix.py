@@ -42,11 +42,18 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 ATTENTION_NAME = "dpo_lightning_shared_prefix"
 
 #: ``decode``'s default shares the prompts' cache when repeating it for the samples would copy at
-#: least this many bytes a layer. Measured on a 2-core CPU (benchmarks/README.md, "The
-#: shared-prefix cache"): 0.98-1.02x at 0.2 MB (the sentiment policy, k = 2), 1.04x at 1.6 MB,
-#: 1.06x at 2.3 MB, 1.16x at 4.8 MB, 1.20-1.26x at 1.3-11 MB with k = 8; below it the copies save about what the
-#: shared attention's extra operations per layer cost.
-SHARE_FROM_BYTES = 2**20
+#: least this many bytes a layer, per device type (:func:`share_from_bytes`).
+#:
+#: * ``cpu``: measured on a 2-core CPU (benchmarks/README.md, "The shared-prefix cache"):
+#:   0.98-1.02x at 0.2 MB (the sentiment policy, k = 2), 1.04x at 1.6 MB, 1.06x at 2.3 MB, 1.16x
+#:   at 4.8 MB, 1.20-1.26x at 1.3-11 MB with k = 8. Below 1 MiB the copies save about what the
+#:   shared attention's extra operations per layer cost.
+#: * any other device (not measured; issue 22): a decode step there is bound by launching
+#:   kernels, and the shared attention launches about 15 small kernels a layer where SDPA
+#:   launches one, about 0.1 ms at ~7 us each. Reading a copy at ~3 TB/s costs that much only at
+#:   about 300 MB. So sharing is for memory there: 256 MiB a layer is 6 GiB of copies for a
+#:   24-layer model.
+SHARE_FROM_BYTES = {"cpu": 2**20, "other": 2**28}
 
 #: the model types whose attention was checked to give the repeated cache's tokens and logits
 #: through :func:`shared_prefix_attention` (tests/test_shared_prefix.py runs each): an attention
@@ -218,6 +225,11 @@ def repeated_prompt_bytes(model: torch.nn.Module, prompts: int, length: int, sam
     return (samples - 1) * prompts * length * kv_heads * head_dim * 2 * itemsize
 
 
+def share_from_bytes(device: torch.device) -> int:
+    """:data:`SHARE_FROM_BYTES` for ``device``'s type."""
+    return SHARE_FROM_BYTES["cpu" if device.type == "cpu" else "other"]
+
+
 def share_prefix(cache: DynamicCache, prompt_mask: Tensor, samples: int, capacity: int) -> DynamicCache:
     """``cache`` (prefilled with ``B`` prompts) with each layer replaced by a :class:`SharedPrefixLayer`
     of ``B * samples`` rows (row ``i * samples + j``: sample ``j`` of prompt ``i``) whose completion
@@ -314,6 +326,6 @@ def decoding_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[
 
 __all__ = [
     "ACTIVE_CACHE", "ATTENTION_NAME", "SHARE_FROM_BYTES", "SharedPrefixLayer", "decoding_attention",
-    "VERIFIED_MODEL_TYPES", "repeated_prompt_bytes", "share_prefix",
+    "VERIFIED_MODEL_TYPES", "repeated_prompt_bytes", "share_from_bytes", "share_prefix",
     "shared_prefix_attention", "supports_shared_prefix",
 ]

@@ -20,7 +20,7 @@ from transformers import (
 from dpo_lightning.decoding import decode
 from dpo_lightning.shared_prefix import (
     ACTIVE_CACHE, ATTENTION_NAME, SHARE_FROM_BYTES, VERIFIED_MODEL_TYPES, SharedPrefixLayer, decoding_attention,
-    repeated_prompt_bytes, share_prefix, shared_prefix_attention, supports_shared_prefix,
+    repeated_prompt_bytes, share_from_bytes, share_prefix, shared_prefix_attention, supports_shared_prefix,
 )
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
@@ -201,18 +201,18 @@ def test_one_prompt_of_many_samples_samples_as_with_the_repeated_cache() -> None
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_auto_shares_where_repeating_would_copy_a_mebibyte_a_layer(monkeypatch) -> None:
+def test_auto_shares_where_repeating_would_copy_a_mebibyte_a_layer_on_a_cpu(monkeypatch) -> None:
     model = tiny_llama()  # 2 kv heads of 8 dims, float32: 128 bytes of keys and values a position
     assert repeated_prompt_bytes(model, prompts=4, length=6, samples=3) == 2 * 4 * 6 * 2 * 8 * 2 * 4 == 6144
     assert repeated_prompt_bytes(model.to(torch.bfloat16), prompts=4, length=6, samples=3) == 3072
     model = model.float()
-    assert SHARE_FROM_BYTES == 2**20
+    assert share_from_bytes(torch.device("cpu")) == 2**20 and share_from_bytes(torch.device("cuda", 0)) == 2**28
     _, _, caches = sample(model, None, k=3, n=3)  # 6 KB: the repeated cache
     assert not isinstance(caches[-1].layers[0], SharedPrefixLayer)
-    monkeypatch.setattr("dpo_lightning.shared_prefix.SHARE_FROM_BYTES", 6144)
+    monkeypatch.setitem(SHARE_FROM_BYTES, "cpu", 6144)
     _, _, caches = sample(model, None, k=3, n=3)
     assert isinstance(caches[-1].layers[0], SharedPrefixLayer)
-    monkeypatch.setattr("dpo_lightning.shared_prefix.SHARE_FROM_BYTES", 0)
+    monkeypatch.setitem(SHARE_FROM_BYTES, "cpu", 0)
     _, _, caches = sample(model, None, k=1, n=3)  # one sample: nothing to share
     assert not isinstance(caches[-1].layers[0], SharedPrefixLayer)
 
@@ -228,7 +228,7 @@ def test_models_it_cannot_serve_are_refused_by_name_or_left_to_the_repeated_cach
     assert supports_shared_prefix(MistralForCausalLM(MistralConfig(sliding_window=None, **common)))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot decode with a shared prefix"):
         sample(windowed, True)
-    monkeypatch.setattr("dpo_lightning.shared_prefix.SHARE_FROM_BYTES", 0)  # sharing would pay at any size
+    monkeypatch.setitem(SHARE_FROM_BYTES, "cpu", 0)  # sharing would pay at any size
     decoded, _, caches = sample(windowed, None, n=8)  # auto: the repeated cache, as before
     assert not isinstance(caches[-1].layers[0], SharedPrefixLayer) and len(decoded.tokens) == 3 * len(PROMPTS)
 
