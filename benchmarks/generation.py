@@ -23,7 +23,8 @@ Settings:
   weights: its completions rarely stop early), prompts of 32-96 random words, 8 prompts a
   batch, k = 2, ``max_new_tokens`` 64.
 
-``--samples`` sets ``k`` and ``--prompts`` the prompts a batch for every setting.
+``--samples`` sets ``k`` and ``--prompts`` the prompts a batch for every setting; ``--device`` and
+``--dtype`` where and in what precision the model samples (on a GPU the wall time is the figure).
 
 One thread (``torch.set_num_threads(1)``), fp32, exact sampling (temperature 1). Each engine
 samples the same ``--batches`` batches (seeds 0, 1, ...) once per repeat, engines interleaved
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["generate", "auto"], choices=["generate", "auto", "auto-shared", "auto-repeated", "auto-concat", "static", "static-compile"])
     parser.add_argument("--samples", type=int, default=None, help="k, samples per prompt (default: the setting's)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts a batch (default: the setting's)")
+    parser.add_argument("--device", default="cpu", help="where the model samples (cpu, cuda); wall time is the figure off the CPU")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -176,10 +179,14 @@ def main() -> None:
         work = sentiment(args.policy, args.batches, **size) if name == "sentiment" else small(args.batches, **size)
         if args.samples is not None:
             work.num_samples = args.samples
+        work.model.to(device=args.device, dtype=getattr(torch, args.dtype))
+        work.batches = [{key: value.to(args.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+                        for batch in work.batches]
         params = sum(p.numel() for p in work.model.parameters())
         print(f"\n{name}: {type(work.model).__name__} {params / 1e6:.2f}M parameters, vocab {work.model.config.vocab_size}, "
               f"{args.batches} batches of {len(work.batches[0]['prompt'])} prompts, k={work.num_samples}, "
-              f"max_new_tokens={work.max_new_tokens}, {args.threads} thread(s), {args.repeats} interleaved repeats")
+              f"max_new_tokens={work.max_new_tokens}, {args.device} {args.dtype}, {args.threads} thread(s), "
+              f"{args.repeats} interleaved repeats")
         results: dict[str, list[tuple[float, float, int, int]]] = {e: [] for e in args.engines}
         first: dict[str, tuple[float, float, int, int]] = {}
         for repeat in range(args.repeats):
