@@ -17,8 +17,11 @@ Two run families (``--runs``):
   ``sampling.engine: generate`` (transformers' ``generate`` instead of the default sampling loop
   of ``dpo_lightning.decoding``, where this checkout has one); ``ours-online-k8-pairs`` and
   ``ours-online-k8-samples``, ours with 8 samples a prompt and every pair of them, trained as
-  pairs (``samples_once: false``) or with each sample's sequence once (``true``), the second's
-  ratio against the first (no TRL counterpart: its online trainer samples 2).
+  pairs (``samples_once: false``) or with each sample's sequence once (``true``; on a CPU each
+  prompt once for all its samples), the second's ratio against the first (no TRL counterpart:
+  its online trainer samples 2); ``ours-online-k8-samples-separate``, each sample's sequence
+  once with its own copy of the prompt (``share_prompt: false``, the samples layout before the
+  prompt was shared by a prompt's samples).
 * an iterative round: ``ours-iter`` (one round of
   :class:`~dpo_lightning.iterative.IterativePairsDataModule` +
   :class:`~dpo_lightning.modules.IterativePreferenceModule`: ``k`` completions for each of
@@ -130,11 +133,13 @@ RUNS = {  # name: (family, tool)
     "ours-iter-generate": ("iter", "ours"),
     "ours-online-k8-pairs": ("online", "ours"),
     "ours-online-k8-samples": ("online", "ours"),
+    "ours-online-k8-samples-separate": ("online", "ours"),
 }
 DEFAULT_RUNS = ["trl-online", "ours-online", "trl-iter", "ours-iter"]
 BASELINE = {"ours-online": "trl-online", "ours-online-share": "trl-online", "ours-online-generate": "trl-online",
             "ours-iter": "trl-iter", "ours-iter-generate": "trl-iter",
-            "ours-online-k8-samples": "ours-online-k8-pairs"}
+            "ours-online-k8-samples": "ours-online-k8-pairs",
+            "ours-online-k8-samples-separate": "ours-online-k8-pairs"}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -466,6 +471,8 @@ def worker(name: str, setting_name: str, folder: Path, quick: bool) -> None:
         # 8 samples a prompt, every pair (up to 56 pair sides from 8 sequences): as pairs / each sample once
         "ours-online-k8-pairs": lambda: online_ours(folder, setting, steps, num_samples=8, pair_mode="all", samples_once=False),
         "ours-online-k8-samples": lambda: online_ours(folder, setting, steps, num_samples=8, pair_mode="all", samples_once=True),
+        "ours-online-k8-samples-separate": lambda: online_ours(folder, setting, steps, num_samples=8, pair_mode="all",
+                                                               samples_once=True, share_prompt=False),
     }[name]()
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))

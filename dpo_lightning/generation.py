@@ -632,6 +632,8 @@ def sample_pair_batch(
     * ``input_ids``, ``attention_mask``, ``completion_mask`` ``(S, T)``: prompt + completion of
       each of the ``S`` distinct samples the pairs use (:func:`~dpo_lightning.data.collator.pad_sequences`),
       in the order they first appear (chosen sides first);
+    * ``prompt_group`` ``(S,)`` long: the prompt each sample answers (samples of one prompt
+      share it; the shared-prompt layout runs it once for them);
     * ``pair_sample`` ``(2P,)`` long: the sample row of each pair's chosen side (first ``P``)
       and rejected side (last ``P``), the order of :class:`~dpo_lightning.losses.SequenceLogProbs`
       for a ``PAIRS`` batch;
@@ -648,6 +650,7 @@ def sample_pair_batch(
     used = list(order)
     batch = pad_sequences([samples.prompt_ids[flat // k] for flat in used],
                           [samples.completion_ids[flat] for flat in used], pad_token_id)
+    batch["prompt_group"] = torch.tensor([flat // k for flat in used], dtype=torch.long)
     batch["pair_sample"] = torch.tensor([order[flat] for flat in sides], dtype=torch.long)
     flat_scores = scores.detach().double().cpu()
     batch["row_id"] = torch.tensor([int(row_ids[i]) for i, _, _ in pairs], dtype=torch.long)

@@ -1,16 +1,17 @@
 """Online training's samples layout (``samples_once``): each sampled sequence runs once however
-many pairs it is in, and each pair takes its samples' log-probs. The loss and the gradients must
-be the pair layout's."""
+many pairs it is in (and, where pairs share their prompt, each prompt once for all its samples),
+and each pair takes its samples' log-probs. The loss and the gradients must be the pair layout's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import tiny_spec
+from conftest import tiny_decoder, tiny_spec
 from dpo_lightning.generation import Samples, SamplingSpec, build_pair_batch, judge_and_pair, sample_pair_batch
 from dpo_lightning.judges import FunctionJudge
 from dpo_lightning.losses import DPOLoss, LengthDesensitized, ODPOLoss, SimPOLoss
+from dpo_lightning.modules.logprobs import chunked_model_logprobs, pack_shared_prompt, shared_prompt_model_logprobs
 from dpo_lightning.modules.online import OnlinePreferenceModule
 from test_online import PROMPTS, SENTIMENT, prompt_data, trainer
 
@@ -43,6 +44,30 @@ def test_sample_pair_batch_holds_each_used_sample_once_and_indexes_the_pairs() -
     assert batch["row_id"].tolist() == [40, 40, 40, 41]
     assert batch["score_chosen"].tolist() == [0.0, 0.0, 1.0, 5.0]
     assert batch["score_rejected"].tolist() == [1.0, 2.0, 2.0, 3.0]
+    assert batch["prompt_group"].tolist() == [0, 0, 1, 0, 1]
+
+
+def test_a_prompts_samples_pack_into_one_row_behind_one_prompt() -> None:
+    """The used samples of ``hand_samples``' prompt 0 (batch rows 0, 1, 3) and prompt 1 (rows 2,
+    4) as two rows ``[prompt; sample; sample; ...]``, each sample restarting its positions after
+    the prompt; each sample's log-prob equals its own row's in float64."""
+    samples = hand_samples()
+    batch = sample_pair_batch(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2), (1, 2, 0)], torch.arange(6.0), [40, 41], PAD)
+    packed = pack_shared_prompt(batch)
+    assert packed["ids"].tolist() == [[5, 6, 10, 11, 12, 13, 2, PAD], [7, 8, 9, 18, 2, 14, 15, 16]]
+    assert packed["segment"].tolist() == [[0, 0, 1, 2, 2, 3, 3, -1], [0, 0, 0, 1, 1, 2, 2, 2]]
+    assert packed["positions"].tolist() == [[0, 1, 2, 2, 3, 2, 3, 0], [0, 1, 2, 3, 4, 3, 4, 5]]
+    assert packed["predictor"].tolist() == [[-1, 0, 1, 1, 3, 1, 5, 6], [-1, 0, 1, 2, 3, 2, 5, 6]]
+    assert packed["side"][packed["segment"] > 0].tolist() == [0, 1, 1, 3, 3, 2, 2, 4, 4, 4]
+    model = tiny_decoder().double()
+    with torch.no_grad():
+        shared = shared_prompt_model_logprobs(model, batch)
+        plain = chunked_model_logprobs(model, batch)
+    assert shared.counts.tolist() == plain.counts.tolist() == [1, 2, 2, 2, 3]
+    torch.testing.assert_close(shared.sums, plain.sums, rtol=0, atol=1e-10)
+    batch["prompt_group"] = torch.tensor([0, 0, 0, 0, 1])  # row 2 answers prompt 1, not prompt 0
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3\] share a prompt group but not their prompt tokens"):
+        pack_shared_prompt(batch)
 
 
 def float64_module(loss, **kwargs) -> OnlinePreferenceModule:
@@ -74,6 +99,7 @@ def test_samples_layout_gives_the_pair_layouts_loss_and_gradients(loss) -> None:
         results.append((loss_value.detach(), values, grads, batch["input_ids"].shape[0]))
     (pair_loss, pair_values, pair_grads, pair_rows), (sample_loss, sample_values, sample_grads, sample_rows) = results
     assert sample_rows < pair_rows  # fewer sequences run
+    assert module.logprob_selector.shares_prompt(module.policy, batch)  # each prompt once for its samples
     assert sample_loss.item() == pytest.approx(pair_loss.item(), abs=1e-10)
     assert sample_values.keys() == pair_values.keys()
     for name in pair_values:
@@ -97,6 +123,9 @@ def test_auto_takes_the_layout_of_fewer_tokens() -> None:
     shared = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), share_prompt=True)
     # ... against 3 x (3 + 3) + ... once each: a pair per prompt then favours the shared pair layout
     assert not shared.runs_samples_once(samples, [(1, 0, 1)])
+    # two pairs of prompt 1 (samples of 3, 1 and 2 tokens): 2 x 3 + (3 + 1) + (3 + 2) = 15 tokens as
+    # shared pairs, 3 + 3 + 1 + 2 = 9 with the prompt once for its three samples (15 if it ran per sample)
+    assert shared.runs_samples_once(samples, [(1, 0, 1), (1, 0, 2)])
     assert OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), samples_once=True).runs_samples_once(
         samples, [(0, 0, 1)])
     assert not OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), samples_once=False

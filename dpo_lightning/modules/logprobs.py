@@ -256,51 +256,79 @@ def chunked_model_logprobs(
     return SequenceLogProbs(sums=sums, counts=mask.sum(-1), tokens=tokens, token_mask=mask, square_mass=square_mass)
 
 
+def prompt_groups(batch: Mapping[str, Tensor]) -> list[list[int]]:
+    """The rows of ``batch`` that share a prompt, each group in row order: by ``prompt_group``
+    ``(N,)`` where the batch has one (the samples layout: a prompt's distinct samples), else
+    the pairs ``[i, B + i]`` of a ``(2B, T)`` ``[chosen; rejected]`` batch."""
+    if "prompt_group" in batch:
+        groups: dict[int, list[int]] = {}
+        for row, group in enumerate(batch["prompt_group"].tolist()):
+            groups.setdefault(group, []).append(row)
+        return list(groups.values())
+    b = batch["input_ids"].shape[0] // 2
+    return [[i, b + i] for i in range(b)]
+
+
 def pack_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Lay out each pair as one row ``[prompt; chosen; rejected]`` so the prompt is run once.
+    """Lay out each group of rows sharing a prompt (:func:`prompt_groups`: a pair, or a prompt's
+    samples) as one row ``[prompt; completion 1; completion 2; ...]`` so the prompt is run once.
 
-    From the usual ``(2B, T)`` batch, for pair ``i`` with prompt ``p``, chosen ``c``, rejected
-    ``r`` (lengths ``P``, ``C``, ``R``) builds, right-padded to ``L = max(P + C + R)``:
+    From the usual right-padded ``(N, T)`` batch, for group ``g`` with prompt ``p`` (length
+    ``P``) and completions ``c_1 .. c_m`` (lengths ``C_j``), builds, right-padded to
+    ``L = max(P + sum C_j)``:
 
-    * ``ids`` ``(B, L)``; ``positions`` ``(B, L)``: ``0..P+C-1`` then ``P..P+R-1`` (the rejected
-      response sits where it would after the prompt);
-    * ``segment`` ``(B, L)``: 0 prompt, 1 chosen, 2 rejected, -1 padding;
-    * ``predictor`` ``(B, L)``: the position whose output predicts each token (``j - 1``, but the
-      first rejected token is predicted from the last prompt token);
-    * ``side`` ``(B, L)``: the row in ``[0, 2B)`` of the usual layout each completion token counts for.
+    * ``ids`` ``(G, L)``; ``positions`` ``(G, L)``: ``0..P-1`` for the prompt, ``P..P+C_j-1``
+      for each completion (each sits where it would after the prompt);
+    * ``segment`` ``(G, L)``: 0 prompt, ``j`` completion ``j`` (chosen 1, rejected 2 for a pair),
+      -1 padding;
+    * ``predictor`` ``(G, L)``: the position whose output predicts each token (``i - 1``, but
+      the first token of every completion after the first is predicted from the last prompt token);
+    * ``side`` ``(G, L)``: the row in ``[0, N)`` of the usual layout each completion token counts for.
+
+    Raises:
+        ValueError: rows of one group whose prompts differ.
     """
     input_ids, attention, completion = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
-    b = input_ids.shape[0] // 2
-    prompt_len = (attention[:b] & ~completion[:b]).sum(-1).tolist()
-    chosen_len = completion[:b].sum(-1).tolist()
-    rejected_len = completion[b:].sum(-1).tolist()
-    width = max(p + c + r for p, c, r in zip(prompt_len, chosen_len, rejected_len))
+    groups = prompt_groups(batch)
+    prompt_len = (attention & ~completion).sum(-1).tolist()
+    completion_len = completion.sum(-1).tolist()
+    width = max(prompt_len[g[0]] + sum(completion_len[r] for r in g) for g in groups)
     device = input_ids.device
-    ids = torch.zeros((b, width), dtype=input_ids.dtype, device=device)
-    positions = torch.zeros((b, width), dtype=torch.long, device=device)
-    segment = torch.full((b, width), -1, dtype=torch.long, device=device)
-    predictor = torch.zeros((b, width), dtype=torch.long, device=device)
-    side = torch.zeros((b, width), dtype=torch.long, device=device)
-    for i, (p, c, r) in enumerate(zip(prompt_len, chosen_len, rejected_len)):
-        ids[i, : p + c] = input_ids[i, : p + c]
-        ids[i, p + c : p + c + r] = input_ids[b + i, p : p + r]
-        positions[i, : p + c] = torch.arange(p + c, device=device)
-        positions[i, p + c : p + c + r] = torch.arange(p, p + r, device=device)
-        segment[i, :p], segment[i, p : p + c], segment[i, p + c : p + c + r] = 0, 1, 2
-        predictor[i] = torch.arange(-1, width - 1, device=device)
-        if r:
-            predictor[i, p + c] = p - 1
-        side[i, p : p + c], side[i, p + c : p + c + r] = i, b + i
+    shape = (len(groups), width)
+    ids = torch.zeros(shape, dtype=input_ids.dtype, device=device)
+    positions = torch.zeros(shape, dtype=torch.long, device=device)
+    segment = torch.full(shape, -1, dtype=torch.long, device=device)
+    predictor = torch.arange(-1, width - 1, device=device).repeat(len(groups), 1)
+    side = torch.zeros(shape, dtype=torch.long, device=device)
+    for g, rows in enumerate(groups):
+        p = prompt_len[rows[0]]
+        if any(prompt_len[r] != p or not torch.equal(input_ids[r, :p], input_ids[rows[0], :p]) for r in rows[1:]):
+            raise ValueError(f"rows {rows} share a prompt group but not their prompt tokens")
+        ids[g, :p] = input_ids[rows[0], :p]
+        positions[g, :p] = torch.arange(p, device=device)
+        segment[g, :p] = 0
+        start = p
+        for j, r in enumerate(rows, start=1):
+            c = completion_len[r]
+            end = start + c
+            ids[g, start:end] = input_ids[r, p : p + c]
+            positions[g, start:end] = torch.arange(p, p + c, device=device)
+            segment[g, start:end] = j
+            side[g, start:end] = r
+            if c and start != p:
+                predictor[g, start] = p - 1
+            start = end
     return {"ids": ids, "positions": positions, "segment": segment, "predictor": predictor, "side": side}
 
 
 def shared_prompt_mask(segment: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(B, 1, L, L)`` additive mask: causal, rejected tokens do not see chosen ones, padding
-    is seen by nobody (each padding row sees itself, so no softmax row is empty)."""
+    """``(G, 1, L, L)`` additive mask: causal, a completion's tokens see the prompt and their own
+    completion only (a rejected response does not see the chosen one), padding is seen by
+    nobody (each padding row sees itself, so no softmax row is empty)."""
     length = segment.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
     query, key = segment[:, :, None], segment[:, None, :]
-    allowed = causal[None] & (key >= 0) & ~((query == 2) & (key == 1))
+    allowed = causal[None] & (key >= 0) & ((key == 0) | (key == query))
     allowed |= torch.eye(length, dtype=torch.bool, device=segment.device)[None] & (query < 0)
     return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
@@ -311,11 +339,13 @@ def shared_prompt_model_logprobs(
     model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_size: int = 1024, with_tokens: bool = False,
     with_square_mass: bool = False,
 ) -> SequenceLogProbs:
-    """:func:`chunked_model_logprobs` with each pair's prompt computed once instead of twice.
+    """:func:`chunked_model_logprobs` with each group's prompt computed once: a pair's instead of
+    twice, a prompt's ``k`` samples' (``prompt_group`` in ``batch``) instead of ``k`` times.
 
-    The pair is one row ``[prompt; chosen; rejected]`` with a 4D attention mask that hides the
-    chosen tokens from the rejected ones and position ids that restart the rejected response
-    after the prompt, so every completion token sees exactly what it sees in the plain layout.
+    The group is one row ``[prompt; completion 1; ...]`` (:func:`pack_shared_prompt`) with a 4D
+    attention mask that hides each completion from the others and position ids that restart
+    each completion after the prompt, so every completion token sees exactly what it sees in
+    the plain layout.
     Needs an attention implementation that takes 4D masks (``sdpa``, ``eager``; not flash-attention).
     """
     packed = pack_shared_prompt(batch)
@@ -482,7 +512,11 @@ class LogProbSelector:
 
     def shares_prompt(self, model: torch.nn.Module, batch: Mapping[str, Tensor]) -> bool:
         """Whether the chunked path runs ``batch`` in the shared-prompt layout."""
+        grouped = "prompt_group" in batch  # the samples layout: a prompt's samples share it
+        if not (self.pairs or grouped):
+            return False
         if self.share_prompt != "auto":
             return bool(self.share_prompt)
         ids = batch["input_ids"]
-        return self.pairs and ids.device.type == "cpu" and shared_prompt_is_exact(model, ids.shape[1])
+        width = int(batch["attention_mask"].sum()) if grouped else ids.shape[1]  # at most a group's packed row
+        return ids.device.type == "cpu" and shared_prompt_is_exact(model, width)

@@ -18,7 +18,6 @@ Each training step, for a batch of ``B`` prompts (the ``PROMPTS`` layout of
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -285,15 +284,20 @@ class OnlinePreferenceModule(PreferenceModule):
         as_pairs = sum((1 if shared else 2) * prompt[i] + completion[i * k + c] + completion[i * k + r]
                        for i, c, r in pairs)
         used = {i * k + j for i, c, r in pairs for j in (c, r)}
-        return sum(prompt[flat // k] + completion[flat] for flat in used) < as_pairs
+        if shared:  # a prompt once for all its samples
+            prompt_tokens = sum(prompt[i] for i in {flat // k for flat in used})
+        else:
+            prompt_tokens = sum(prompt[flat // k] for flat in used)
+        return prompt_tokens + sum(completion[flat] for flat in used) < as_pairs
 
     def pair_logprobs(self, batch: dict[str, Tensor]) -> tuple[SequenceLogProbs, SequenceLogProbs | None]:
         """A pair batch's log-probs as :class:`PreferenceModule` computes them; for the samples
         layout (``pair_sample`` in ``batch``), each distinct sample's once (policy and
-        reference), then each pair's chosen and rejected taken from them (``(2P,)``)."""
+        reference; where pairs share their prompt, a prompt once for all its samples,
+        ``prompt_group``), then each pair's chosen and rejected taken from them (``(2P,)``)."""
         if "pair_sample" not in batch:
             return super().pair_logprobs(batch)
-        compute = partial(self.logprobs, selector=self.sequence_logprobs)  # rows are single sequences
+        compute = self.logprobs  # the pairs' selector: it packs by prompt_group where pairs share prompts
         index = batch["pair_sample"]
         policy = compute(self.policy, batch)
         reference = self.reference.logprobs(self.policy, batch, compute)
