@@ -4,15 +4,18 @@ and each pair takes its samples' log-probs. The loss and the gradients must be t
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from conftest import tiny_decoder, tiny_spec
+from conftest import ROOT, tiny_decoder, tiny_spec
 from dpo_lightning.generation import Samples, SamplingSpec, build_pair_batch, judge_and_pair, sample_pair_batch
 from dpo_lightning.judges import FunctionJudge
 from dpo_lightning.losses import DPOLoss, LengthDesensitized, ODPOLoss, SimPOLoss
 from dpo_lightning.modules.logprobs import chunked_model_logprobs, pack_shared_prompt, shared_prompt_model_logprobs
-from dpo_lightning.modules.online import OnlinePreferenceModule
+from dpo_lightning.modules.online import OnlinePreferenceModule, padded_layout_cost
 from test_online import PROMPTS, SENTIMENT, prompt_data, trainer
 
 PAD = 0
@@ -133,6 +136,37 @@ def test_auto_takes_the_layout_of_fewer_tokens() -> None:
     # a loss that reads per-token log-probs always trains in the pair layout
     ld = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), loss=LengthDesensitized(DPOLoss(), 0.5))
     assert not ld.runs_samples_once(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2)])
+
+
+def test_the_layout_cost_counts_padded_positions_and_every_attention_score() -> None:
+    config = SimpleNamespace(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=8)
+    per_token = 2 * (4 * (4 + 2 * 2) + 4 * 4 + 3 * 4 * 8)  # q / k / v, o, the MLP's three matrices
+    per_score = 4 * 4 + 64 * 2  # two products over the query width, 64 elementwise operations a head
+    assert padded_layout_cost(config, [3, 5]) == 2 * 5 * per_token + 2 * 5 * 5 * per_score == 10080
+    assert padded_layout_cost(config, []) == 0.0
+
+
+def test_the_estimate_picks_the_layout_measured_faster_at_both_benchmark_settings() -> None:
+    """8 samples of every prompt of a step (benchmarks/README.md): at ``small`` (4 layers, hidden
+    256; 8 prompts of up to 97 tokens, samples of 64) one row per prompt ran 1.27x faster; at
+    ``sentiment`` (the shipped tiny Llama, hidden 64; 16 prompts of up to 23 tokens, samples of
+    up to 32) it ran at 0.93x, its rows of ~280 positions paying for their squared attention."""
+    small = SimpleNamespace(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=704)
+    assert padded_layout_cost(small, [97 + 8 * 64] * 8) < padded_layout_cost(small, [97 + 64] * 64)
+    tiny = SimpleNamespace(**json.loads((ROOT / "data" / "tiny-llama" / "config.json").read_text()))
+    assert padded_layout_cost(tiny, [23 + 8 * 32] * 16) > padded_layout_cost(tiny, [23 + 32] * 128)
+
+
+def test_training_groups_a_prompts_samples_only_where_it_is_estimated_cheaper() -> None:
+    shared = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), share_prompt=True)
+    samples = hand_samples()
+    assert shared.groups_samples(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2)])  # short rows: 1 of 7 against 3 of 3-4
+    long = Samples([[5, 6]], [[7] * 60 for _ in range(8)], [False] * 8, ["a"] * 8, ["p"], 8)
+    every_pair = [(0, a, b) for a in range(8) for b in range(a + 1, 8)]
+    assert not shared.groups_samples(long, every_pair)  # one row of 482 positions against 8 of 62
+    assert shared.runs_samples_once(long, every_pair)  # still each sample once, in rows of their own
+    separate = OnlinePreferenceModule(model=tiny_spec(), judge=FunctionJudge(SENTIMENT), share_prompt=False)
+    assert not separate.groups_samples(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2)])  # pairs do not share: nor do samples
 
 
 def test_bad_settings_are_refused_naming_the_key() -> None:

@@ -53,6 +53,32 @@ def take_rows(logprobs: SequenceLogProbs, index: Tensor) -> SequenceLogProbs:
                             square_mass=None if mass is None else mass[index])
 
 
+#: elementwise operations per attention score and head (the mask, the softmax and their gradients)
+#: that :func:`padded_layout_cost` counts next to the ``4 * q_dim`` multiply-adds of a score's two
+#: products. Chosen so that the estimate picks the layout measured faster at both of
+#: ``benchmarks/online_throughput.py``'s settings with 8 samples a prompt (benchmarks/README.md):
+#: grouped at ``small`` (1.27x), separate at ``sentiment`` (grouped 0.93x).
+SCORE_OPS_PER_HEAD = 64
+
+
+def padded_layout_cost(config: Any, lengths: list[int]) -> float:
+    """Estimated operations a layer spends on rows of ``lengths`` tokens padded to the longest:
+    each padded position's projections and MLP (``2 * (h * (q + 2 kv) + q * h + 3 * h * i)``)
+    plus every score of its ``L x L`` attention (``4 * q + SCORE_OPS_PER_HEAD * heads``), for a
+    config's ``hidden_size`` h, ``intermediate_size`` i, query / key-value widths q / kv."""
+    if not lengths:
+        return 0.0
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    query, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = 2 * (hidden * (query + 2 * kv) + query * hidden + 3 * hidden * intermediate)
+    per_score = 4 * query + SCORE_OPS_PER_HEAD * heads
+    rows, width = len(lengths), max(lengths)
+    return float(rows * width * per_token + rows * width * width * per_score)
+
+
 class OnlinePreferenceModule(PreferenceModule):
     """Online preference optimisation: the policy's own samples, judged, are the pairs
     (OAIF, arXiv 2402.04792; TRL's ``OnlineDPOTrainer``).
@@ -265,6 +291,8 @@ class OnlinePreferenceModule(PreferenceModule):
         pad = self.tokenizer.pad_token_id
         layout = sample_pair_batch if self.runs_samples_once(samples, judged.pairs) else build_pair_batch
         pair_batch = layout(samples, judged.pairs, judged.scores, batch["row_id"].tolist(), pad)
+        if "prompt_group" in pair_batch and not self.groups_samples(samples, judged.pairs):
+            del pair_batch["prompt_group"]  # each sample in its own row, with its own copy of the prompt
         pair_batch = {name: value.to(self.device) for name, value in pair_batch.items()}
         return super().training_step(pair_batch, batch_idx)
 
@@ -279,16 +307,38 @@ class OnlinePreferenceModule(PreferenceModule):
         k = samples.num_samples
         prompt = [len(p) for p in samples.prompt_ids]
         completion = [len(c) for c in samples.completion_ids]
-        rows = self.logprob_selector.pair_rows(self.policy)  # the layout pair batches take
-        shared = rows is PairRows.SHARED or (rows is PairRows.SHARED_ON_CPU and self.device.type == "cpu")
+        shared = self.pairs_share_prompts()
         as_pairs = sum((1 if shared else 2) * prompt[i] + completion[i * k + c] + completion[i * k + r]
                        for i, c, r in pairs)
         used = {i * k + j for i, c, r in pairs for j in (c, r)}
-        if shared:  # a prompt once for all its samples
+        if self.groups_samples(samples, pairs):  # a prompt once for all its samples
             prompt_tokens = sum(prompt[i] for i in {flat // k for flat in used})
         else:
             prompt_tokens = sum(prompt[flat // k] for flat in used)
         return prompt_tokens + sum(completion[flat] for flat in used) < as_pairs
+
+    def pairs_share_prompts(self) -> bool:
+        """Whether pair batches run each pair's prompt once on this device (``share_prompt``)."""
+        rows = self.logprob_selector.pair_rows(self.policy)  # the layout pair batches take
+        return rows is PairRows.SHARED or (rows is PairRows.SHARED_ON_CPU and self.device.type == "cpu")
+
+    def groups_samples(self, samples: Samples, pairs: list[tuple[int, int, int]]) -> bool:
+        """Whether the samples layout puts each prompt's samples in one row behind one copy of
+        the prompt (``prompt_group``): where pairs share their prompt, and the estimate
+        :func:`padded_layout_cost` of that layout's longer rows (its attention grows with the
+        square of a row) is below the separate rows'."""
+        if not self.pairs_share_prompts():
+            return False
+        k = samples.num_samples
+        prompt = [len(p) for p in samples.prompt_ids]
+        completion = [len(c) for c in samples.completion_ids]
+        used = sorted({i * k + j for i, c, r in pairs for j in (c, r)})
+        grouped: dict[int, int] = {}
+        for flat in used:
+            grouped[flat // k] = grouped.get(flat // k, prompt[flat // k]) + completion[flat]
+        config = self.policy.config
+        separate = [prompt[flat // k] + completion[flat] for flat in used]
+        return padded_layout_cost(config, list(grouped.values())) < padded_layout_cost(config, separate)
 
     def pair_logprobs(self, batch: dict[str, Tensor]) -> tuple[SequenceLogProbs, SequenceLogProbs | None]:
         """A pair batch's log-probs as :class:`PreferenceModule` computes them; for the samples
