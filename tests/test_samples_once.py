@@ -93,26 +93,33 @@ def test_samples_layout_gives_the_pair_layouts_loss_and_gradients(loss) -> None:
     judged = judge_and_pair(module.judge, samples, module.sampling, 3)
     assert len(judged.pairs) > len(samples.prompts)  # pairs share samples
     results = []
-    for layout in (build_pair_batch, sample_pair_batch):
+
+    def separate_samples(*args):  # the samples layout with each sample in its own row
+        batch = sample_pair_batch(*args)
+        del batch["prompt_group"]
+        return batch
+
+    for layout in (build_pair_batch, sample_pair_batch, separate_samples):
         batch = layout(samples, judged.pairs, judged.scores, prompts["row_id"].tolist(), module.tokenizer.pad_token_id)
         module.zero_grad()
         loss_value, values = module.step(batch, module.train_metrics)
         loss_value.backward()
         grads = [p.grad.clone() for p in module.policy.parameters() if p.grad is not None]
         results.append((loss_value.detach(), values, grads, batch["input_ids"].shape[0]))
-    (pair_loss, pair_values, pair_grads, pair_rows), (sample_loss, sample_values, sample_grads, sample_rows) = results
-    assert sample_rows < pair_rows  # fewer sequences run
-    assert module.logprob_selector.shares_prompt(module.policy, batch)  # each prompt once for its samples
-    assert sample_loss.item() == pytest.approx(pair_loss.item(), abs=1e-10)
-    assert sample_values.keys() == pair_values.keys()
-    for name in pair_values:
-        assert torch.allclose(sample_values[name].double(), pair_values[name].double(), atol=1e-10), name
-    assert len(pair_grads) == len(sample_grads) > 0
-    # Llama's RMSNorm computes in float32 even in a float64 model: the per-row gradients, summed in
-    # another grouping (a sample's pairs added before the layers, not after), agree to float32's
-    # precision, not float64's (the forward values above are equal to 1e-10)
-    for a, b in zip(pair_grads, sample_grads):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item()), (a - b).abs().max().item()
+    (pair_loss, pair_values, pair_grads, pair_rows) = results[0]
+    assert module.logprob_selector.shares_prompt(module.policy, batch | {"prompt_group": torch.zeros(1)})
+    for sample_loss, sample_values, sample_grads, sample_rows in results[1:]:  # grouped, then separate rows
+        assert sample_rows < pair_rows  # fewer sequences run
+        assert sample_loss.item() == pytest.approx(pair_loss.item(), abs=1e-10)
+        assert sample_values.keys() == pair_values.keys()
+        for name in pair_values:
+            assert torch.allclose(sample_values[name].double(), pair_values[name].double(), atol=1e-10), name
+        assert len(pair_grads) == len(sample_grads) > 0
+        # Llama's RMSNorm computes in float32 even in a float64 model: the per-row gradients, summed in
+        # another grouping (a sample's pairs added before the layers, not after), agree to float32's
+        # precision, not float64's (the forward values above are equal to 1e-10)
+        for a, b in zip(pair_grads, sample_grads):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item()), (a - b).abs().max().item()
 
 
 def test_auto_takes_the_layout_of_fewer_tokens() -> None:

@@ -18,6 +18,7 @@ Each training step, for a batch of ``B`` prompts (the ``PROMPTS`` layout of
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -347,7 +348,10 @@ class OnlinePreferenceModule(PreferenceModule):
         ``prompt_group``), then each pair's chosen and rejected taken from them (``(2P,)``)."""
         if "pair_sample" not in batch:
             return super().pair_logprobs(batch)
-        compute = self.logprobs  # the pairs' selector: it packs by prompt_group where pairs share prompts
+        # grouped rows (prompt_group): the pairs' selector, which packs a group behind one prompt;
+        # otherwise single sequences, never the pair packing
+        selector = self.logprob_selector if "prompt_group" in batch else self.sequence_logprobs
+        compute = partial(self.logprobs, selector=selector)
         index = batch["pair_sample"]
         policy = compute(self.policy, batch)
         reference = self.reference.logprobs(self.policy, batch, compute)
