@@ -145,6 +145,21 @@ def test_auto_takes_the_layout_of_fewer_tokens() -> None:
     assert not ld.runs_samples_once(samples, [(0, 0, 1), (0, 0, 2), (0, 1, 2)])
 
 
+def test_a_sliding_window_limits_grouping_by_the_plain_rows_width() -> None:
+    """Each sample sees the prompt and itself, as in its plain row: a window of 16 allows rows of
+    10 tokens however many share a prompt, and refuses rows of 20."""
+    from transformers import MistralConfig
+
+    from dpo_lightning.modules.logprobs import LogProbSelector
+
+    model = tiny_decoder(MistralConfig, sliding_window=16)
+    selector = LogProbSelector("auto", "auto", share_prompt="auto")
+    for width, shared in ((10, True), (20, False)):
+        batch = {"input_ids": torch.ones(4, width, dtype=torch.long), "attention_mask": torch.ones(4, width),
+                 "prompt_group": torch.zeros(4, dtype=torch.long)}
+        assert selector.shares_prompt(model, batch) is shared
+
+
 def test_the_layout_cost_counts_padded_positions_and_every_attention_score() -> None:
     config = SimpleNamespace(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=8)
     per_token = 2 * (4 * (4 + 2 * 2) + 4 * 4 + 3 * 4 * 8)  # q / k / v, o, the MLP's three matrices
@@ -155,7 +170,7 @@ def test_the_layout_cost_counts_padded_positions_and_every_attention_score() -> 
 
 def test_the_estimate_picks_the_layout_measured_faster_at_both_benchmark_settings() -> None:
     """8 samples of every prompt of a step (benchmarks/README.md): at ``small`` (4 layers, hidden
-    256; 8 prompts of up to 97 tokens, samples of 64) one row per prompt ran 1.27x faster; at
+    256; 8 prompts of up to 97 tokens, samples of 64) one row per prompt ran 1.28x faster; at
     ``sentiment`` (the shipped tiny Llama, hidden 64; 16 prompts of up to 23 tokens, samples of
     up to 32) it ran at 0.93x, its rows of ~280 positions paying for their squared attention."""
     small = SimpleNamespace(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=704)
@@ -184,9 +199,21 @@ def test_bad_settings_are_refused_naming_the_key() -> None:
                                samples_once=True)
 
 
-def test_a_training_step_in_either_layout_ends_at_the_same_weights() -> None:
+def test_a_training_step_in_either_layout_ends_at_the_same_weights(monkeypatch) -> None:
+    """Pairs, samples grouped behind their prompt (what the estimate picks here), and samples in
+    rows of their own (grouping declined: training_step drops ``prompt_group``)."""
     weights = []
-    for samples_once in (False, True):
+    grouped = []
+    for samples_once, group in ((False, None), (True, None), (True, False)):
+        if group is not None:
+            monkeypatch.setattr(OnlinePreferenceModule, "groups_samples", lambda self, samples, pairs: group)
+        original = OnlinePreferenceModule.pair_logprobs
+
+        def pair_logprobs(self, batch, original=original):
+            grouped.append("prompt_group" in batch)
+            return original(self, batch)
+
+        monkeypatch.setattr(OnlinePreferenceModule, "pair_logprobs", pair_logprobs)
         module = OnlinePreferenceModule(
             model=tiny_spec(), judge=FunctionJudge(SENTIMENT), samples_once=samples_once,
             sampling=SamplingSpec(num_samples=4, pairs="all", max_new_tokens=6, seed=5),
@@ -194,7 +221,10 @@ def test_a_training_step_in_either_layout_ends_at_the_same_weights() -> None:
         )
         trainer(1).fit(module, datamodule=prompt_data(module))
         weights.append([p.detach().clone() for p in module.policy.parameters()])
+        monkeypatch.undo()
+    assert grouped == [False, True, False]  # one training step each: pairs, grouped samples, separate samples
     moved = max((a - b).abs().max().item() for a, b in zip(weights[0], module.reference.network.parameters()))
     assert moved > 1e-4  # the step did something
-    for a, b in zip(*weights):
-        assert torch.allclose(a, b, atol=1e-6)
+    for other in weights[1:]:
+        for a, b in zip(weights[0], other):
+            assert torch.allclose(a, b, atol=1e-6)

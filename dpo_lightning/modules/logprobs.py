@@ -286,10 +286,11 @@ def pack_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     * ``side`` ``(G, L)``: the row in ``[0, N)`` of the usual layout each completion token counts for.
 
     Raises:
-        ValueError: rows of one group whose prompts differ.
+        ValueError: rows of one ``prompt_group`` whose prompts differ.
     """
     input_ids, attention, completion = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
     groups = prompt_groups(batch)
+    checked = "prompt_group" in batch  # a collated pair shares its prompt by construction
     prompt_len = (attention & ~completion).sum(-1).tolist()
     completion_len = completion.sum(-1).tolist()
     width = max(prompt_len[g[0]] + sum(completion_len[r] for r in g) for g in groups)
@@ -302,7 +303,7 @@ def pack_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     side = torch.zeros(shape, dtype=torch.long, device=device)
     for g, rows in enumerate(groups):
         p = prompt_len[rows[0]]
-        if any(prompt_len[r] != p or not torch.equal(input_ids[r, :p], input_ids[rows[0], :p]) for r in rows[1:]):
+        if checked and any(prompt_len[r] != p or not torch.equal(input_ids[r, :p], input_ids[rows[0], :p]) for r in rows[1:]):
             raise ValueError(f"rows {rows} share a prompt group but not their prompt tokens")
         ids[g, :p] = input_ids[rows[0], :p]
         positions[g, :p] = torch.arange(p, device=device)
@@ -517,6 +518,5 @@ class LogProbSelector:
             return False
         if self.share_prompt != "auto":
             return bool(self.share_prompt)
-        ids = batch["input_ids"]
-        width = int(batch["attention_mask"].sum()) if grouped else ids.shape[1]  # at most a group's packed row
-        return ids.device.type == "cpu" and shared_prompt_is_exact(model, width)
+        ids = batch["input_ids"]  # a completion sees the prompt and itself, as in its plain row of this width
+        return ids.device.type == "cpu" and shared_prompt_is_exact(model, ids.shape[1])

@@ -58,7 +58,7 @@ def take_rows(logprobs: SequenceLogProbs, index: Tensor) -> SequenceLogProbs:
 #: that :func:`padded_layout_cost` counts next to the ``4 * q_dim`` multiply-adds of a score's two
 #: products. Chosen so that the estimate picks the layout measured faster at both of
 #: ``benchmarks/online_throughput.py``'s settings with 8 samples a prompt (benchmarks/README.md):
-#: grouped at ``small`` (1.27x), separate at ``sentiment`` (grouped 0.93x).
+#: grouped at ``small`` (1.28x), separate at ``sentiment`` (grouped 0.93x).
 SCORE_OPS_PER_HEAD = 64
 
 
