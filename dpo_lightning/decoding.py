@@ -48,6 +48,7 @@ from transformers.generation.logits_process import (
 
 from dpo_lightning import shared_prefix as sharing
 from dpo_lightning.kv_cache import preallocate
+from dpo_lightning.models import base_model
 
 #: the names a model's forward may give its KV cache argument (transformers 5: ``cache``)
 CACHE_ARGS = ("cache", "past_key_values")
@@ -70,11 +71,6 @@ class Decoded:
     has_eos: list[bool]
     steps: int
     row_steps: int
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def forward_args(model: torch.nn.Module) -> set[str]:

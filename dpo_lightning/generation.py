@@ -34,7 +34,7 @@ from torch import Tensor
 from .data.collator import PairCollator, pad_sequences
 from .data.formats import as_assistant_replies
 from .data.tokenization import PairEncoder, TokenizationSettings
-from .decoding import can_decode, decode
+from .decoding import base_model, can_decode, decode
 from .judges import Judge, JudgeError, PairwiseJudge, Prompt
 
 PairMode = Literal["best_vs_worst", "all"]
@@ -201,7 +201,7 @@ def generating_model(module: Any, what: str) -> torch.nn.Module:
         TypeError: the module trains no causal LM (a reward model, ``RewardModule``).
     """
     model = module.trained_model() if hasattr(module, "trained_model") else module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    base = base_model(model)  # inside a peft wrapper
     can_generate = getattr(base, "can_generate", None)
     if not callable(can_generate) or not can_generate():
         raise TypeError(

@@ -334,6 +334,19 @@ def build_config(
 DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout_p")
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_widths(config: Any) -> tuple[int, int, int]:
+    """``(query heads, key/value heads, head dim)`` of a transformers config (key/value heads
+    default to the query heads, the head dim to ``hidden_size // heads``)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 def set_dropout(model: torch.nn.Module, disable: bool) -> torch.nn.Module:
     """Put ``model`` in train mode, with every dropout switched off when ``disable``.
 

@@ -38,6 +38,8 @@ from torch import Tensor
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from dpo_lightning.models import attention_widths, base_model
+
 #: the name the attention is registered under in transformers' ``AttentionInterface``
 ATTENTION_NAME = "dpo_lightning_shared_prefix"
 
@@ -190,7 +192,7 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
     switches attention through transformers' ``AttentionInterface``, and every layer is plain
     full attention (no sliding window, no logit soft-capping, no attention sinks, no
     linear-attention layers)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = base_model(model)
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in VERIFIED_MODEL_TYPES:
         return False
@@ -216,11 +218,8 @@ def repeated_prompt_bytes(model: torch.nn.Module, prompts: int, length: int, sam
     """Bytes a layer's cache copies to repeat ``prompts`` prompts of ``length`` positions (padding
     included) for ``samples`` samples each: the ``samples - 1`` extra copies of their keys and
     values, at the model's dtype (``config.num_key_value_heads`` heads of ``config.head_dim``)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = model.config
-    heads = getattr(config, "num_attention_heads", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", heads) // heads
+    model = base_model(model)
+    _, kv_heads, head_dim = attention_widths(model.config)
     itemsize = next(model.parameters()).element_size()
     return (samples - 1) * prompts * length * kv_heads * head_dim * 2 * itemsize
 
@@ -309,7 +308,7 @@ def decoding_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[
             the switch is the model's, and two overlapping decodes would restore it under each
             other.
     """
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = base_model(model)
     before = model.config._attn_implementation
     if before == ATTENTION_NAME:
         raise RuntimeError(f"{type(model).__name__} is already decoding with a shared prefix; one decode at a time per model")

@@ -35,7 +35,7 @@ from ..generation import (
 )
 from ..judges import Judge, PairwiseJudge
 from ..losses import PreferenceLoss, SequenceLogProbs
-from ..models import ModelSpec
+from ..models import ModelSpec, attention_widths
 from .logprobs import LogProbSelector
 from .base import sum_over_ranks
 from .preference import PreferenceModule
@@ -70,9 +70,8 @@ def padded_layout_cost(config: Any, lengths: list[int]) -> float:
     if not lengths:
         return 0.0
     hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    query, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    heads, kv_heads, head_dim = attention_widths(config)
+    query, kv = heads * head_dim, kv_heads * head_dim
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     per_token = 2 * (hidden * (query + 2 * kv) + query * hidden + 3 * hidden * intermediate)
     per_score = 4 * query + SCORE_OPS_PER_HEAD * heads
