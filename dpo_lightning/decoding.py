@@ -214,12 +214,14 @@ def decode(
         )
     probs = next_token_probs(out.logits[:, -1], warp).repeat_interleave(k, 0)  # (B*k, V): the prompt's, k times
     del out
-    if shared_prefix:
+    next_position = mask.sum(-1, keepdim=True).repeat_interleave(k, 0)  # (B*k, 1): one past each prompt's last token
+    if shared_prefix:  # the cache holds the prompts' padding: no 2D mask from here on
         sharing.share_prefix(cache, mask, k, max_new_tokens)
-    elif k > 1:
-        cache.batch_repeat_interleave(k)
-    mask = mask.repeat_interleave(k, 0)
-    next_position = mask.sum(-1, keepdim=True)  # (B*k, 1): one past each prompt's last token
+        mask = None
+    else:
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        mask = mask.repeat_interleave(k, 0)
 
     active = torch.arange(rows, device=device)  # original row of each batch row
     live = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows still sampling (no dropping)
@@ -243,12 +245,13 @@ def decode(
                 if bool(finished.any()):
                     keep = (~finished).nonzero().squeeze(-1)
                     cache.batch_select_indices(keep)
-                    active, picked, mask, next_position = active[keep], picked[keep], mask[keep], next_position[keep]
+                    active, picked, next_position = active[keep], picked[keep], next_position[keep]
+                    mask = mask[keep] if mask is not None else None
                     live = live[keep]
             else:
                 live = live & ~stopped
             row_steps += picked.shape[0]
-            if shared_prefix:  # no mask: the cache holds the prompts' padding
+            if mask is None:  # shared prefix
                 out = model(input_ids=picked.unsqueeze(-1), position_ids=next_position, use_cache=True, **{name: cache})
             else:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
