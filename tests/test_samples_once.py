@@ -228,3 +228,18 @@ def test_a_training_step_in_either_layout_ends_at_the_same_weights(monkeypatch) 
     for other in weights[1:]:
         for a, b in zip(weights[0], other):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_training_step_estimates_the_grouping_once(monkeypatch) -> None:
+    """``training_step`` asks :meth:`groups_samples` once and hands the answer to
+    ``runs_samples_once`` (it was evaluated twice per step)."""
+    calls = []
+    original = OnlinePreferenceModule.groups_samples
+    monkeypatch.setattr(OnlinePreferenceModule, "groups_samples",
+                        lambda self, samples, pairs: calls.append(len(pairs)) or original(self, samples, pairs))
+    module = OnlinePreferenceModule(
+        model=tiny_spec(), judge=FunctionJudge(SENTIMENT),
+        sampling=SamplingSpec(num_samples=4, pairs="all", max_new_tokens=6, seed=5),
+    )
+    trainer(2).fit(module, datamodule=prompt_data(module))
+    assert len(calls) == 2 and min(calls) > 0  # one estimate per step, of that step's pairs

@@ -289,17 +289,21 @@ class OnlinePreferenceModule(PreferenceModule):
             return self.global_batch_share(zero)
         self._pairs_since_step = True
         pad = self.tokenizer.pad_token_id
-        layout = sample_pair_batch if self.runs_samples_once(samples, judged.pairs) else build_pair_batch
+        grouped = self.samples_once is not False and self.groups_samples(samples, judged.pairs)
+        layout = sample_pair_batch if self.runs_samples_once(samples, judged.pairs, grouped) else build_pair_batch
         pair_batch = layout(samples, judged.pairs, judged.scores, batch["row_id"].tolist(), pad)
-        if "prompt_group" in pair_batch and not self.groups_samples(samples, judged.pairs):
+        if "prompt_group" in pair_batch and not grouped:
             del pair_batch["prompt_group"]  # each sample in its own row, with its own copy of the prompt
         pair_batch = {name: value.to(self.device) for name, value in pair_batch.items()}
         return super().training_step(pair_batch, batch_idx)
 
-    def runs_samples_once(self, samples: Samples, pairs: list[tuple[int, int, int]]) -> bool:
+    def runs_samples_once(
+        self, samples: Samples, pairs: list[tuple[int, int, int]], grouped: bool | None = None
+    ) -> bool:
         """Whether this step's pairs train in the samples layout (:func:`sample_pair_batch`, each
         sample's sequence once) rather than as pairs (``samples_once``; ``"auto"``: the layout
-        of fewer tokens, never for a loss that reads per-token log-probs)."""
+        of fewer tokens, never for a loss that reads per-token log-probs). ``grouped``: what
+        :meth:`groups_samples` says for these pairs, when the caller already asked it."""
         if self.samples_once != "auto":
             return bool(self.samples_once)
         if self.loss_reads_token_logprobs:
@@ -311,7 +315,7 @@ class OnlinePreferenceModule(PreferenceModule):
         as_pairs = sum((1 if shared else 2) * prompt[i] + completion[i * k + c] + completion[i * k + r]
                        for i, c, r in pairs)
         used = {i * k + j for i, c, r in pairs for j in (c, r)}
-        if self.groups_samples(samples, pairs):  # a prompt once for all its samples
+        if self.groups_samples(samples, pairs) if grouped is None else grouped:  # a prompt once for all its samples
             prompt_tokens = sum(prompt[i] for i in {flat // k for flat in used})
         else:
             prompt_tokens = sum(prompt[flat // k] for flat in used)
