@@ -54,6 +54,24 @@ from dpo_lightning.models import base_model
 CACHE_ARGS = ("cache", "past_key_values")
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The model's next-token logits were NaN or infinite for some rows: no token can be drawn.
+
+    Attributes:
+        rows: the original rows (``i * k + j``) whose distribution was not finite.
+        step: the decode step (0: the prompts' own last logits).
+    """
+
+    def __init__(self, rows: list[int], step: int) -> None:
+        self.rows, self.step = rows, step
+        super().__init__(
+            f"the policy's next-token logits are NaN or infinite (rows {rows[:8]}{' ...' if len(rows) > 8 else ''} "
+            f"of the sampling batch, decode step {step}): nothing can be sampled from them. The weights have "
+            "likely diverged: lower the learning rate, keep gradient clipping on, or train in bf16-mixed "
+            "rather than 16-mixed; resume from the last checkpoint whose weights are finite"
+        )
+
+
 @dataclass
 class Decoded:
     """What :func:`decode` sampled for ``N = B * k`` rows (row ``i * k + j``: sample ``j`` of prompt ``i``).
@@ -234,7 +252,12 @@ def decode(
             picked = inverse_cdf(probs, uniforms[active])  # (n,)
             stopped = torch.isin(picked, stops)
             steps += 1
-            for row, token, stop, alive in zip(active.tolist(), picked.tolist(), stopped.tolist(), live.tolist()):
+            drawn = picked.tolist()  # the step's one host read
+            if max(drawn) >= probs.shape[-1]:  # a NaN total: searchsorted fell past the vocabulary
+                raise NonFiniteLogitsError(
+                    [row for row, token in zip(active.tolist(), drawn) if token >= probs.shape[-1]], step
+                )
+            for row, token, stop, alive in zip(active.tolist(), drawn, stopped.tolist(), live.tolist()):
                 if alive:
                     tokens[row].append(token)
                     has_eos[row] = stop
@@ -265,5 +288,6 @@ def decode(
 
 
 __all__ = [
-    "CACHE_ARGS", "Decoded", "base_model", "can_decode", "decode", "inverse_cdf", "new_cache", "next_token_probs", "warpers",
+    "CACHE_ARGS", "Decoded", "NonFiniteLogitsError", "base_model", "can_decode", "decode", "inverse_cdf", "new_cache",
+    "next_token_probs", "warpers",
 ]

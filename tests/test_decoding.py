@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from dpo_lightning.decoding import can_decode, decode, inverse_cdf
+from dpo_lightning.decoding import NonFiniteLogitsError, can_decode, decode, inverse_cdf
 from dpo_lightning import generation
 from dpo_lightning.generation import SamplingSpec, sample_completions, sample_with_generate
 from dpo_lightning.lora import LoraSpec, add_adapters
@@ -118,6 +118,37 @@ def test_every_steps_logits_are_a_full_forward_over_prompt_and_sampled_tokens(sh
                 got = seen[step][running.index(r)]
             worst = max(worst, (got - full[step]).abs().max().item())
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+@pytest.mark.parametrize("n", [1, 3])
+def test_nan_logits_raise_naming_the_rows_instead_of_drawing_a_token_past_the_vocabulary(shared_prefix: bool, n: int) -> None:
+    """A NaN total sends searchsorted past the vocabulary (token id V): the loop raises, naming the
+    rows and the step, where it once returned id V (n = 1) or failed in the next embedding lookup."""
+    model = tiny_lm()
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")  # tied: the embedding of token 7 too, which no prompt holds
+    with pytest.raises(NonFiniteLogitsError, match=r"NaN or infinite \(rows \[0, 1, 2, 3, 4, 5, 6, 7\] \.\.\. of the sampling batch, decode step 0\)") as error:
+        run(model, k=4, n=n, shared_prefix=shared_prefix)
+    assert error.value.rows == list(range(12)) and error.value.step == 0
+
+
+def test_a_row_whose_logits_turn_nan_mid_sampling_is_named() -> None:
+    model = tiny_lm()
+    calls = []
+
+    def poison(module, args, output):  # the first decode step's forward: batch row 1 gets NaN logits
+        calls.append(output.shape[0])
+        if len(calls) == 2:
+            output = output.clone()
+            output[1] = float("nan")
+            return output
+        return output
+
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLogitsError) as error:
+        run(model, k=2, n=4, stops=())
+    assert calls == [3, 6] and error.value.rows == [1] and error.value.step == 1
 
 
 def test_inverse_cdf_never_takes_a_token_of_probability_zero() -> None:
