@@ -126,13 +126,16 @@ def save_start_model(
     model: PreTrainedModel, tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None, folder: Path,
 ) -> tuple[str, str | os.PathLike | PreTrainedTokenizerBase]:
     """Save a loaded model (safetensors) to ``folder`` and return ``(folder, tokenizer)``; the
-    tokenizer defaults to the one the model was loaded from (``config._name_or_path``)."""
+    tokenizer defaults to the one the model was loaded from (``config._name_or_path``); a
+    tokenizer object is saved beside the model, which is then loaded with it."""
     if tokenizer is None:
         tokenizer = getattr(model.config, "_name_or_path", "") or None
         if tokenizer is None:
             raise ValueError("train(model=<a loaded model>) needs tokenizer=: the model does not say where it was loaded from")
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if isinstance(tokenizer, PreTrainedTokenizerBase):  # the folder is the module's model: its tokenizer beside it
+        tokenizer.save_pretrained(folder)
     return str(folder), tokenizer
 
 

@@ -55,6 +55,17 @@ def test_a_loaded_model_object_trains_from_its_saved_copy(tmp_path: Path, pair_f
     assert recorded["name_or_path"] == str((tmp_path / "start_model").resolve())
 
 
+def test_a_loaded_model_with_a_tokenizer_object_trains(tmp_path: Path, pair_files) -> None:
+    """Both given as objects (found by a new user: the module looked for a tokenizer in the saved
+    start model, which had none): the tokenizer is saved beside the model and loaded with it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(TINY), AutoTokenizer.from_pretrained(TINY)
+    run = train(model, pair_files[0], tokenizer=tokenizer, output_dir=tmp_path, batch_size=4, **QUICK)
+    assert (tmp_path / "start_model" / "tokenizer.json").is_file() and run.trainer.global_step == 2
+    assert run.module.tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
 def test_a_triple_loss_gets_the_data_module_that_produces_triples(tmp_path: Path) -> None:
     from dpo_lightning.data import TripleDataModule
     from dpo_lightning.losses import TPOLoss
