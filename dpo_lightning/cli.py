@@ -13,10 +13,11 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 import yaml
 
@@ -118,6 +119,13 @@ class DPOLightningCLI(LightningCLI):
     before and after training (``val/reward_accuracy: A -> B``) when the recipe validated
     before the first step (``trainer.num_sanity_val_steps: -1``).
     """
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Every parser (the main one and each subcommand's) takes an option only by its whole
+        name: argparse would read ``--trainer.max_epoch 2`` as ``--trainer.max_epochs 2``
+        without a word, and a misspelled key would silently set another one."""
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` loads (safely), but keep the recipe's values.
@@ -280,24 +288,29 @@ def summarize_parse_error(message: str, accepted_options: Sequence[str] = ()) ->
     if missing:
         problems = re.findall(r"Problem with given class_path '([^']+)'", message)
         return f"{key}: {problems[-1]!r}: {missing.group(0)} (is the module on PYTHONPATH?)"
+    # a class's own parser reports its options relative to it (--los.init_args.beta under "model")
+    within = "--" + "".join(f"{k}.init_args." for k in keys)
     unrecognized = re.search(r"unrecognized arguments: (.*)", message)
     if unrecognized:
-        return f"unrecognized arguments: {unrecognized.group(1).strip()}" + did_you_mean_options(
-            unrecognized.group(1).split(), accepted_options)
+        tokens = [within + t[2:] if t.startswith("--") else t for t in unrecognized.group(1).split()]
+        return f"unrecognized arguments: {' '.join(tokens)}" + did_you_mean_options(tokens, accepted_options)
     deepest = message.rsplit('Parser key "', 1)[-1]
     first, *rest = deepest.splitlines() or [""]
-    inline = first.split('":', 1)[1].strip() if '":' in first else ""
+    inline = first.split('":', 1)[1].strip() if '":' in first else ("" if keys else first.strip())
     skip = ("Does not validate", "Subtypes", "Errors:", "Given value type", "Expected a <class 'NoneType'>")
     reasons = [line.strip(" -") for line in ([inline] if inline else []) + rest
                if line.strip() and not line.strip(" -").startswith(skip)]
     given = next((r for r in reasons if r.startswith("Given value:")), None)
     reasons = [r for r in reasons if not r.startswith(("Given value", "Problem with given", "Parser key"))]
     summary = f"{key}: " + "; ".join(dict.fromkeys(reasons)) + (f" ({given})" if given else "")
+    in_group = re.search(r"Group '([^']+)' does not accept option '([^']+)'", message)
+    if in_group and (near := corrected_option(f"--{in_group.group(1)}.{in_group.group(2)}", accepted_options)):
+        summary += f"; did you mean {near}?"
     if "File does not exist" in message:
         summary += f" (relative paths resolve against the working directory, {os.getcwd()})"
     not_accepted = re.search(r"Option '([^']+)' is not accepted", message)
-    if not_accepted and (near := closest(not_accepted.group(1), init_arg_names())):
-        summary += f"; did you mean {near!r}?"
+    if not_accepted and (near := corrected_option(within + not_accepted.group(1), accepted_options)):
+        summary += f"; did you mean {near}?"
     if re.search(r"Option 'divergence(_alpha)?' is not accepted", message):
         summary += (
             "; f-divergences apply only to losses built on the chosen-minus-rejected log-ratio difference: "
@@ -313,18 +326,32 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
 
 
 def did_you_mean_options(tokens: Sequence[str], accepted_options: Sequence[str]) -> str:
-    """``"; did you mean --trainer.max_steps?"`` for the misspelled ``--options`` among ``tokens``:
-    an option the parser knows, else (``--model.init_args.model.name_or_pth``) the argument name
-    of the library's classes nearest to the last part (``'name_or_path'``)."""
-    hints = []
-    for token in (t.split("=", 1)[0] for t in tokens if t.startswith("--")):
-        near = closest(token, accepted_options)
-        if near is None and "." in token:
-            word = closest(token.rsplit(".", 1)[1], init_arg_names())
-            near = repr(word) if word is not None else None
-        if near is not None and near != token:
-            hints.append(near)
+    """``"; did you mean --trainer.max_steps?"`` for the misspelled ``--options`` among ``tokens``
+    (see :func:`corrected_option`)."""
+    hints = [near for token in tokens if token.startswith("--")
+             if (near := corrected_option(token.split("=", 1)[0], accepted_options)) is not None]
     return f"; did you mean {', '.join(hints)}?" if hints else ""
+
+
+def corrected_option(option: str, accepted_options: Sequence[str]) -> str | None:
+    """The whole option a user most likely meant by a misspelled ``option``: one the parser
+    knows (``--trainer.max_stepz`` -> ``--trainer.max_steps``), else the option with each unknown
+    part replaced by the nearest argument name of the library's classes
+    (``--model.init_args.los.init_args.beta`` -> ``--model.init_args.loss.init_args.beta``);
+    ``None`` when a part is near nothing or nothing changes."""
+    near = closest(option, accepted_options)
+    if near is not None:
+        return near if near != option else None
+    known = init_arg_names() | {"init_args", "class_path", "dict_kwargs"}
+    known |= {o[2:].split(".", 1)[0] for o in accepted_options if o.startswith("--")}
+    parts = []
+    for part in option[2:].split("."):
+        word = part if part in known else closest(part, known)
+        if word is None:
+            return None
+        parts.append(word)
+    fixed = "--" + ".".join(parts)
+    return fixed if fixed != option else None
 
 
 @functools.cache

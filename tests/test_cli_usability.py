@@ -32,14 +32,43 @@ def test_a_missing_recipe_file_is_named_in_one_line(monkeypatch, capsys) -> None
 
 @pytest.mark.parametrize(("flag", "hint"), [
     ("--trainer.max_stepz", "did you mean --trainer.max_steps?"),
-    ("--data.init_args.batch_sise", "did you mean 'batch_size'?"),
-    ("--model.init_args.lossx", "did you mean 'loss'?"),
-    ("--model.init_args.model.name_or_pth", "did you mean 'name_or_path'?"),
+    ("--data.init_args.batch_sise", "did you mean --data.init_args.batch_size?"),
+    ("--model.init_args.lossx", "did you mean --model.init_args.loss?"),
+    ("--model.init_args.model.name_or_pth", "unrecognized arguments: --model.init_args.model.name_or_pth=3; "
+                                            "did you mean --model.init_args.model.name_or_path?"),
+    ("--model.init_args.los.init_args.beta", "unrecognized arguments: --model.init_args.los.init_args.beta=3; "
+                                             "did you mean --model.init_args.loss.init_args.beta?"),
 ])
 def test_a_misspelled_flag_gets_the_closest_accepted_name(monkeypatch, capsys, flag: str, hint: str) -> None:
+    """The message names the whole option as typed and the whole option meant, also where a
+    class's own parser reports it relative to itself (``--los.init_args.beta`` under ``model``)."""
     status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/quickstart.yaml", flag, "3")
     assert status == 2
     assert line.startswith("error: ") and hint in line
+
+
+@pytest.mark.parametrize(("overlay", "hint"), [
+    ({"trainer": {"max_epoch": 2}}, ["Group 'trainer' does not accept option 'max_epoch'; did you mean --trainer.max_epochs?"]),
+    ({"model": {"init_args": {"loss": {"init_args": {"bta": 0.2}}}}},
+     ["model.init_args.loss: Option 'bta' is not accepted", "did you mean --model.init_args.loss.init_args.beta?"]),
+])
+def test_a_misspelled_recipe_key_is_named_with_the_key_meant(monkeypatch, capsys, tmp_path, overlay: dict,
+                                                            hint: list[str]) -> None:
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(overlay))
+    status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/quickstart.yaml",
+                           "--config", str(tmp_path / "typo.yaml"), "--print_config")
+    assert status == 2 and all(part in line for part in hint)
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_an_abbreviated_flag_is_refused_not_read_as_the_option_it_starts(monkeypatch, capsys, subcommand: str) -> None:
+    """argparse would take ``--trainer.max_epoch 2`` for ``--trainer.max_epochs 2`` without a word."""
+    status, line = console(monkeypatch, capsys, subcommand, "--config", "recipes/quickstart.yaml",
+                           "--trainer.max_epoch", "2", "--print_config")
+    assert status == 2
+    assert line.startswith("error: unrecognized arguments: --trainer.max_epoch 2; did you mean --trainer.max_epochs?")
+    assert yaml.safe_load(_printed("--config", str(ROOT / "recipes" / "quickstart.yaml"),
+                                   "--trainer.max_epochs", "2"))["trainer"]["max_epochs"] == 2
 
 
 @pytest.mark.parametrize(("recipe", "flags", "message"), [
