@@ -23,7 +23,7 @@ import yaml
 
 from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
-from .console import verbose_libraries
+from .console import USER_ERRORS, debug_requested, user_error_line, verbose_libraries
 from .export import REFERENCE_RECORD, read_reference_record
 from .lora import LoraSpec
 from .models import ModelSpec
@@ -389,17 +389,13 @@ def divergence_losses() -> list[str]:
     )
 
 
-#: errors that carry a message meant for the user: printed as one line, without a traceback
-USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, ImportError, RuntimeError)
-
-
 def main() -> None:
     """Console-script entry point ``dpo-lightning``.
 
     A configuration, data or checkpoint error ends the run with its message as the last line
     (``error: ...``) and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1`` shows the traceback.
     """
-    debug = "--debug" in sys.argv[1:] or os.environ.get("DPO_LIGHTNING_DEBUG", "") not in ("", "0")
+    debug = debug_requested(sys.argv[1:])
     if "--verbose" in sys.argv[1:] or debug:
         verbose_libraries()
     sys.argv[1:] = [a for a in sys.argv[1:] if a not in ("--debug", "--verbose")]
@@ -412,8 +408,7 @@ def main() -> None:
     except USER_ERRORS as err:
         if debug:
             raise
-        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        message = " ".join(innermost_reasons(message).split())
+        message = innermost_reasons(user_error_line(err))
         print(f"error: {message}  [--debug shows the traceback]", file=sys.stderr)
         sys.exit(1)
 

@@ -127,3 +127,53 @@ def _stderr_is_terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+#: errors that carry a message meant for the user: printed as one line, without a traceback
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, ImportError, RuntimeError)
+#: environment variable that shows the traceback of such an error (``1``)
+DEBUG_ENV = "DPO_LIGHTNING_DEBUG"
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """``--debug`` among ``argv``, or ``DPO_LIGHTNING_DEBUG`` set to anything but ``""`` / ``"0"``."""
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def user_error_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a ``KeyError``'s own text, not its repr)."""
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    return " ".join(message.split())
+
+
+def run_tool(component: object, args: list[str] | None = None, *, as_positional: bool = False,
+             missing_module_hint: str | None = None) -> object:
+    """Run a console tool, a function whose arguments are its options (jsonargparse's ``auto_cli``).
+
+    As in ``dpo-lightning``: an option is taken only by its whole name (``--polic`` is refused,
+    not read as ``--policy``), and an error meant for the user (:data:`USER_ERRORS`) ends the run
+    with ``error: <message>`` on stderr and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1``
+    shows the traceback instead. ``missing_module_hint`` follows a missing optional module's name
+    (``pip install 'dpo-lightning[plot]'``).
+
+    Args:
+        component: the function (or class) to run.
+        args: the command line after the program name; ``None``: ``sys.argv[1:]``.
+    Returns:
+        what ``component`` returned.
+    """
+    from jsonargparse import auto_cli
+
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        if isinstance(err, ModuleNotFoundError) and missing_module_hint:
+            print(f"error: this command needs {err.name}: {missing_module_hint}", file=sys.stderr)
+        else:
+            print(f"error: {user_error_line(err)}  [--debug shows the traceback]", file=sys.stderr)
+        raise SystemExit(1) from None

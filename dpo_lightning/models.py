@@ -65,8 +65,9 @@ class ModelSpec:
     load_in_8bit: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, key: str = "model") -> None:
-        """Raise a ``ValueError`` naming ``key`` when the spec is unusable."""
+    def validate(self, key: str = "model", option: str | None = None) -> None:
+        """Raise a ``ValueError`` naming ``key`` when the spec is unusable; a missing local
+        folder is named by ``option`` when the user gave it as one (``--policy``)."""
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError(
                 f"{key}: set exactly one of `name_or_path` (hub id or folder) and `config` "
@@ -82,7 +83,7 @@ class ModelSpec:
             raise ValueError(f"{key}.tokenizer is required when the model is built from `config`")
         for name, value in (("name_or_path", self.name_or_path), ("tokenizer", self.tokenizer)):
             if value is not None:
-                check_local_path(f"{key}.{name}", value)
+                check_local_path(option or f"{key}.{name}", value)
 
 
 def check_local_path(key: str, value: str) -> None:
@@ -220,14 +221,15 @@ def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
     return None
 
 
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: ModelSpec, option: str | None = None) -> PreTrainedTokenizerBase:
     """Load the tokenizer named by ``spec`` and make sure it can pad.
 
     A tokenizer without a pad token gets ``pad_token = eos_token`` (padding is masked out
-    everywhere, so the id only fills space); one without either is an error.
+    everywhere, so the id only fills space); one without either is an error. Errors name
+    ``option`` (a console tool's ``--policy``) when given, else the recipe key.
     """
     source = spec.tokenizer or spec.name_or_path
-    key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+    key = option or ("model.tokenizer" if spec.tokenizer else "model.name_or_path")
     hub = check_hub_source(key, source, spec.revision)
     with explain_load_errors(key, source):
         tokenizer = AutoTokenizer.from_pretrained(
@@ -251,39 +253,45 @@ def ready_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrain
     return tokenizer
 
 
-def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None,
+                   option: str | None = None) -> PreTrainedModel:
     """Load (``name_or_path``) or build (``config``) a causal LM.
 
-    Weights are read as safetensors only (``use_safetensors=True``).
+    Weights are read as safetensors only (``use_safetensors=True``). Errors name ``option``
+    (a console tool's ``--policy``) when given, else the recipe key.
     """
-    return load_model(spec, tokenizer, AutoModelForCausalLM)
+    return load_model(spec, tokenizer, AutoModelForCausalLM, option=option)
 
 
-def load_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+def load_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None,
+                      option: str | None = None) -> PreTrainedModel:
     """A sequence classifier with one output (a scalar reward), its pad id set for pooling.
 
     From a causal-LM checkpoint the score head is new (randomly initialised), as usual.
     """
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
-    model = load_model(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    model = load_model(spec, tokenizer, AutoModelForSequenceClassification, option=option, num_labels=1)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id
     return model
 
 
 def load_model(
-    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None, auto_class: Any, **overrides: Any
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None, auto_class: Any, option: str | None = None,
+    **overrides: Any,
 ) -> PreTrainedModel:
-    """Shared path of :func:`load_causal_lm` and :func:`load_reward_model`."""
-    spec.validate()
+    """Shared path of :func:`load_causal_lm` and :func:`load_reward_model`; errors name
+    ``option`` when given, else ``model.name_or_path``."""
+    spec.validate(option=option)
+    source_key = option or "model.name_or_path"
     kwargs: dict[str, Any] = {**spec.extra, **overrides}
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
     if quantization_config(spec) is not None:
         kwargs["quantization_config"] = quantization_config(spec)
     if spec.name_or_path is not None:
-        kwargs.update(check_hub_source("model.name_or_path", spec.name_or_path, spec.revision))
-        with explain_load_errors("model.name_or_path", spec.name_or_path):
+        kwargs.update(check_hub_source(source_key, spec.name_or_path, spec.revision))
+        with explain_load_errors(source_key, spec.name_or_path):
             return auto_class.from_pretrained(
                 spec.name_or_path,
                 revision=spec.revision,

@@ -14,10 +14,10 @@ figure. Needs matplotlib (``pip install 'dpo-lightning[plot]'``).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .console import run_tool
 from .run_logs import Series, read_run
 
 if TYPE_CHECKING:
@@ -109,16 +109,7 @@ def plot_run(run_dir: str, output: str | None = None) -> Path:
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point ``dpo-lightning-plot``: a failure is one line on stderr and
     exit status 1."""
-    from jsonargparse import auto_cli
-
-    try:
-        auto_cli(plot_run, as_positional=True, args=args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except ModuleNotFoundError as err:
-        print(f"error: dpo-lightning-plot needs {err.name}: pip install 'dpo-lightning[plot]'", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_tool(plot_run, args, as_positional=True, missing_module_hint="pip install 'dpo-lightning[plot]'")
 
 
 if __name__ == "__main__":

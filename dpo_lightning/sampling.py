@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .console import run_tool
 from .data.collator import pad_sequences
 from .data.formats import is_conversation
 from .generation import (
@@ -198,10 +199,11 @@ def evaluation_reference(policy: str, reference: str | None, trust_remote_code: 
     return ModelSpec(name_or_path=reference, trust_remote_code=trust_remote_code)
 
 
-def _load(path: str, trust_remote_code: bool):
+def _load(path: str, trust_remote_code: bool, option: str = "--policy"):
+    """The causal LM and tokenizer at ``path``, errors naming the tool's ``option``."""
     spec = ModelSpec(name_or_path=path, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(spec)
-    return load_causal_lm(spec, tokenizer).eval(), tokenizer
+    tokenizer = load_tokenizer(spec, option=option)
+    return load_causal_lm(spec, tokenizer, option=option).eval(), tokenizer
 
 
 def evaluate_policy(
@@ -246,7 +248,7 @@ def evaluate_policy(
     scoring = choose_judge(scorer, judge)
     reference_spec = evaluation_reference(policy, reference, trust_remote_code)
     pi, tokenizer = _load(policy, trust_remote_code)
-    ref = load_causal_lm(reference_spec, tokenizer).eval()
+    ref = load_causal_lm(reference_spec, tokenizer, option="--reference" if reference is not None else None).eval()
     scoring.to(pi.device)
     rewards: list[float] = []
     log_ratios: list[float] = []
@@ -350,17 +352,15 @@ def sample_pairs(
 
 
 def main_evaluate() -> None:
-    """Console-script entry point ``dpo-lightning-evaluate``."""
-    from jsonargparse import auto_cli
-
-    auto_cli(evaluate_policy, as_positional=False)
+    """Console-script entry point ``dpo-lightning-evaluate``: an error is one line on stderr
+    and exit status 1 (:func:`~.console.run_tool`)."""
+    run_tool(evaluate_policy)
 
 
 def main_sample_pairs() -> None:
-    """Console-script entry point ``dpo-lightning-sample-pairs``."""
-    from jsonargparse import auto_cli
-
-    auto_cli(sample_pairs, as_positional=False)
+    """Console-script entry point ``dpo-lightning-sample-pairs``: an error is one line on stderr
+    and exit status 1 (:func:`~.console.run_tool`)."""
+    run_tool(sample_pairs)
 
 
 __all__ = [

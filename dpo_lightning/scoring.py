@@ -18,6 +18,7 @@ import datasets
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .console import run_tool
 from .contract import BatchLayout, DataRequirements
 from .data import PreferenceDataModule, load_rows
 from .models import ModelSpec, load_reward_model, load_tokenizer
@@ -58,8 +59,8 @@ def score_pairs(
     if target.exists() and not overwrite:
         raise FileExistsError(f"--output {output!r} exists; pass --overwrite true or choose another path")
     spec = ModelSpec(name_or_path=reward_model, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(spec)
-    model = load_reward_model(spec, tokenizer).eval()
+    tokenizer = load_tokenizer(spec, option="--reward_model")
+    model = load_reward_model(spec, tokenizer, option="--reward_model").eval()
     dm = PreferenceDataModule(
         train_data=data, dataset_config=dataset_config, train_split=split,
         max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size,
@@ -117,10 +118,9 @@ def write_rows(rows: datasets.Dataset, target: Path) -> None:
 
 
 def main() -> None:
-    """Console-script entry point ``dpo-lightning-score``."""
-    from jsonargparse import auto_cli
-
-    auto_cli(score_pairs, as_positional=False)
+    """Console-script entry point ``dpo-lightning-score``: an error is one line on stderr and
+    exit status 1 (:func:`~.console.run_tool`)."""
+    run_tool(score_pairs)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_missing_folder_is_one_line(tmp_path, capsys, monkeypatch) -> None:
     code, out, err = run_main(capsys, monkeypatch, str(tmp_path / "nothing"))
     assert code == 1 and out == "" and "Traceback" not in err
     assert err == f"error: {tmp_path / 'nothing'}: no such folder; give the run's folder (its trainer.default_root_dir, " \
-                  "or the CSV logger's save_dir)\n"
+                  "or the CSV logger's save_dir)  [--debug shows the traceback]\n"
     code, _, err = run_main(capsys, monkeypatch, str(tmp_path))
     assert code == 1 and err.startswith(f"error: {tmp_path}: no metrics.csv below it") and err.count("\n") == 1
 
@@ -135,3 +135,17 @@ def test_a_good_run_exits_0(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["dpo-lightning-plot", str(tmp_path)])
     main()
     assert capsys.readouterr().out == f"wrote {tmp_path / 'logs/lightning_logs/version_1/curves.png'} from 2 log file(s)\n"
+
+
+def test_without_matplotlib_the_error_names_the_extra(tmp_path, capsys, monkeypatch) -> None:
+    resumed_run(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ModuleNotFoundError
+    code, out, err = run_main(capsys, monkeypatch, str(tmp_path))
+    assert code == 1 and "Traceback" not in err
+    assert err == "error: this command needs matplotlib: pip install 'dpo-lightning[plot]'\n"
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning-plot", str(tmp_path / "nothing"), "--debug"])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        main()

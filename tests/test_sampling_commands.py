@@ -160,3 +160,47 @@ def test_sample_prompts_batches_prompts_of_any_length_into_each_prompts_own_samp
             assert text == tokenizer.decode([t for t in ids if t != stop], skip_special_tokens=True)
     with pytest.raises(ValueError, match=r"--batch_size must be a positive integer"):
         next(sample_prompts(model, tokenizer, prompts, 3, 6, batch_size=0))
+
+
+def failed_command(monkeypatch, capsys, main, *args: str) -> str:
+    """Run a console tool expected to fail: its one stderr line (exit status 1, no traceback)."""
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning-command", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err and err.count("\n") == 1
+    return err.strip()
+
+
+@pytest.mark.parametrize(("main", "more"), [(main_sample_pairs, []), (main_evaluate, ["--reference", POLICY])])
+def test_a_missing_policy_folder_is_one_line_naming_the_option(monkeypatch, capsys, tmp_path, main, more) -> None:
+    prompts = str(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:1]))
+    missing = str(tmp_path / "polcy")
+    line = failed_command(monkeypatch, capsys, main, "--policy", missing, *more, "--prompts", prompts,
+                          "--output", str(tmp_path / "out.json"))
+    assert line.startswith(f"error: --policy: no folder at {missing!r}") and line.endswith("[--debug shows the traceback]")
+
+
+def test_a_missing_reference_folder_names_the_reference_option(monkeypatch, capsys, tmp_path) -> None:
+    prompts = str(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:1]))
+    line = failed_command(monkeypatch, capsys, main_evaluate, "--policy", POLICY, "--reference", str(tmp_path / "ref"),
+                          "--prompts", prompts)
+    assert line.startswith(f"error: --reference: no folder at {str(tmp_path / 'ref')!r}")
+
+
+def test_a_tool_refuses_an_abbreviated_option(monkeypatch, capsys, tmp_path) -> None:
+    """``--polic`` is not read as ``--policy``."""
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning-sample-pairs", "--polic", POLICY, "--prompts", "p.jsonl",
+                                      "--output", str(tmp_path / "out.jsonl")])
+    with pytest.raises(SystemExit) as info:
+        main_sample_pairs()
+    assert info.value.code == 2 and "unrecognized arguments: --polic" in capsys.readouterr().err
+
+
+def test_the_score_tool_names_its_reward_model_option(monkeypatch, capsys, tmp_path) -> None:
+    from dpo_lightning.scoring import main as main_score
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    line = failed_command(monkeypatch, capsys, main_score, "--reward_model", str(tmp_path / "rm"), "--data", data,
+                          "--output", str(tmp_path / "scored.jsonl"))
+    assert line.startswith(f"error: --reward_model: no folder at {str(tmp_path / 'rm')!r}")
