@@ -2,7 +2,8 @@
 
 Reads every ``metrics.csv`` of the newest run under ``RUN_DIR`` (Lightning's ``CSVLogger``, the
 default logger when TensorBoard is not installed), stitched in step order across the
-``version_*`` folders a resume writes (:mod:`.run_logs`), and draws, against the optimizer
+``version_*`` folders a resume writes, a ``validate`` run's version left out (:mod:`.run_logs`),
+and draws, against the optimizer
 step: the loss, the reward margin, the reward accuracy, and a KL proxy,
 ``(rewards/chosen + rewards/rejected) / 2`` = the mean of ``beta * (log pi - log pi_ref)`` over
 the data's responses (how far the policy has moved from the reference on them; not the KL of
@@ -98,11 +99,13 @@ def plot_run(run_dir: str, output: str | None = None) -> Path:
         FileNotFoundError: ``run_dir`` does not exist or holds no ``metrics.csv``.
         ValueError: a log is empty or cut (naming the file and line), or none holds a plotted metric.
     """
-    series, files = read_run(run_dir)
+    series, files, skipped = read_run(run_dir)
     check_something_to_plot(series, files)
     target = Path(output) if output else files[-1].parent / "curves.png"
     draw(series, target)
     print(f"wrote {target} from {len(files)} log file(s)")
+    for path in skipped:
+        print(f"skipped {path}: no training step logged (a validate or test run in the same folder)")
     return target
 
 

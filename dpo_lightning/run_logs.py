@@ -5,7 +5,9 @@ Lightning's ``CSVLogger`` writes ``<save_dir>/<name>/version_<n>/metrics.csv``, 
 run (``--ckpt_path``) writes a new version that goes on from the checkpoint's step. A run's
 curves are therefore every version's rows, where a later version replaces what an earlier one
 logged from its first step on (the steps a killed run logged after its last checkpoint were
-trained again). A file that is empty, cut in the middle of a row (a copy cut short, a run killed
+trained again). A version that logged no training value is a ``validate`` or ``test`` run in
+the same folder (they log at step 0): it is left out of a run that trained, or it would replace
+the whole run from step 0 on. A file that is empty, cut in the middle of a row (a copy cut short, a run killed
 while writing) or not a ``metrics.csv`` at all is an error naming the file and the line: a cut
 value such as ``0.`` of ``0.6931`` would otherwise be drawn as 0.
 """
@@ -16,6 +18,7 @@ import csv
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 #: ``{name: [(step, value), ...]}``, each list in step order
 Series = dict[str, list[tuple[int, float]]]
@@ -115,14 +118,33 @@ def stitch(versions: list[Series]) -> Series:
     return {name: sorted(points, key=lambda p: p[0]) for name, points in out.items() if points}
 
 
-def read_run(run_dir: str | Path) -> tuple[Series, list[Path]]:
-    """The stitched series of the newest run under ``run_dir`` and the files read
-    (:func:`find_logs`, :func:`read_log`, :func:`stitch`), with the KL proxy added (see
-    :func:`add_kl_proxy`)."""
-    files = find_logs(run_dir)
-    series = stitch([read_log(path) for path in files])
+class RunLogs(NamedTuple):
+    """What :func:`read_run` read: the stitched ``series``, the ``files`` it came from (oldest
+    version first), and the ``skipped`` files of validate or test runs in the same folder."""
+
+    series: Series
+    files: list[Path]
+    skipped: list[Path]
+
+
+def trained(series: Series) -> bool:
+    """``series`` holds a training value (``train/`` or ``train_epoch/``): a ``fit`` run's log."""
+    return any(name.startswith(("train/", "train_epoch/")) for name in series)
+
+
+def read_run(run_dir: str | Path) -> RunLogs:
+    """The stitched series of the newest run under ``run_dir`` (:func:`find_logs`,
+    :func:`read_log`, :func:`stitch`), with the KL proxy added (:func:`add_kl_proxy`).
+
+    Versions without a training value (``dpo-lightning validate`` or ``test`` written into the
+    run's folder) are skipped when another version trained; when none trained, every version
+    is read."""
+    logs = [(path, read_log(path)) for path in find_logs(run_dir)]
+    fits = [(path, series) for path, series in logs if trained(series)] or logs
+    series = stitch([series for _, series in fits])
     add_kl_proxy(series)
-    return series, files
+    kept = [path for path, _ in fits]
+    return RunLogs(series, kept, [path for path, _ in logs if path not in kept])
 
 
 def add_kl_proxy(series: Series) -> None:

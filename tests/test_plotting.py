@@ -41,7 +41,8 @@ def resumed_run(root: Path) -> Path:
 def read_run(run_dir: Path):
     from dpo_lightning.run_logs import read_run
 
-    return read_run(run_dir)
+    series, files, _ = read_run(run_dir)
+    return series, files
 
 
 def figure(series):
@@ -149,3 +150,31 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["dpo-lightning-plot", str(tmp_path / "nothing"), "--debug"])
     with pytest.raises(FileNotFoundError, match="no such folder"):
         main()
+
+
+def test_a_validate_run_in_the_same_folder_is_left_out_not_stitched_over_the_fit(tmp_path, capsys, monkeypatch) -> None:
+    """``dpo-lightning validate`` with the recipe's folder writes version_2 at step 0: stitched, it
+    replaced the whole fit from step 0 on and the figure showed one validation point."""
+    resumed_run(tmp_path)
+    logs = tmp_path / "logs" / "lightning_logs"
+    write_log(logs / "version_2", [val_row(0, 0.3)])
+    from dpo_lightning.run_logs import read_run as read_logs
+
+    series, files, skipped = read_logs(tmp_path)
+    assert [f.parent.name for f in files] == ["version_0", "version_1"] and skipped == [logs / "version_2" / "metrics.csv"]
+    assert series["train/loss"][-1] == (7, 0.5) and series["val/loss"] == [(3, 0.9), (7, 0.4)]
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning-plot", str(tmp_path)])
+    main()
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {logs / 'version_1' / 'curves.png'} from 2 log file(s)",
+        f"skipped {logs / 'version_2' / 'metrics.csv'}: no training step logged (a validate or test run in the same folder)"]
+
+
+def test_validate_runs_alone_are_plotted(tmp_path) -> None:
+    logs = tmp_path / "lightning_logs"
+    write_log(logs / "version_0", [val_row(0, 0.7)])
+    write_log(logs / "version_1", [val_row(0, 0.3)])
+    from dpo_lightning.run_logs import read_run as read_logs
+
+    series, files, skipped = read_logs(tmp_path)
+    assert len(files) == 2 and skipped == [] and series["val/loss"] == [(0, 0.3)]

@@ -9,12 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 
 from conftest import ROOT, tiny_recipe, write_recipe
 from dpo_lightning.cli import run
 from dpo_lightning.losses import DPOLoss, LossOutput
 from dpo_lightning.plotting import plot_run
+from dpo_lightning.run_logs import read_run
 
 STEP_METRICS = ["train/loss", "train/lr", "train/grad_norm", "train/rewards/chosen", "train/rewards/rejected",
                 "train/rewards/margins", "train/rewards/accuracy", "train/logps/chosen", "train/logps/rejected"]
@@ -61,6 +63,16 @@ def test_plot_writes_a_png_that_loads(tmp_path, pair_files) -> None:
     image = matplotlib.image.imread(path)
     assert path.name == "curves.png" and image.shape[0] > 300 and image.shape[1] > 500
     assert image[..., :3].std() > 0.05  # not blank: four panels with curves
+    # `validate` with the same recipe logs into the same folder (version_1, at step 0): the plot
+    # keeps the fit's curves and leaves the validate run out
+    recipe = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    recipe["model"]["init_args"]["reference"] = {"model": recipe["model"]["init_args"]["model"]}
+    run(["validate", "--config", write_recipe(tmp_path / "validate.yaml", recipe)])
+    assert sorted(p.parent.name for p in (tmp_path / "logs").rglob("metrics.csv")) == ["version_0", "version_1"]
+    series, files, skipped = read_run(tmp_path / "logs")
+    assert [f.parent.name for f in files] == ["version_0"] and [f.parent.name for f in skipped] == ["version_1"]
+    assert [step for step, _ in series["train/loss"]] == list(range(8))
+    assert plot_run(str(tmp_path / "logs")) == path
     with pytest.raises(FileNotFoundError, match="nothing: no such folder"):
         plot_run(str(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError, match="no metrics.csv below it"):
