@@ -254,7 +254,7 @@ class RewardsWithNaN(torch.nn.Module):
 def test_score_refuses_non_finite_rewards_naming_the_rows(tmp_path, monkeypatch) -> None:
     from dpo_lightning import scoring
 
-    monkeypatch.setattr(scoring, "load_reward_model", lambda spec, tokenizer: RewardsWithNaN())
+    monkeypatch.setattr(scoring, "load_reward_model", lambda spec, tokenizer, option=None: RewardsWithNaN())
     data = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
     out = tmp_path / "scored.jsonl"
     with pytest.raises(ValueError, match=r"--reward_model '.*' gave non-finite rewards for 2 pair\(s\) \(row 2: chosen nan, "
@@ -272,7 +272,7 @@ def test_score_output_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> N
         Path(path).write_text('{"prompt": "cut at a row boundary"}\n')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scoring, "load_reward_model", lambda spec, tokenizer: RewardsWithNaN().eval())
+    monkeypatch.setattr(scoring, "load_reward_model", lambda spec, tokenizer, option=None: RewardsWithNaN().eval())
     monkeypatch.setattr(scoring, "check_finite_rewards", lambda *args: None)
     monkeypatch.setattr(datasets.Dataset, "to_json", killed_while_writing)
     out = tmp_path / "scored.jsonl"
