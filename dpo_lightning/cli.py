@@ -287,7 +287,8 @@ def summarize_parse_error(message: str, accepted_options: Sequence[str] = ()) ->
     missing = re.search(r"No module named '[^']+'", message)
     if missing:
         problems = re.findall(r"Problem with given class_path '([^']+)'", message)
-        return f"{key}: {problems[-1]!r}: {missing.group(0)} (is the module on PYTHONPATH?)"
+        named = f"{problems[-1]!r}: " if problems else ""
+        return f"{key}: {named}{missing.group(0)} (is the module on PYTHONPATH?)"
     # a class's own parser reports its options relative to it (--los.init_args.beta under "model")
     within = "--" + "".join(f"{k}.init_args." for k in keys)
     unrecognized = re.search(r"unrecognized arguments: (.*)", message)
@@ -304,7 +305,7 @@ def summarize_parse_error(message: str, accepted_options: Sequence[str] = ()) ->
     reasons = [r for r in reasons if not r.startswith(("Given value", "Problem with given", "Parser key"))]
     summary = f"{key}: " + "; ".join(dict.fromkeys(reasons)) + (f" ({given})" if given else "")
     in_group = re.search(r"Group '([^']+)' does not accept option '([^']+)'", message)
-    if in_group and (near := corrected_option(f"--{in_group.group(1)}.{in_group.group(2)}", accepted_options)):
+    if in_group and (near := corrected_option(f"{within}{in_group.group(1)}.{in_group.group(2)}", accepted_options)):
         summary += f"; did you mean {near}?"
     if "File does not exist" in message:
         summary += f" (relative paths resolve against the working directory, {os.getcwd()})"
@@ -334,24 +335,26 @@ def did_you_mean_options(tokens: Sequence[str], accepted_options: Sequence[str])
 
 
 def corrected_option(option: str, accepted_options: Sequence[str]) -> str | None:
-    """The whole option a user most likely meant by a misspelled ``option``: one the parser
-    knows (``--trainer.max_stepz`` -> ``--trainer.max_steps``), else the option with each unknown
-    part replaced by the nearest argument name of the library's classes
-    (``--model.init_args.los.init_args.beta`` -> ``--model.init_args.loss.init_args.beta``);
+    """The whole option a user most likely meant by a misspelled ``option``, part by part: the
+    first part among the parser's sections (``--modle.*`` -> ``--model.*``), each later part among
+    the options the parser knows under the corrected prefix and the argument names of the
+    library's classes (``--trainer.max_stepz`` -> ``--trainer.max_steps``,
+    ``--model.init_args.los.init_args.beta`` -> ``--model.init_args.loss.init_args.beta``);
     ``None`` when a part is near nothing or nothing changes."""
-    near = closest(option, accepted_options)
-    if near is not None:
-        return near if near != option else None
-    known = init_arg_names() | {"init_args", "class_path", "dict_kwargs"}
-    known |= {o[2:].split(".", 1)[0] for o in accepted_options if o.startswith("--")}
-    parts = []
-    for part in option[2:].split("."):
+    accepted = [o[2:].split(".") for o in accepted_options if o.startswith("--")]
+    structure = {"init_args", "class_path", "dict_kwargs"}
+    fixed: list[str] = []
+    for depth, part in enumerate(option[2:].split(".")):
+        known = {o[depth] for o in accepted if len(o) > depth and o[:depth] == fixed}
+        if depth > 0 or not known:
+            known |= init_arg_names() | structure
         word = part if part in known else closest(part, known)
         if word is None:
             return None
-        parts.append(word)
-    fixed = "--" + ".".join(parts)
-    return fixed if fixed != option else None
+        if not (word == "init_args" and fixed[-1:] == ["init_args"]):  # init_arg.loss under init_args
+            fixed.append(word)
+    corrected = "--" + ".".join(fixed)
+    return corrected if corrected != option else None
 
 
 @functools.cache

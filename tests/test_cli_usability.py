@@ -38,6 +38,8 @@ def test_a_missing_recipe_file_is_named_in_one_line(monkeypatch, capsys) -> None
                                             "did you mean --model.init_args.model.name_or_path?"),
     ("--model.init_args.los.init_args.beta", "unrecognized arguments: --model.init_args.los.init_args.beta=3; "
                                              "did you mean --model.init_args.loss.init_args.beta?"),
+    ("--modle.init_args.loss.init_args.beta", "did you mean --model.init_args.loss.init_args.beta?"),  # not --mode.*
+    ("--trainr.max_steps", "did you mean --trainer.max_steps?"),
 ])
 def test_a_misspelled_flag_gets_the_closest_accepted_name(monkeypatch, capsys, flag: str, hint: str) -> None:
     """The message names the whole option as typed and the whole option meant, also where a
@@ -51,6 +53,9 @@ def test_a_misspelled_flag_gets_the_closest_accepted_name(monkeypatch, capsys, f
     ({"trainer": {"max_epoch": 2}}, ["Group 'trainer' does not accept option 'max_epoch'; did you mean --trainer.max_epochs?"]),
     ({"model": {"init_args": {"loss": {"init_args": {"bta": 0.2}}}}},
      ["model.init_args.loss: Option 'bta' is not accepted", "did you mean --model.init_args.loss.init_args.beta?"]),
+    ({"model": {"init_args": {"model": {"dtyp": "float32"}}}},  # was "did you mean --model.help?"
+     ["Group 'model' does not accept option 'dtyp'", "did you mean --model.init_args.model.dtype?"]),
+    ({"model": {"init_args": {"init_arg": {"loss": "x"}}}}, ["did you mean --model.init_args.loss?"]),
 ])
 def test_a_misspelled_recipe_key_is_named_with_the_key_meant(monkeypatch, capsys, tmp_path, overlay: dict,
                                                             hint: list[str]) -> None:
@@ -58,6 +63,11 @@ def test_a_misspelled_recipe_key_is_named_with_the_key_meant(monkeypatch, capsys
     status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/quickstart.yaml",
                            "--config", str(tmp_path / "typo.yaml"), "--print_config")
     assert status == 2 and all(part in line for part in hint)
+
+
+def test_the_summary_of_a_missing_module_without_a_class_path_does_not_fail() -> None:
+    assert cli.summarize_parse_error("Parser key \"trainer\":\n  No module named 'nomod'") == \
+        "trainer: No module named 'nomod' (is the module on PYTHONPATH?)"
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
