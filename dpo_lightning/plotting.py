@@ -105,7 +105,7 @@ def plot_run(run_dir: str, output: str | None = None) -> Path:
     draw(series, target)
     print(f"wrote {target} from {len(files)} log file(s)")
     for path in skipped:
-        print(f"skipped {path}: no training step logged (a validate or test run in the same folder)")
+        print(f"skipped {path}: validation or test values at step 0 only (a validate or test run in the same folder)")
     return target
 
 

@@ -5,9 +5,10 @@ Lightning's ``CSVLogger`` writes ``<save_dir>/<name>/version_<n>/metrics.csv``, 
 run (``--ckpt_path``) writes a new version that goes on from the checkpoint's step. A run's
 curves are therefore every version's rows, where a later version replaces what an earlier one
 logged from its first step on (the steps a killed run logged after its last checkpoint were
-trained again). A version that logged no training value is a ``validate`` or ``test`` run in
-the same folder (they log at step 0): it is left out of a run that trained, or it would replace
-the whole run from step 0 on. A file that is empty, cut in the middle of a row (a copy cut short, a run killed
+trained again). A version that logged only ``val/`` or ``test/`` values, all at step 0, is a
+``validate`` or ``test`` run in the same folder: it is left out of a run that trained, or it would
+replace the whole run from step 0 on (a resumed fit that validated before it was killed logged
+at its resume step, and stays). A file that is empty, cut in the middle of a row (a copy cut short, a run killed
 while writing) or not a ``metrics.csv`` at all is an error naming the file and the line: a cut
 value such as ``0.`` of ``0.6931`` would otherwise be drawn as 0.
 """
@@ -127,20 +128,22 @@ class RunLogs(NamedTuple):
     skipped: list[Path]
 
 
-def trained(series: Series) -> bool:
-    """``series`` holds a training value (``train/`` or ``train_epoch/``): a ``fit`` run's log."""
-    return any(name.startswith(("train/", "train_epoch/")) for name in series)
+def evaluation_only(series: Series) -> bool:
+    """``series`` is a ``validate`` or ``test`` run's log: only ``val/`` or ``test/`` values, all
+    at step 0."""
+    return all(name.startswith(("val/", "test/")) and all(step == 0 for step, _ in points)
+               for name, points in series.items())
 
 
 def read_run(run_dir: str | Path) -> RunLogs:
     """The stitched series of the newest run under ``run_dir`` (:func:`find_logs`,
     :func:`read_log`, :func:`stitch`), with the KL proxy added (:func:`add_kl_proxy`).
 
-    Versions without a training value (``dpo-lightning validate`` or ``test`` written into the
-    run's folder) are skipped when another version trained; when none trained, every version
+    The versions of ``dpo-lightning validate`` or ``test`` runs written into the run's folder
+    (:func:`evaluation_only`) are skipped when another version is not one; else every version
     is read."""
     logs = [(path, read_log(path)) for path in find_logs(run_dir)]
-    fits = [(path, series) for path, series in logs if trained(series)] or logs
+    fits = [(path, series) for path, series in logs if not evaluation_only(series)] or logs
     series = stitch([series for _, series in fits])
     add_kl_proxy(series)
     kept = [path for path, _ in fits]

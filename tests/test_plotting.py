@@ -167,7 +167,21 @@ def test_a_validate_run_in_the_same_folder_is_left_out_not_stitched_over_the_fit
     main()
     assert capsys.readouterr().out.splitlines() == [
         f"wrote {logs / 'version_1' / 'curves.png'} from 2 log file(s)",
-        f"skipped {logs / 'version_2' / 'metrics.csv'}: no training step logged (a validate or test run in the same folder)"]
+        f"skipped {logs / 'version_2' / 'metrics.csv'}: validation or test values at step 0 only (a validate or test "
+        "run in the same folder)"]
+
+
+def test_a_resumed_fit_that_only_validated_before_it_was_killed_is_kept(tmp_path) -> None:
+    """version_1 resumed at step 4 and logged one validation (step 5) before a kill: it replaces
+    version_0 from step 5 on, as any resume does."""
+    logs = tmp_path / "lightning_logs"
+    write_log(logs / "version_0", [train_row(s, 1.0) for s in range(1, 8)] + [val_row(3, 0.9)])
+    write_log(logs / "version_1", [val_row(5, 0.6)])
+    from dpo_lightning.run_logs import read_run as read_logs
+
+    series, files, skipped = read_logs(tmp_path)
+    assert len(files) == 2 and skipped == []
+    assert series["val/loss"] == [(3, 0.9), (5, 0.6)] and series["train/loss"][-1] == (4, 1.0)
 
 
 def test_validate_runs_alone_are_plotted(tmp_path) -> None:
