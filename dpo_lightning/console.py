@@ -151,8 +151,9 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
     """Run a console tool, a function whose arguments are its options (jsonargparse's ``auto_cli``).
 
     As in ``dpo-lightning``: an option is taken only by its whole name (``--polic`` is refused,
-    not read as ``--policy``), and an error meant for the user (:data:`USER_ERRORS`) ends the run
-    with ``error: <message>`` on stderr and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1``
+    not read as ``--policy``); a command line the parser refuses ends with one ``error:`` line
+    (the closest option for a misspelled one) and exit status 2; an error meant for the user
+    (:data:`USER_ERRORS`) ends the run with ``error: <message>`` on stderr and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1``
     shows the traceback instead. ``missing_module_hint`` follows a missing optional module's name
     (``pip install 'dpo-lightning[plot]'``).
 
@@ -162,13 +163,24 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
     Returns:
         what ``component`` returned.
     """
-    from jsonargparse import auto_cli
+    import argparse
+    import difflib
+
+    from jsonargparse import auto_cli, auto_parser
 
     argv = list(sys.argv[1:] if args is None else args)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
     try:
-        return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False)
+        return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False, exit_on_error=debug)
+    except argparse.ArgumentError as err:
+        options = [s for action in auto_parser(component, as_positional=as_positional)._actions
+                   for s in action.option_strings]
+        unknown = [t.split("=", 1)[0] for t in argv if t.startswith("--") and t.split("=", 1)[0] not in options]
+        near = [m[0] for t in unknown if (m := difflib.get_close_matches(t, options, n=1, cutoff=0.7))]
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        print(f"error: {user_error_line(err)}{hint}  [--help lists the options]", file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as err:
         if debug:
             raise

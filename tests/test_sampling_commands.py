@@ -194,7 +194,18 @@ def test_a_tool_refuses_an_abbreviated_option(monkeypatch, capsys, tmp_path) -> 
                                       "--output", str(tmp_path / "out.jsonl")])
     with pytest.raises(SystemExit) as info:
         main_sample_pairs()
-    assert info.value.code == 2 and "unrecognized arguments: --polic" in capsys.readouterr().err
+    assert info.value.code == 2 and capsys.readouterr().err == (
+        f"error: unrecognized arguments: --polic {POLICY}; did you mean --policy?  [--help lists the options]\n")
+
+
+def test_a_bad_option_value_is_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning-evaluate", "--policy", POLICY, "--prompts", "p.jsonl",
+                                      "--samples_per_prompt", "abc"])
+    with pytest.raises(SystemExit) as info:
+        main_evaluate()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith('error: Parser key "samples_per_prompt": Expected a <class \'int\'>. Got value: abc')
 
 
 def test_the_score_tool_names_its_reward_model_option(monkeypatch, capsys, tmp_path) -> None:
