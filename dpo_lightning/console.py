@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: environment variable that keeps every library message (``1``)
 VERBOSE_ENV = "DPO_LIGHTNING_VERBOSE"
@@ -147,7 +149,7 @@ def user_error_line(err: BaseException) -> str:
 
 
 def run_tool(component: object, args: list[str] | None = None, *, as_positional: bool = False,
-             missing_module_hint: str | None = None) -> object:
+             missing_module_hint: str | None = None, options: dict[str, str] | None = None) -> object:
     """Run a console tool, a function whose arguments are its options (jsonargparse's ``auto_cli``).
 
     As in ``dpo-lightning``: an option is taken only by its whole name (``--polic`` is refused,
@@ -155,7 +157,8 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
     (the closest option for a misspelled one) and exit status 2; an error meant for the user
     (:data:`USER_ERRORS`) ends the run with ``error: <message>`` on stderr and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1``
     shows the traceback instead. ``missing_module_hint`` follows a missing optional module's name
-    (``pip install 'dpo-lightning[plot]'``).
+    (``pip install 'dpo-lightning[plot]'``). ``options``: recipe keys that the library's errors
+    name and the tool's options that set them (:func:`named_as_options`).
 
     Args:
         component: the function (or class) to run.
@@ -172,7 +175,9 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
     try:
-        return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False, exit_on_error=debug)
+        with named_as_options(options or {}):
+            return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False,
+                            exit_on_error=debug)
     except argparse.ArgumentError as err:
         options = [s for action in auto_parser(component, as_positional=as_positional)._actions
                    for s in action.option_strings]
@@ -189,3 +194,24 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
         else:
             print(f"error: {user_error_line(err)}  [--debug shows the traceback]", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+@contextmanager
+def named_as_options(options: dict[str, str]) -> Iterator[None]:
+    """Re-raise a user error (:data:`~.console.USER_ERRORS`) of the code inside with each recipe
+    key of ``options`` replaced by the console tool's option that sets it (the data module names
+    ``data.init_args.train_data``; ``dpo-lightning-score`` calls it ``--data``). The error keeps
+    its class (and its further arguments, e.g. a judge error's row)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        message = user_error_line(err)
+        for key in sorted(options, key=len, reverse=True):
+            message = message.replace(key, options[key])
+        if message == user_error_line(err):
+            raise
+        try:
+            renamed = type(err)(message, *err.args[1:])
+        except TypeError:
+            renamed = ValueError(message)
+        raise renamed from err

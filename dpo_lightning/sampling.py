@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -351,16 +352,24 @@ def sample_pairs(
     return target
 
 
+def judge_options(argv: list[str]) -> dict[str, str]:
+    """The recipe key a judge's errors name (``model.init_args.judge.init_args.path``) and the
+    option of this command line that set it: ``--judge`` when given, else ``--scorer``."""
+    if any(a == "--judge" or a.startswith(("--judge=", "--judge.")) for a in argv):
+        return {JUDGE_KEY: "--judge"}
+    return {f"{JUDGE_KEY}.path": "--scorer", JUDGE_KEY: "--scorer"}
+
+
 def main_evaluate() -> None:
     """Console-script entry point ``dpo-lightning-evaluate``: an error is one line on stderr
     and exit status 1 (:func:`~.console.run_tool`)."""
-    run_tool(evaluate_policy)
+    run_tool(evaluate_policy, options=judge_options(sys.argv[1:]))
 
 
 def main_sample_pairs() -> None:
     """Console-script entry point ``dpo-lightning-sample-pairs``: an error is one line on stderr
     and exit status 1 (:func:`~.console.run_tool`)."""
-    run_tool(sample_pairs)
+    run_tool(sample_pairs, options=judge_options(sys.argv[1:]))
 
 
 __all__ = [

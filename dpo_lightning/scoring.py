@@ -18,9 +18,10 @@ import datasets
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .console import run_tool
+from .console import named_as_options, run_tool
 from .contract import BatchLayout, DataRequirements
 from .data import PreferenceDataModule, load_rows
+from .data.sources import rename_columns
 from .models import ModelSpec, load_reward_model, load_tokenizer
 
 
@@ -36,6 +37,7 @@ def score_pairs(
     batch_size: int = 16,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> Path:
     """Score every pair of ``data`` with ``reward_model`` and write them with two new columns.
 
@@ -52,6 +54,9 @@ def score_pairs(
         batch_size: pairs per forward pass.
         trust_remote_code: run modelling code shipped with the checkpoint.
         overwrite: replace an existing ``output``.
+        columns: rename the data's columns to ``prompt``/``chosen``/``rejected``, e.g.
+            ``{question: prompt}`` (as ``data.init_args.columns`` in a recipe); ``output`` holds the
+            renamed columns.
     Returns:
         The path written.
     """
@@ -60,14 +65,15 @@ def score_pairs(
         raise FileExistsError(f"--output {output!r} exists; pass --overwrite true or choose another path")
     spec = ModelSpec(name_or_path=reward_model, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(spec, option="--reward_model")
-    model = load_reward_model(spec, tokenizer, option="--reward_model").eval()
-    dm = PreferenceDataModule(
-        train_data=data, dataset_config=dataset_config, train_split=split,
-        max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size,
-    )
-    dm.connect(tokenizer, DataRequirements(BatchLayout.PAIRS))
-    dm.setup("fit")
+    with named_as_options(SCORE_OPTIONS):  # the data first: a bad file fails before the model loads
+        dm = PreferenceDataModule(
+            train_data=data, dataset_config=dataset_config, train_split=split, max_length=max_length,
+            max_prompt_length=max_prompt_length, batch_size=batch_size, columns=columns,
+        )
+        dm.connect(tokenizer, DataRequirements(BatchLayout.PAIRS))
+        dm.setup("fit")
     assert dm.train_dataset is not None
+    model = load_reward_model(spec, tokenizer, option="--reward_model").eval()
     loader = dm.ordered_loader("train")
     chosen: list[float] = []
     rejected: list[float] = []
@@ -78,12 +84,22 @@ def score_pairs(
         rejected += rewards[b:].tolist()
     row_ids = list(dm.train_dataset["row_id"])
     check_finite_rewards(chosen, rejected, row_ids, reward_model)
-    rows = load_rows(data, key="--data", config=dataset_config, split=split).select(row_ids)
+    rows = load_rows(data, key="--data", config=dataset_config, split=split)
+    rows = rename_columns(rows, dict(columns or {}), "--columns", "--data").select(row_ids)
     rows = rows.remove_columns([c for c in ("score_chosen", "score_rejected") if c in rows.column_names])
     rows = rows.add_column("score_chosen", chosen).add_column("score_rejected", rejected)
     write_rows(rows, target)
     rank_zero_info(f"wrote {len(rows)} scored pairs to {target.resolve()}")
     return target
+
+
+#: the data module's recipe keys and the options of ``dpo-lightning-score`` that set them
+SCORE_OPTIONS = {
+    "data.init_args.train_data": "--data", "data.init_args.train_split": "--split",
+    "data.init_args.dataset_config": "--dataset_config", "data.init_args.columns": "--columns",
+    "data.init_args.max_prompt_length": "--max_prompt_length", "data.init_args.max_length": "--max_length",
+    "data.init_args.batch_size": "--batch_size",
+}
 
 
 def check_finite_rewards(chosen: list[float], rejected: list[float], row_ids: list[int], reward_model: str) -> None:

@@ -167,9 +167,10 @@ def failed_command(monkeypatch, capsys, main, *args: str) -> str:
     monkeypatch.setattr(sys, "argv", ["dpo-lightning-command", *args])
     with pytest.raises(SystemExit) as info:
         main()
-    err = capsys.readouterr().err
-    assert info.value.code == 1 and "Traceback" not in err and err.count("\n") == 1
-    return err.strip()
+    err = capsys.readouterr().err  # a progress bar may come before it
+    lines = err.strip().splitlines()
+    assert info.value.code == 1 and "Traceback" not in err and lines[-1].startswith("error: ")
+    return lines[-1]
 
 
 @pytest.mark.parametrize(("main", "more"), [(main_sample_pairs, []), (main_evaluate, ["--reference", POLICY])])
@@ -215,3 +216,21 @@ def test_the_score_tool_names_its_reward_model_option(monkeypatch, capsys, tmp_p
     line = failed_command(monkeypatch, capsys, main_score, "--reward_model", str(tmp_path / "rm"), "--data", data,
                           "--output", str(tmp_path / "scored.jsonl"))
     assert line.startswith(f"error: --reward_model: no folder at {str(tmp_path / 'rm')!r}")
+
+
+def not_a_number(completion: str) -> str:
+    return "high"
+
+
+@pytest.mark.parametrize(("judge_args", "named"), [
+    (["--scorer", "test_sampling_commands:not_a_number"], "--scorer 'test_sampling_commands:not_a_number' returned 'high'"),
+    (["--judge", "dpo_lightning.judges.FunctionJudge", "--judge.path", "test_sampling_commands:not_a_number"],
+     "--judge.path 'test_sampling_commands:not_a_number' returned 'high'"),
+])
+def test_a_scorer_error_names_the_option_that_set_it(monkeypatch, capsys, tmp_path, judge_args, named) -> None:
+    """The judge names its recipe key (model.init_args.judge.init_args.path); the tools name theirs."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    prompts = str(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:1]))
+    line = failed_command(monkeypatch, capsys, main_sample_pairs, "--policy", POLICY, "--prompts", prompts,
+                          "--output", str(tmp_path / "pairs.jsonl"), "--max_new_tokens", "2", *judge_args)
+    assert named in line and "init_args" not in line

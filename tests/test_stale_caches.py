@@ -281,6 +281,42 @@ def test_score_output_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> N
     assert list(tmp_path.iterdir()) == [tmp_path / "t.jsonl"]  # neither the output nor a partial file
 
 
+class RewardsByLength(torch.nn.Module):
+    """A reward model whose reward is the sequence's length in tokens."""
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=attention_mask.sum(-1, keepdim=True).float())
+
+
+def test_score_reads_renamed_columns_and_names_its_own_options(tmp_path, monkeypatch) -> None:
+    """``--columns`` maps hub-style names; the scores equal those of the same rows under the canonical
+    names; a data error names ``--data`` / ``--columns`` (not the recipe's keys) before any model loads."""
+    import json
+
+    from dpo_lightning import scoring
+
+    rows = quickstart_rows(6)
+    canonical = write_jsonl(tmp_path / "canonical.jsonl", rows)
+    renamed = write_jsonl(tmp_path / "renamed.jsonl",
+                          [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows])
+    monkeypatch.setattr(scoring, "load_reward_model", lambda spec, tokenizer, option=None: RewardsByLength().eval())
+    scoring.score_pairs(TOKENIZER_DIR, canonical, str(tmp_path / "a.jsonl"), max_length=64)
+    scoring.score_pairs(TOKENIZER_DIR, renamed, str(tmp_path / "b.jsonl"), max_length=64,
+                        columns={"question": "prompt", "good": "chosen", "bad": "rejected"})
+    a, b = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()] for name in ("a.jsonl", "b.jsonl"))
+    assert len(a) == 6 and [sorted(r) for r in b] == [sorted(r) for r in a]
+    assert [(r["prompt"], r["score_chosen"], r["score_rejected"]) for r in b] == \
+        [(r["prompt"], r["score_chosen"], r["score_rejected"]) for r in a]
+    assert all(r["score_chosen"] > 0 for r in a)
+
+    monkeypatch.setattr(scoring, "load_reward_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=r"^--data: column\(s\) \['chosen', 'rejected'\] missing.*with --columns"):
+        scoring.score_pairs(TOKENIZER_DIR, renamed, str(tmp_path / "c.jsonl"), max_length=64,
+                            columns={"question": "prompt"})
+
+
 def test_builder_cache_with_other_split_sizes_is_rebuilt(tmp_path, caplog) -> None:
     """dataset_info.json decides how many rows are read: an edited one is no cache to trust."""
     path = write_jsonl(tmp_path / "t.jsonl", quickstart_rows(8))
