@@ -116,7 +116,7 @@ class DPOLightningCLI(LightningCLI):
     After building both, it connects them in one call,
     ``datamodule.connect(model.tokenizer, model.data_requirements)``: the data module gets the
     model's tokenizer and the loss's batch layout and columns, so a recipe names each once. After ``fit`` it prints the held-out reward accuracy
-    before and after training (``val/reward_accuracy: A -> B``) when the recipe validated
+    before and after training (``val/rewards/accuracy: A -> B``) when the recipe validated
     before the first step (``trainer.num_sanity_val_steps: -1``).
     """
 

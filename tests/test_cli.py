@@ -86,7 +86,9 @@ def test_validate_subcommand_and_accuracy_summary(tmp_path, pair_files, capsys) 
     recipe["trainer"]["val_check_interval"] = 2
     fitted = main(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)])
     out = capsys.readouterr().out
-    assert "val/reward_accuracy: 0.00 -> " in out  # policy == reference before training: all ties
+    assert "val/rewards/accuracy: 0.00 -> " in out  # policy == reference before training: all ties
+    # the printed label is the key it is logged under (a ModelCheckpoint monitor, a metrics.csv column)
+    assert "val/rewards/accuracy" in fitted.trainer.callback_metrics
     export = recipe["model"]["init_args"].pop("export_dir")
     # the exported policy against the reference recorded beside it: fit's last validation again
     cli = main(["validate", "--config", write_recipe(tmp_path / "v.yaml", recipe),

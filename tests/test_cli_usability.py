@@ -183,7 +183,7 @@ def test_a_run_shorter_than_an_epoch_logs_a_curve_and_prints_before_and_after(tm
              "--trainer.default_root_dir", str(tmp_path), "--model.init_args.export_dir", str(tmp_path / "policy"),
              "--trainer.enable_progress_bar", "false"])
     out = capsys.readouterr().out
-    (line,) = [line for line in out.splitlines() if line.startswith("val/reward_accuracy")]
+    (line,) = [line for line in out.splitlines() if line.startswith("val/rewards/accuracy")]
     before, after = line.split(": ")[1].split(" -> ")
     assert before == "0.00" and 0.0 <= float(after) <= 1.0
     (log,) = list(tmp_path.rglob("metrics.csv"))

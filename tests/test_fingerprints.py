@@ -248,12 +248,12 @@ def print_summary(module: AlignmentModule, before: dict[str, float], after: dict
 
 @pytest.mark.parametrize("build, expected", [
     (lambda: SFTModule(model=tiny_spec()), {"loss": "val/loss"}),
-    (lambda: PreferenceModule(model=tiny_spec()), {"rewards/accuracy": "val/reward_accuracy"}),
-    (lambda: PreferenceModule(model=tiny_spec(), loss=SimPOLoss()), {"rewards/accuracy": "val/reward_accuracy"}),
+    (lambda: PreferenceModule(model=tiny_spec()), {"rewards/accuracy": "val/rewards/accuracy"}),
+    (lambda: PreferenceModule(model=tiny_spec(), loss=SimPOLoss()), {"rewards/accuracy": "val/rewards/accuracy"}),
     (lambda: PreferenceModule(model=tiny_spec(), loss=KTOLoss()),
-     {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}),
-    (lambda: RewardModule(model=tiny_spec()), {"rewards/accuracy": "val/reward_accuracy"}),
-    (lambda: IterativePreferenceModule(model=tiny_spec()), {"rewards/accuracy": "val/reward_accuracy"}),
+     {"rewards/chosen": "val/rewards/chosen (desirable rows)", "rewards/rejected": "val/rewards/rejected (undesirable rows)"}),
+    (lambda: RewardModule(model=tiny_spec()), {"rewards/accuracy": "val/rewards/accuracy"}),
+    (lambda: IterativePreferenceModule(model=tiny_spec()), {"rewards/accuracy": "val/rewards/accuracy"}),
     (lambda: online(), {"score": "val/score", "kl": "val/kl"}),
 ], ids=["sft", "dpo", "simpo", "kto", "reward", "iterative", "online"])
 def test_each_module_names_its_summary_figures(build, expected, capsys) -> None:

@@ -195,7 +195,8 @@ class AlignmentModule(L.LightningModule):
     def summary_metrics(self) -> dict[str, str]:
         """``{validation-history key: printed label}`` of the figures the CLI prints after
         ``fit`` (``label: before -> after``): the validation loss here; subclasses name their
-        headline figures. A key the last validation lacks is not printed."""
+        headline figures. Each label starts with the key the figure is logged under
+        (``val/loss``). A key the last validation lacks is not printed."""
         return {"loss": "val/loss"}
 
     def note_rows(self, row_ids: torch.Tensor) -> None:

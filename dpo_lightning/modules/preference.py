@@ -165,10 +165,11 @@ class PreferenceModule(AlignmentModule):
 
     def summary_metrics(self) -> dict[str, str]:
         """Held-out reward accuracy for pairs (and TPO's triples); for unpaired rows (KTO), the
-        mean implicit reward of each side."""
+        mean implicit reward of each side. Each label starts with the key it is logged under."""
         if self.compares_pairs:
-            return {"rewards/accuracy": "val/reward_accuracy"}
-        return {"rewards/chosen": "val/rewards/desirable", "rewards/rejected": "val/rewards/undesirable"}
+            return {"rewards/accuracy": "val/rewards/accuracy"}
+        return {"rewards/chosen": "val/rewards/chosen (desirable rows)",
+                "rewards/rejected": "val/rewards/rejected (undesirable rows)"}
 
     def pair_logprobs(self, batch: dict[str, Tensor]) -> tuple[SequenceLogProbs, SequenceLogProbs | None]:
         """The policy's and the reference's log-probs of ``batch``'s rows (``(2B,)`` for pairs),

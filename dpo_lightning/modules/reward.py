@@ -67,7 +67,7 @@ class RewardModule(AlignmentModule):
 
     def summary_metrics(self) -> dict[str, str]:
         """Held-out accuracy of the reward model on pairs (``r_w > r_l``)."""
-        return {"rewards/accuracy": "val/reward_accuracy"}
+        return {"rewards/accuracy": "val/rewards/accuracy"}
 
     def rewards(self, batch: dict[str, Tensor]) -> Tensor:
         """``(N,)`` scalar rewards for ``input_ids`` ``(N, T)``."""
