@@ -149,7 +149,7 @@ def user_error_line(err: BaseException) -> str:
 
 
 def run_tool(component: object, args: list[str] | None = None, *, as_positional: bool = False,
-             missing_module_hint: str | None = None, options: dict[str, str] | None = None) -> object:
+             missing_module_hint: str | None = None) -> object:
     """Run a console tool, a function whose arguments are its options (jsonargparse's ``auto_cli``).
 
     As in ``dpo-lightning``: an option is taken only by its whole name (``--polic`` is refused,
@@ -157,8 +157,7 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
     (the closest option for a misspelled one) and exit status 2; an error meant for the user
     (:data:`USER_ERRORS`) ends the run with ``error: <message>`` on stderr and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1``
     shows the traceback instead. ``missing_module_hint`` follows a missing optional module's name
-    (``pip install 'dpo-lightning[plot]'``). ``options``: recipe keys that the library's errors
-    name and the tool's options that set them (:func:`named_as_options`).
+    (``pip install 'dpo-lightning[plot]'``).
 
     Args:
         component: the function (or class) to run.
@@ -175,14 +174,12 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
     try:
-        with named_as_options(options or {}):
-            return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False,
-                            exit_on_error=debug)
+        return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False, exit_on_error=debug)
     except argparse.ArgumentError as err:
-        options = [s for action in auto_parser(component, as_positional=as_positional)._actions
-                   for s in action.option_strings]
-        unknown = [t.split("=", 1)[0] for t in argv if t.startswith("--") and t.split("=", 1)[0] not in options]
-        near = [m[0] for t in unknown if (m := difflib.get_close_matches(t, options, n=1, cutoff=0.7))]
+        accepted = [s for action in auto_parser(component, as_positional=as_positional)._actions
+                    for s in action.option_strings]
+        unknown = [t.split("=", 1)[0] for t in argv if t.startswith("--") and t.split("=", 1)[0] not in accepted]
+        near = [m[0] for t in unknown if (m := difflib.get_close_matches(t, accepted, n=1, cutoff=0.7))]
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         print(f"error: {user_error_line(err)}{hint}  [--help lists the options]", file=sys.stderr)
         raise SystemExit(2) from None

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .console import run_tool
+from .console import named_as_options, run_tool
 from .data.collator import pad_sequences
 from .data.formats import is_conversation
 from .generation import (
@@ -156,6 +155,14 @@ def sample_prompts(
             yield prompt, PromptSamples(ids[i], out.completion_ids[rows], out.texts[rows])
 
 
+def judge_options(judge: Judge | PairwiseJudge | None) -> dict[str, str]:
+    """The recipe key a judge's errors name (``model.init_args.judge.init_args.path``) and the
+    command's option that set the judge: ``--judge`` when one was given, else ``--scorer``."""
+    if judge is not None:
+        return {JUDGE_KEY: "--judge"}
+    return {f"{JUDGE_KEY}.path": "--scorer", JUDGE_KEY: "--scorer"}
+
+
 def score_samples(judge: Judge | PairwiseJudge, prompt: Prompt, texts: list[str]) -> list[float]:
     """Each sample's score: the judge's, or with a pairwise judge the mean probability of
     beating the prompt's other samples (:func:`~dpo_lightning.generation.judge_samples`, as
@@ -262,7 +269,8 @@ def evaluate_policy(
     for prompt, s in tqdm(batches, total=len(prompt_list), desc="evaluating", unit="prompt"):
         lp = completion_logprobs(pi, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
         lr = completion_logprobs(ref, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
-        scores = score_samples(scoring, prompt, s.texts)
+        with named_as_options(judge_options(judge)):
+            scores = score_samples(scoring, prompt, s.texts)
         log_ratios += (lp - lr).tolist()
         rewards += scores
         if save_samples:
@@ -339,7 +347,8 @@ def sample_pairs(
     batches = sample_prompts(model, tokenizer, prompt_list, samples_per_prompt, max_new_tokens, chat_template_kwargs,
                              batch_size)
     for index, (prompt, s) in enumerate(tqdm(batches, total=len(prompt_list), desc="sampling pairs", unit="prompt")):
-        judged = judge_and_pair(scoring, s.as_samples(prompt), spec, generation_seed(seed, index))
+        with named_as_options(judge_options(judge)):
+            judged = judge_and_pair(scoring, s.as_samples(prompt), spec, generation_seed(seed, index))
         scores = judged.scores.double().tolist()
         saved += [{"prompt": prompt, "completion": t, "score": r} for t, r in zip(s.texts, scores)]
         rows += text_pair_rows(judged)
@@ -352,24 +361,16 @@ def sample_pairs(
     return target
 
 
-def judge_options(argv: list[str]) -> dict[str, str]:
-    """The recipe key a judge's errors name (``model.init_args.judge.init_args.path``) and the
-    option of this command line that set it: ``--judge`` when given, else ``--scorer``."""
-    if any(a == "--judge" or a.startswith(("--judge=", "--judge.")) for a in argv):
-        return {JUDGE_KEY: "--judge"}
-    return {f"{JUDGE_KEY}.path": "--scorer", JUDGE_KEY: "--scorer"}
-
-
 def main_evaluate() -> None:
     """Console-script entry point ``dpo-lightning-evaluate``: an error is one line on stderr
     and exit status 1 (:func:`~.console.run_tool`)."""
-    run_tool(evaluate_policy, options=judge_options(sys.argv[1:]))
+    run_tool(evaluate_policy)
 
 
 def main_sample_pairs() -> None:
     """Console-script entry point ``dpo-lightning-sample-pairs``: an error is one line on stderr
     and exit status 1 (:func:`~.console.run_tool`)."""
-    run_tool(sample_pairs, options=judge_options(sys.argv[1:]))
+    run_tool(sample_pairs)
 
 
 __all__ = [

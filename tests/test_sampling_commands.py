@@ -234,3 +234,14 @@ def test_a_scorer_error_names_the_option_that_set_it(monkeypatch, capsys, tmp_pa
     line = failed_command(monkeypatch, capsys, main_sample_pairs, "--policy", POLICY, "--prompts", prompts,
                           "--output", str(tmp_path / "pairs.jsonl"), "--max_new_tokens", "2", *judge_args)
     assert named in line and "init_args" not in line
+
+
+def test_a_judge_set_in_a_config_file_is_named_as_the_judge(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = tmp_path / "tool.yaml"
+    config.write_text("judge:\n  class_path: dpo_lightning.judges.FunctionJudge\n"
+                      "  init_args:\n    path: test_sampling_commands:not_a_number\n")
+    prompts = str(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:1]))
+    line = failed_command(monkeypatch, capsys, main_sample_pairs, "--config", str(config), "--policy", POLICY,
+                          "--prompts", prompts, "--output", str(tmp_path / "pairs.jsonl"), "--max_new_tokens", "2")
+    assert "--judge.path 'test_sampling_commands:not_a_number' returned 'high'" in line
