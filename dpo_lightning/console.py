@@ -155,8 +155,9 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
     As in ``dpo-lightning``: an option is taken only by its whole name (``--polic`` is refused,
     not read as ``--policy``); a command line the parser refuses ends with one ``error:`` line
     (the closest option for a misspelled one) and exit status 2; an error meant for the user
-    (:data:`USER_ERRORS`) ends the run with ``error: <message>`` on stderr and exit status 1; ``--debug`` or ``DPO_LIGHTNING_DEBUG=1``
-    shows the traceback instead. ``missing_module_hint`` follows a missing optional module's name
+    (:data:`USER_ERRORS`) ends the run with ``error: <message>`` on stderr and exit status 1;
+    ``--debug`` or ``DPO_LIGHTNING_DEBUG=1`` shows the traceback instead, and ``--verbose`` (as
+    ``--debug``) brings the libraries' messages back. ``missing_module_hint`` follows a missing optional module's name
     (``pip install 'dpo-lightning[plot]'``).
 
     Args:
@@ -172,7 +173,9 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
 
     argv = list(sys.argv[1:] if args is None else args)
     debug = debug_requested(argv)
-    argv = [a for a in argv if a != "--debug"]
+    if debug or "--verbose" in argv:
+        verbose_libraries()
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     try:
         return auto_cli(component, args=argv, as_positional=as_positional, allow_abbrev=False, exit_on_error=debug)
     except argparse.ArgumentError as err:

@@ -192,3 +192,14 @@ def test_validate_runs_alone_are_plotted(tmp_path) -> None:
 
     series, files, skipped = read_logs(tmp_path)
     assert len(files) == 2 and skipped == [] and series["val/loss"] == [(0, 0.3)]
+
+
+def test_verbose_brings_the_library_messages_back(tmp_path, monkeypatch, capsys) -> None:
+    from dpo_lightning import console
+
+    calls = []
+    monkeypatch.setattr(console, "verbose_libraries", lambda: calls.append(True))
+    resumed_run(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dpo-lightning-plot", "--verbose", str(tmp_path)])
+    main()
+    assert calls == [True] and capsys.readouterr().out.startswith("wrote ")
