@@ -23,7 +23,7 @@ import yaml
 
 from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
-from .console import USER_ERRORS, debug_requested, user_error_line, verbose_libraries
+from .console import USER_ERRORS, debug_requested, verbose_libraries
 from .export import REFERENCE_RECORD, read_reference_record
 from .lora import LoraSpec
 from .models import ModelSpec
@@ -411,7 +411,8 @@ def main() -> None:
     except USER_ERRORS as err:
         if debug:
             raise
-        message = innermost_reasons(user_error_line(err))
+        raw = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        message = " ".join(innermost_reasons(raw).split())  # the reasons are read line by line
         print(f"error: {message}  [--debug shows the traceback]", file=sys.stderr)
         sys.exit(1)
 

@@ -65,6 +65,17 @@ def test_a_misspelled_recipe_key_is_named_with_the_key_meant(monkeypatch, capsys
     assert status == 2 and all(part in line for part in hint)
 
 
+def test_a_missing_model_folder_under_fit_is_only_its_own_reason(monkeypatch, capsys) -> None:
+    """The class's error reaches the user without jsonargparse's Union report around it (the
+    reasons are read line by line, before the message is joined into one)."""
+    status, line = console(monkeypatch, capsys, "fit", "--config", "recipes/base.yaml",
+                           "--model.init_args.model.name_or_path", "outputs/no-such-model")
+    assert status == 1
+    assert line == (f"error: model.name_or_path: no folder at 'outputs/no-such-model' (relative paths resolve against "
+                    f"the working directory, {ROOT}); give an existing folder written by save_pretrained, or a hub id "
+                    "like 'org/name'  [--debug shows the traceback]")
+
+
 def test_the_summary_of_a_missing_module_without_a_class_path_does_not_fail() -> None:
     assert cli.summarize_parse_error("Parser key \"trainer\":\n  No module named 'nomod'") == \
         "trainer: No module named 'nomod' (is the module on PYTHONPATH?)"
