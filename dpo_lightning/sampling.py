@@ -53,7 +53,7 @@ from .generation import (
     EXACT, PairMode, Samples, SamplingSpec, check_label_temperature, encode_prompt, generating_model, generation_seed, judge_and_pair, judge_samples, left_padded,
     sample_completions, stop_token_ids, text_pair_rows, write_jsonl,
 )
-from .export import read_reference_record
+from .export import REFERENCE_RECORD, read_reference_record
 from .judges import JUDGE_KEY, FunctionJudge, Judge, PairwiseJudge, Prompt, Scorer, load_scorer
 from .models import ModelSpec, load_causal_lm, load_tokenizer
 from .modules.logprobs import LogProbSelector
@@ -189,8 +189,8 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
 
 def evaluation_reference(policy: str, reference: str | None, trust_remote_code: bool = False) -> ModelSpec:
     """The reference ``policy`` is measured against: ``reference`` when given, else the one
-    recorded beside the exported policy; one line naming ``--reference`` when there is none or
-    it is the policy's own folder."""
+    recorded beside the exported policy (printed, as ``validate`` does); one line naming
+    ``--reference`` when there is none or it is the policy's own folder."""
     if reference is None:
         spec = read_reference_record(policy) if os.path.isdir(policy) else None
         if spec is None:
@@ -198,6 +198,8 @@ def evaluation_reference(policy: str, reference: str | None, trust_remote_code: 
                 f"--reference: {policy!r} records no reference (reference.json, written when dpo-lightning "
                 "exports a policy); give --reference, the model the policy was trained from"
             )
+        print(f"reference: {spec.name_or_path or 'the from-config model'}, as recorded in "
+              f"{os.path.join(policy, REFERENCE_RECORD)}")
         return spec
     if os.path.isdir(policy) and os.path.isdir(reference) and os.path.samefile(policy, reference):
         raise ValueError(

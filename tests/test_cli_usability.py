@@ -240,7 +240,7 @@ def test_validate_refuses_a_policy_measured_against_itself(tmp_path, pair_files)
         cli.run(["validate", "--config", recipe, "--model.init_args.model.name_or_path", str(ROOT / "data" / "tiny-llama")])
 
 
-def test_evaluate_defaults_to_the_recorded_reference_and_refuses_the_policy_itself(tmp_path) -> None:
+def test_evaluate_defaults_to_the_recorded_reference_and_refuses_the_policy_itself(tmp_path, capsys) -> None:
     from dpo_lightning.export import REFERENCE_RECORD, reference_record
     from dpo_lightning.sampling import evaluation_reference
 
@@ -250,6 +250,8 @@ def test_evaluate_defaults_to_the_recorded_reference_and_refuses_the_policy_itse
         evaluation_reference(str(policy), None)
     (policy / REFERENCE_RECORD).write_text(reference_record(ModelSpec(name_or_path=str(ROOT / "data" / "tiny-llama"))))
     assert evaluation_reference(str(policy), None).name_or_path == str((ROOT / "data" / "tiny-llama").resolve())
+    assert capsys.readouterr().out == (f"reference: {(ROOT / 'data' / 'tiny-llama').resolve()}, as recorded in "
+                                       f"{policy / REFERENCE_RECORD}\n")
     assert evaluation_reference(str(policy), "org/base").name_or_path == "org/base"
     with pytest.raises(ValueError, match=r"^--reference is the policy itself"):
         evaluation_reference(str(policy), str(policy) + "/")
