@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import difflib
 import functools
 import inspect
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import yaml
 
 from . import data, losses, modules  # noqa: F401 - imported so short class names resolve (--model.help PreferenceModule)
 from .checkpoints import check_checkpoint_file, find_resumable_checkpoint
-from .console import USER_ERRORS, debug_requested, verbose_libraries
+from .console import USER_ERRORS, closest, debug_requested, error_text, verbose_libraries
 from .export import REFERENCE_RECORD, read_reference_record
 from .lora import LoraSpec
 from .models import ModelSpec
@@ -320,12 +319,6 @@ def summarize_parse_error(message: str, accepted_options: Sequence[str] = ()) ->
     return summary
 
 
-def closest(word: str, candidates: Iterable[str]) -> str | None:
-    """The candidate nearest to ``word`` (difflib ratio >= 0.7), or ``None``."""
-    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.7)
-    return matches[0] if matches else None
-
-
 def did_you_mean_options(tokens: Sequence[str], accepted_options: Sequence[str]) -> str:
     """``"; did you mean --trainer.max_steps?"`` for the misspelled ``--options`` among ``tokens``
     (see :func:`corrected_option`)."""
@@ -411,8 +404,7 @@ def main() -> None:
     except USER_ERRORS as err:
         if debug:
             raise
-        raw = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        message = " ".join(innermost_reasons(raw).split())  # the reasons are read line by line
+        message = " ".join(innermost_reasons(error_text(err)).split())  # the reasons are read line by line
         print(f"error: {message}  [--debug shows the traceback]", file=sys.stderr)
         sys.exit(1)
 

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 #: environment variable that keeps every library message (``1``)
@@ -142,10 +142,22 @@ def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def error_text(err: BaseException) -> str:
+    """The message of ``err`` as raised (a ``KeyError``'s own text, not its repr)."""
+    return str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+
+
 def user_error_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (a ``KeyError``'s own text, not its repr)."""
-    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-    return " ".join(message.split())
+    """The message of ``err`` on one line (:func:`error_text`, whitespace joined)."""
+    return " ".join(error_text(err).split())
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate nearest to ``word`` (difflib ratio >= 0.7), or ``None``."""
+    import difflib
+
+    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.7)
+    return matches[0] if matches else None
 
 
 def run_tool(component: object, args: list[str] | None = None, *, as_positional: bool = False,
@@ -167,7 +179,6 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
         what ``component`` returned.
     """
     import argparse
-    import difflib
 
     from jsonargparse import auto_cli, auto_parser
 
@@ -182,7 +193,7 @@ def run_tool(component: object, args: list[str] | None = None, *, as_positional:
         accepted = [s for action in auto_parser(component, as_positional=as_positional)._actions
                     for s in action.option_strings]
         unknown = [t.split("=", 1)[0] for t in argv if t.startswith("--") and t.split("=", 1)[0] not in accepted]
-        near = [m[0] for t in unknown if (m := difflib.get_close_matches(t, accepted, n=1, cutoff=0.7))]
+        near = [m for t in unknown if (m := closest(t, accepted)) is not None]
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         print(f"error: {user_error_line(err)}{hint}  [--help lists the options]", file=sys.stderr)
         raise SystemExit(2) from None

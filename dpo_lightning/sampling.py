@@ -84,15 +84,11 @@ def choose_judge(scorer: str | None, judge: Judge | PairwiseJudge | None, pairwi
             )
         return judge
     path = scorer if scorer is not None else DEFAULT_SCORER
-    try:
+    give_a_judge = {f"Set {JUDGE_KEY}.arguments to completion or prompt_completion":
+                    f"Give it as --judge dpo_lightning.judges.FunctionJudge --judge.path {path} --judge.arguments "
+                    "completion (or prompt_completion)"}
+    with named_as_options({**judge_options(None), **give_a_judge}):
         return FunctionJudge(path)
-    except ValueError as err:
-        message = str(err).replace(
-            f"Set {JUDGE_KEY}.arguments to completion or prompt_completion",
-            f"Give it as --judge dpo_lightning.judges.FunctionJudge --judge.path {path} --judge.arguments "
-            "completion (or prompt_completion)",
-        )
-        raise ValueError(message.replace(f"{JUDGE_KEY}.path", "--scorer").replace(JUDGE_KEY, "--scorer")) from err
 
 
 def read_prompts(path: str) -> list[Prompt]:
@@ -256,6 +252,7 @@ def evaluate_policy(
     """
     torch.manual_seed(seed)
     scoring = choose_judge(scorer, judge)
+    judge_named = judge_options(judge)
     reference_spec = evaluation_reference(policy, reference, trust_remote_code)
     pi, tokenizer = _load(policy, trust_remote_code)
     ref = load_causal_lm(reference_spec, tokenizer, option="--reference" if reference is not None else None).eval()
@@ -271,7 +268,7 @@ def evaluate_policy(
     for prompt, s in tqdm(batches, total=len(prompt_list), desc="evaluating", unit="prompt"):
         lp = completion_logprobs(pi, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
         lr = completion_logprobs(ref, tokenizer.pad_token_id, s.prompt_ids, s.completion_ids)
-        with named_as_options(judge_options(judge)):
+        with named_as_options(judge_named):
             scores = score_samples(scoring, prompt, s.texts)
         log_ratios += (lp - lr).tolist()
         rewards += scores
@@ -337,6 +334,7 @@ def sample_pairs(
     """
     torch.manual_seed(seed)
     scoring = choose_judge(scorer, judge, pairwise=True)
+    judge_named = judge_options(judge)
     model, tokenizer = _load(policy, trust_remote_code)
     scoring.to(model.device)
     rows, ties, saved = [], 0, []
@@ -349,7 +347,7 @@ def sample_pairs(
     batches = sample_prompts(model, tokenizer, prompt_list, samples_per_prompt, max_new_tokens, chat_template_kwargs,
                              batch_size)
     for index, (prompt, s) in enumerate(tqdm(batches, total=len(prompt_list), desc="sampling pairs", unit="prompt")):
-        with named_as_options(judge_options(judge)):
+        with named_as_options(judge_named):
             judged = judge_and_pair(scoring, s.as_samples(prompt), spec, generation_seed(seed, index))
         scores = judged.scores.double().tolist()
         saved += [{"prompt": prompt, "completion": t, "score": r} for t, r in zip(s.texts, scores)]

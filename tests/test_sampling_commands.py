@@ -125,6 +125,12 @@ def test_scorer_and_judge_choices(tmp_path) -> None:
                      judge=FunctionJudge("test_sampling_commands:with_prompt"))
     with pytest.raises(ValueError, match="--scorer: cannot import"):
         sample_pairs(POLICY, prompts, str(tmp_path / "o.jsonl"), scorer="no_such_module_xyz:score")
+    with pytest.raises(ValueError) as info:  # a builtin's signature cannot be read: the fix as this command's flags
+        sample_pairs(POLICY, prompts, str(tmp_path / "o.jsonl"), scorer="builtins:max")
+    assert str(info.value) == (
+        "--scorer 'builtins:max' has an unreadable signature; a judge function takes (completion) or (prompt, "
+        "completion). Give it as --judge dpo_lightning.judges.FunctionJudge --judge.path builtins:max "
+        "--judge.arguments completion (or prompt_completion)")
     from dpo_lightning.judges import FunctionPairwiseJudge
 
     out = sample_pairs(POLICY, prompts, str(tmp_path / "pw.jsonl"), judge=FunctionPairwiseJudge("test_online:prefer_longer"),
